@@ -1,0 +1,149 @@
+"""Shared binning machinery and the sufficient-statistics containers.
+
+Binning convention (used by every binned metric in this package)
+-----------------------------------------------------------------
+``n_bins`` equal-width bins on [0, 1] with edges ``e_0 = 0 < e_1 < ... < e_n = 1`` computed by
+``np.linspace(0, 1, n_bins + 1)`` in float64 and then cast to the floating dtype of the
+probabilities (float32 for nnU-Net output). Comparisons are made in that dtype, so a value that is
+*equal* to an edge (as represented in that dtype) belongs to the lower bin:
+
+* bin ``k`` (1-based, ``k = 1..n``) holds the values ``v`` with ``e_{k-1} < v <= e_k``;
+* ``v = 0`` (which is ``<= e_0``) is put into the first bin by every metric except pECE, whose
+  Algorithm 1 uses ``(lo, hi]`` literally, so that there ``v = 0`` falls into *no* bin;
+* ``v = 1`` is in the last bin (``e_{n-1} < 1 <= e_n``);
+* bins that hold no value are skipped (they contribute nothing and are not counted as bins).
+
+Sufficient statistics
+---------------------
+:class:`BinStats` keeps, for a stack of binary "tasks" (classes, regions, ...), per bin and per
+outcome ``o in {0, 1}`` (0 = negative / wrong, 1 = positive / correct):
+``count[t, b, o]`` (int64) and ``conf_sum[t, b, o]`` (float64, sum of the binned values), plus
+``total[t]``, the number of values offered to the task, including those that fell into no bin. All
+calibration errors of this package are functions of these numbers, and the numbers of two disjoint
+sets of voxels add up, which is what makes pooled (dataset-wide) values exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Voxels processed per chunk. Keeps every temporary small (a few MB) whatever the case size.
+CHUNK_VOXELS = 1 << 18
+
+
+def bin_edges(n_bins: int, dtype=np.float32) -> np.ndarray:
+    """Equal-width bin edges ``linspace(0, 1, n_bins + 1)`` cast to ``dtype`` (first 0, last 1)."""
+    if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    return np.linspace(0.0, 1.0, int(n_bins) + 1).astype(dtype)
+
+
+def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """0-based bin index of every value for bins ``(e_{k-1}, e_k]``; values ``<= 0`` get ``-1``.
+
+    Exactly equivalent to ``np.searchsorted(edges, values, side="left") - 1`` for values in [0, 1]
+    (tested), but about 5x faster: a first guess ``ceil(v * n) - 1`` is off by at most one bin
+    because of rounding and is corrected by comparing with the edges themselves.
+    """
+    n = edges.size - 1
+    v = values
+    idx = np.ceil(v * v.dtype.type(n)).astype(np.intp)
+    idx -= 1
+    np.clip(idx, 0, n - 1, out=idx)
+    idx -= v <= edges[idx]  # guess one too high (also maps v == 0 to -1)
+    idx += v > edges[idx + 1]  # guess one too low
+    return idx
+
+
+@dataclass
+class BinStats:
+    """Per-bin sufficient statistics of a stack of binary calibration tasks.
+
+    Attributes
+    ----------
+    count: int64 array ``(T, n_bins, 2)``; ``count[t, b, o]`` = number of values of task ``t`` in bin
+        ``b`` whose outcome is ``o`` (0: negative / incorrect, 1: positive / correct).
+    conf_sum: float64 array ``(T, n_bins, 2)``; sum of the binned values (confidences) likewise.
+    total: int64 array ``(T,)``; number of values offered to task ``t`` (including values that fell
+        into no bin, e.g. pECE's ``p = 0``, but excluding values filtered out beforehand, e.g. the
+        CECE threshold or ECE's background voxels).
+
+    Two ``BinStats`` of the same shape add up (``a + b`` or ``a.merge(b)``): the statistics of the
+    union of two disjoint voxel sets.
+    """
+
+    count: np.ndarray
+    conf_sum: np.ndarray
+    total: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_tasks: int, n_bins: int) -> "BinStats":
+        return cls(np.zeros((n_tasks, n_bins, 2), np.int64), np.zeros((n_tasks, n_bins, 2), np.float64),
+                   np.zeros(n_tasks, np.int64))
+
+    @property
+    def n_bins(self) -> int:
+        return self.count.shape[1]
+
+    @property
+    def n(self) -> np.ndarray:
+        """Values per bin, ``(T, n_bins)``."""
+        return self.count.sum(-1)
+
+    @property
+    def positives(self) -> np.ndarray:
+        """Positive (or correct) values per bin, ``(T, n_bins)``: the sum of the outcome."""
+        return self.count[..., 1]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Sum of the binned values per bin, ``(T, n_bins)``."""
+        return self.conf_sum.sum(-1)
+
+    def add_(self, task: int, idx: np.ndarray, outcome: np.ndarray, values: np.ndarray, n_offered: int):
+        """In-place: add values with 0-based bin indices ``idx`` (``-1`` = in no bin) to ``task``."""
+        nb = self.n_bins
+        key = idx + 1
+        key *= 2
+        key += outcome
+        self.count[task] += np.bincount(key, minlength=2 * nb + 2)[2:].reshape(nb, 2)
+        self.conf_sum[task] += np.bincount(key, weights=values, minlength=2 * nb + 2)[2:].reshape(nb, 2)
+        self.total[task] += n_offered
+
+    def _check_compatible(self, other: "BinStats"):
+        if not isinstance(other, BinStats):
+            raise TypeError(f"cannot merge BinStats with {type(other).__name__}")
+        if other.count.shape != self.count.shape:
+            raise ValueError(f"cannot merge statistics of shape {self.count.shape} and {other.count.shape} "
+                             "(different number of classes/regions or bins)")
+
+    def __add__(self, other: "BinStats") -> "BinStats":
+        self._check_compatible(other)
+        return BinStats(self.count + other.count, self.conf_sum + other.conf_sum, self.total + other.total)
+
+    merge = __add__
+
+    def reliability(self):
+        """Per task and bin: ``(n, mean confidence, observed frequency)``, NaN for empty bins."""
+        n = self.n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return n, self.confidence / n, self.positives / n
+
+
+@dataclass
+class SumStats:
+    """Sum and count of a per-voxel quantity (NLL, Brier); they add up like :class:`BinStats`."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def __add__(self, other: "SumStats") -> "SumStats":
+        if not isinstance(other, SumStats):
+            raise TypeError(f"cannot merge SumStats with {type(other).__name__}")
+        return SumStats(self.total + other.total, self.count + other.count)
+
+    merge = __add__
+
+    def mean(self) -> float:
+        return float(self.total / self.count) if self.count else float("nan")

@@ -1,0 +1,663 @@
+"""Calibration metrics of the SDC, ACE and DSC++ papers on one case or pooled over a data set.
+
+Inputs (all functions)
+----------------------
+``probs``: floating array ``(C, *spatial)`` exactly as nnU-Net writes it (2D or 3D, any spatial
+rank): either softmax probabilities *including* the background channel 0 (``regions=None``; channel
+``c`` belongs to label ``c``), or, for region-based datasets, sigmoid probabilities of the regions
+*without* a background channel (``regions`` = the label tuples of dataset.json in channel order,
+e.g. ``[(1, 2, 3), (2, 3), (3,)]`` for BraTS whole tumour, tumour core, enhancing tumour).
+``labels``: integer array ``(*spatial)``, the reference label map (label values, not regions).
+
+Region semantics: with ``regions``, channel ``r`` is the binary task "voxel is in region r"
+(``label in regions[r]``) with predicted probability ``p_r``; it is treated exactly like a two-class
+softmax ``(1 - p_r, p_r)``. ``ece``, ``cece`` and the marginal errors are computed per region and
+averaged over regions; ``pece`` uses the largest region probability ``max_r p_r`` as foreground
+probability; ``nll`` and ``brier`` average the binary per-region values over regions.
+
+Binning: see :mod:`nnunet_calibration.metrics._binning` (equal-width bins ``(e_{k-1}, e_k]``,
+0 into the first bin and 1 into the last, empty bins skipped; pECE: 0 into no bin).
+
+Undefined values are returned as NaN (e.g. ECE of a case without foreground voxels).
+
+Structure (torchmetrics style)
+------------------------------
+Every binned metric ``X`` is split into ``_X_arg_validation`` (types, shapes, and with
+``validate_args`` the values), ``_X_update(probs, labels, ...) -> BinStats`` (per-bin sufficient
+statistics, see :class:`~nnunet_calibration.metrics._binning.BinStats`), merging by addition, and
+``_X_compute(stats)``. The public function is update + compute on one case. The
+:class:`CalibrationAccumulator` does all updates in one pass over the voxels, can be pickled,
+merged and computed, and so gives exact dataset-wide ("pooled") values.
+
+Memory and speed: the voxels are processed in chunks of ``CHUNK_VOXELS`` voxels; the bin of every
+value is found in a vectorised way and the per-bin counts and sums are accumulated with
+``np.bincount`` (sums in float64). No full-size copy of ``probs`` is made.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._binning import CHUNK_VOXELS, BinStats, SumStats, bin_edges, bin_index
+
+Regions = Optional[Sequence[Union[int, Sequence[int]]]]
+
+#: Tolerance on ``sum_c p_c == 1`` for softmax inputs.
+SOFTMAX_SUM_TOLERANCE = 1e-3
+
+__all__ = [
+    "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier",
+    "CalibrationAccumulator", "validate_inputs", "normalize_regions",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and chunking
+# --------------------------------------------------------------------------------------------------
+def normalize_regions(regions: Regions) -> Optional[List[Tuple[int, ...]]]:
+    """``None`` or a list of int tuples (a plain int ``k`` becomes ``(k,)``)."""
+    if regions is None:
+        return None
+    out = []
+    for r in regions:
+        if np.isscalar(r):
+            out.append((int(r),))
+        else:
+            out.append(tuple(int(i) for i in r))
+    if not out:
+        raise ValueError("regions must not be empty")
+    return out
+
+
+def _check_types_and_shapes(probs, labels, regions) -> Tuple[np.ndarray, np.ndarray, Optional[list]]:
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    if probs.ndim < 2:
+        raise ValueError(f"probs must have shape (C, *spatial), got shape {probs.shape}")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise TypeError(f"probs must be a floating point array, got dtype {probs.dtype}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if probs.shape[1:] != labels.shape:
+        raise ValueError(f"probs has spatial shape {probs.shape[1:]} but labels has shape {labels.shape}")
+    regions = normalize_regions(regions)
+    if regions is None and probs.shape[0] < 2:
+        raise ValueError("softmax probs need at least 2 channels (background + one class); "
+                         "pass regions=... for sigmoid region outputs")
+    if regions is not None and len(regions) != probs.shape[0]:
+        raise ValueError(f"{len(regions)} regions given but probs has {probs.shape[0]} channels")
+    return probs, labels, regions
+
+
+def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = None,
+                    allowed_labels: Optional[Sequence[int]] = None,
+                    softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
+    """Check values; raise ``ValueError`` with a message saying what is wrong.
+
+    Checks: no NaN, every probability in [0, 1], for softmax input (``regions=None``) every voxel's
+    probabilities sum to 1 within ``softmax_tolerance``; every label value in ``allowed_labels``
+    (default: ``0..C-1`` for softmax, ``0`` and the labels of the regions for regions).
+    Memory: no full-size temporary (min/max reductions and chunked sums).
+    """
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    lo, hi = probs.min(), probs.max()
+    if np.isnan(lo) or np.isnan(hi):
+        raise ValueError("probabilities contain NaN")
+    if lo < 0 or hi > 1:
+        raise ValueError(f"probabilities outside [0, 1] (min {float(lo):.6g}, max {float(hi):.6g})")
+    if regions is None:
+        worst = 0.0
+        for pc, _ in _chunks(probs, labels):
+            worst = max(worst, float(np.abs(pc.sum(0, dtype=np.float64) - 1.0).max(initial=0.0)))
+        if worst > softmax_tolerance:
+            raise ValueError(f"softmax probabilities do not sum to 1 over the channels "
+                             f"(largest deviation {worst:.3g} > {softmax_tolerance:g})")
+    if allowed_labels is None:
+        if regions is None:
+            allowed_labels = range(probs.shape[0])
+        else:
+            allowed_labels = sorted({0, *[i for r in regions for i in r]})
+    present = np.unique(labels) if labels.size <= (1 << 16) else _unique_small_ints(labels)
+    bad = sorted(set(int(v) for v in present) - set(int(a) for a in allowed_labels))
+    if bad:
+        raise ValueError(f"label values {bad} are not among the allowed labels {sorted(int(a) for a in allowed_labels)}")
+
+
+def _unique_small_ints(labels: np.ndarray) -> np.ndarray:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < 65536:
+        return np.flatnonzero(np.bincount(labels.reshape(-1), minlength=hi + 1))
+    return np.unique(labels)
+
+
+def _chunks(probs: np.ndarray, labels: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(probs[:, chunk], labels[chunk])`` over the flattened voxels (views, no copy)."""
+    c = probs.shape[0]
+    if not probs.flags.c_contiguous:
+        probs = np.ascontiguousarray(probs)
+    flat_p = probs.reshape(c, -1)
+    flat_l = labels.reshape(-1)
+    cast = probs.dtype not in (np.float32, np.float64)
+    for s in range(0, flat_l.size, CHUNK_VOXELS):
+        pc = flat_p[:, s:s + CHUNK_VOXELS]
+        yield (pc.astype(np.float32) if cast else pc), flat_l[s:s + CHUNK_VOXELS]
+
+
+def _work_dtype(probs: np.ndarray):
+    return probs.dtype if probs.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+
+
+class _Chunk:
+    """One chunk of voxels with cached target masks."""
+
+    def __init__(self, p: np.ndarray, lab: np.ndarray, regions):
+        self.p, self.lab, self.regions = p, lab, regions
+        self._targets = {}
+        self._fg = None
+
+    @property
+    def fg(self) -> np.ndarray:
+        if self._fg is None:
+            self._fg = self.lab != 0
+        return self._fg
+
+    def target(self, channel: int) -> np.ndarray:
+        """Binary reference of a channel: ``label == channel`` (softmax) or ``label in region``."""
+        t = self._targets.get(channel)
+        if t is None:
+            if self.regions is None:
+                t = self.lab == channel
+            else:
+                region = self.regions[channel]
+                t = self.lab == region[0]
+                for v in region[1:]:
+                    t |= self.lab == v
+            self._targets[channel] = t
+        return t
+
+
+def _first_bin_for_zero(idx: np.ndarray) -> np.ndarray:
+    np.maximum(idx, 0, out=idx)
+    return idx
+
+
+# --------------------------------------------------------------------------------------------------
+# per-chunk kernels (shared by the single-case functions and the accumulator)
+# --------------------------------------------------------------------------------------------------
+def _ece_tasks(n_channels: int, regions) -> int:
+    return 1 if regions is None else len(regions)
+
+
+def _ece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
+    if ch.regions is None:
+        fg = ch.fg
+        if not fg.any():
+            return
+        p = ch.p[:, fg]
+        conf = p.max(0)
+        acc = p.argmax(0) == ch.lab[fg]
+        stats.add_(0, _first_bin_for_zero(bin_index(conf, edges)), acc, conf, conf.size)
+    else:
+        for r in range(len(ch.regions)):
+            y = ch.target(r)
+            if not y.any():
+                continue
+            pr = ch.p[r][y]
+            conf = np.maximum(pr, 1 - pr)
+            acc = pr > 0.5
+            stats.add_(r, _first_bin_for_zero(bin_index(conf, edges)), acc, conf, conf.size)
+
+
+def _class_channels(n_channels: int, regions, include_background: bool) -> List[int]:
+    if regions is not None:
+        return list(range(n_channels))
+    return list(range(0 if include_background else 1, n_channels))
+
+
+def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float) -> None:
+    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, False)):
+        pc = ch.p[c]
+        keep = pc > threshold
+        v = pc[keep]
+        if v.size == 0:
+            continue
+        stats.add_(t, _first_bin_for_zero(bin_index(v, edges)), ch.target(c)[keep], v, v.size)
+
+
+def _marginal_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, include_background: bool) -> None:
+    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, include_background)):
+        pc = ch.p[c]
+        stats.add_(t, _first_bin_for_zero(bin_index(pc, edges)), ch.target(c), pc, pc.size)
+
+
+def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
+    if ch.regions is None:
+        p = 1 - ch.p[0]
+    else:
+        p = ch.p.max(0)
+    stats.add_(0, bin_index(p, edges), ch.fg, p, p.size)
+
+
+def _label_prob(ch: _Chunk) -> np.ndarray:
+    return np.take_along_axis(ch.p, ch.lab.astype(np.intp, copy=False)[None], 0)[0]
+
+
+def _nll_kernel(ch: _Chunk, stats: SumStats, eps: float) -> None:
+    if ch.regions is None:
+        q = _label_prob(ch)
+        stats.total += float(-np.log(np.maximum(q, eps)).sum(dtype=np.float64))
+        stats.count += q.size
+    else:
+        for r in range(len(ch.regions)):
+            pr = ch.p[r]
+            q = np.where(ch.target(r), pr, 1 - pr)
+            stats.total += float(-np.log(np.maximum(q, eps)).sum(dtype=np.float64))
+            stats.count += q.size
+
+
+def _brier_kernel(ch: _Chunk, stats: SumStats) -> None:
+    if ch.regions is None:
+        d = ch.p.astype(np.float64)
+        d[ch.lab.astype(np.intp, copy=False), np.arange(d.shape[1])] -= 1.0
+        stats.total += float(np.einsum("ij,ij->", d, d)) / d.shape[0]
+        stats.count += d.shape[1]
+    else:
+        for r in range(len(ch.regions)):
+            d = ch.p[r].astype(np.float64)
+            d -= ch.target(r)
+            stats.total += float(np.dot(d, d))
+            stats.count += d.size
+
+
+def _run(probs, labels, regions, kernel, *args) -> None:
+    for pc, lc in _chunks(probs, labels):
+        kernel(_Chunk(pc, lc, regions), *args)
+
+
+# --------------------------------------------------------------------------------------------------
+# compute helpers
+# --------------------------------------------------------------------------------------------------
+def _weighted_ece_per_task(stats: BinStats) -> np.ndarray:
+    """Count-weighted ECE of every task: ``sum_b n_b/N |conf_b - acc_b|``; NaN where N = 0."""
+    n = stats.n.sum(-1)
+    gap_sum = np.abs(stats.confidence - stats.positives).sum(-1)  # = sum_b n_b |mean conf - mean acc|
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, gap_sum / np.maximum(n, 1), np.nan)
+
+
+def _nanmean_or_nan(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# ECE
+# --------------------------------------------------------------------------------------------------
+def _ece_arg_validation(probs, labels, n_bins, regions, validate_args):
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    bin_edges(n_bins)
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return probs, labels, regions
+
+
+def _ece_update(probs, labels, n_bins: int = 15, regions: Regions = None) -> BinStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = BinStats.zeros(_ece_tasks(probs.shape[0], regions), n_bins)
+    _run(probs, labels, regions, _ece_kernel, stats, bin_edges(n_bins, _work_dtype(probs)))
+    return stats
+
+
+def _ece_compute(stats: BinStats) -> float:
+    return _nanmean_or_nan(_weighted_ece_per_task(stats))
+
+
+def ece(probs, labels, n_bins: int = 15, regions: Regions = None, validate_args: bool = True) -> float:
+    """Foreground ECE, Eq. 6 of the SDC paper (appendix A.1), as the NACL code computes it.
+
+    Softmax: only voxels whose *reference* label is foreground (``label != 0``) are used;
+    confidence = largest class probability (background included), accuracy =
+    ``argmax_c p_c == label`` (ties: the lowest channel, as ``np.argmax``);
+    ``ECE = sum_b |B_b|/N |mean conf_b - mean acc_b|`` with N = number of foreground voxels,
+    equal-width ``(e_{k-1}, e_k]`` bins, empty bins skipped.
+    Regions: per region r the voxels inside region r, confidence ``max(p_r, 1 - p_r)``, accuracy
+    ``p_r > 0.5`` (nnU-Net's region threshold); mean over regions that have voxels.
+    Returns NaN if there are no foreground voxels.
+    """
+    probs, labels, regions = _ece_arg_validation(probs, labels, n_bins, regions, validate_args)
+    return _ece_compute(_ece_update(probs, labels, n_bins, regions))
+
+
+# --------------------------------------------------------------------------------------------------
+# CECE
+# --------------------------------------------------------------------------------------------------
+def _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args):
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    bin_edges(n_bins)
+    if not (0 <= float(threshold) < 1):
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return probs, labels, regions
+
+
+def _cece_update(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regions = None) -> BinStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = BinStats.zeros(len(_class_channels(probs.shape[0], regions, False)), n_bins)
+    _run(probs, labels, regions, _cece_kernel, stats, bin_edges(n_bins, _work_dtype(probs)), threshold)
+    return stats
+
+
+def _cece_compute(stats: BinStats) -> float:
+    return _nanmean_or_nan(_weighted_ece_per_task(stats))
+
+
+def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regions = None,
+         validate_args: bool = True) -> float:
+    """Class-wise ECE (SDC paper Eq. 7, threshold as in Kull et al.).
+
+    For every *foreground* class c (softmax channels 1..C-1, or every region): keep the voxels with
+    ``p_c > threshold`` (strictly greater); binary ECE of ``p_c`` against ``[label == c]`` (regions:
+    ``[label in region]``) over the kept voxels, count-weighted over the non-empty bins (denominator:
+    number of kept voxels of that class). CECE = mean over the classes that kept at least one voxel
+    (NaN if none did). Whether a class is present in the reference does not matter.
+    """
+    probs, labels, regions = _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args)
+    return _cece_compute(_cece_update(probs, labels, n_bins, threshold, regions))
+
+
+# --------------------------------------------------------------------------------------------------
+# pECE
+# --------------------------------------------------------------------------------------------------
+def _pece_arg_validation(probs, labels, n_bins, fp_weight, regions, validate_args):
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    bin_edges(n_bins)
+    if not np.isfinite(fp_weight):
+        raise ValueError(f"fp_weight must be finite, got {fp_weight}")
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return probs, labels, regions
+
+
+def _pece_update(probs, labels, n_bins: int = 10, regions: Regions = None) -> BinStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = BinStats.zeros(1, n_bins)
+    _run(probs, labels, regions, _pece_kernel, stats, bin_edges(n_bins, _work_dtype(probs)))
+    return stats
+
+
+def _pece_compute(stats: BinStats, fp_weight: float = 2.0) -> float:
+    total = int(stats.total[0])
+    if total == 0:
+        return float("nan")
+    n = stats.n[0].astype(np.float64)
+    ne = n > 0
+    mean_p = stats.confidence[0][ne] / n[ne]
+    mean_a = stats.positives[0][ne] / n[ne]
+    fp_n = stats.count[0, :, 0][ne]
+    fp_mean = np.where(fp_n > 0, stats.conf_sum[0, :, 0][ne] / np.maximum(fp_n, 1), 0.0)
+    return float((n[ne] / total * np.abs(mean_p - mean_a + fp_weight * fp_mean)).sum())
+
+
+def pece(probs, labels, n_bins: int = 10, fp_weight: float = 2.0, regions: Regions = None,
+         validate_args: bool = True) -> float:
+    """Pixel-wise ECE with false-positive offset, Algorithm 1 of the SDC paper, exactly.
+
+    ``p`` = foreground probability, ``1 - p_background`` (computed in the dtype of ``probs``) for
+    softmax, the largest region probability ``max_r p_r`` for regions; ``y = [label != 0]``.
+    Bins are ``(lo, hi]`` *literally*: a voxel with ``p = 0`` is in no bin, but ``total`` counts every
+    voxel. Per non-empty bin: ``offset = fp_weight * mean p of the bin's y = 0 voxels`` (0 if none)
+    and the bin adds ``n_b / total * |(mean p_b - mean y_b) + offset|``.
+
+    Note: pECE is **not** zero for a perfectly calibrated model: the offset is non-negative and is
+    added inside the absolute value, so any bin holding negatives with ``p > 0`` contributes even
+    when ``mean p_b == mean y_b`` (e.g. all voxels at p = 0.5 with half of them foreground give
+    ``|0 + 2 * 0.5| = 1``). It is zero only if the predicted foreground probability is 0 on every
+    background voxel and matches the foreground frequency in every bin.
+    """
+    probs, labels, regions = _pece_arg_validation(probs, labels, n_bins, fp_weight, regions, validate_args)
+    return _pece_compute(_pece_update(probs, labels, n_bins, regions), fp_weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# marginal L1 ACE / ECE / MCE
+# --------------------------------------------------------------------------------------------------
+def _marginal_arg_validation(probs, labels, n_bins, regions, validate_args):
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    bin_edges(n_bins)
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return probs, labels, regions
+
+
+def _marginal_update(probs, labels, n_bins: int = 20, include_background: bool = False,
+                     regions: Regions = None) -> BinStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = BinStats.zeros(len(_class_channels(probs.shape[0], regions, include_background)), n_bins)
+    _run(probs, labels, regions, _marginal_kernel, stats, bin_edges(n_bins, _work_dtype(probs)),
+         include_background)
+    return stats
+
+
+def _marginal_per_class(stats: BinStats) -> Dict[str, np.ndarray]:
+    """Per class: ACE (mean |gap| over non-empty bins), ECE (count-weighted), MCE (max); NaN if empty."""
+    n = stats.n.astype(np.float64)
+    ne = n > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.abs(stats.confidence - stats.positives) / n
+    gap_ne = np.where(ne, gap, 0.0)
+    n_ne = ne.sum(-1)
+    n_tot = n.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ace = np.where(n_ne > 0, gap_ne.sum(-1) / np.maximum(n_ne, 1), np.nan)
+        ece_ = np.where(n_tot > 0, (gap_ne * n).sum(-1) / np.maximum(n_tot, 1), np.nan)
+        mce = np.where(n_ne > 0, np.where(ne, gap, -np.inf).max(-1), np.nan)
+    return {"mL1-ACE": ace, "mL1-ECE": ece_, "mL1-MCE": mce}
+
+
+def _marginal_compute(stats: BinStats) -> Dict[str, float]:
+    return {k: _nanmean_or_nan(v) for k, v in _marginal_per_class(stats).items()}
+
+
+def marginal_calibration_errors(probs, labels, n_bins: int = 20, include_background: bool = False,
+                                regions: Regions = None, validate_args: bool = True) -> Dict[str, float]:
+    """Marginal L1 calibration errors of the ACE paper (Eqs. 1, 3, 4): mL1-ACE, mL1-ECE, mL1-MCE.
+
+    Per class c (softmax channels 1..C-1, or 0..C-1 with ``include_background``; every region for
+    region inputs, where ``include_background`` has no effect): ``p_c`` of *all* voxels against
+    ``o = [label == c]`` (regions: ``[label in region]``) in ``n_bins`` equal-width bins. With
+    ``gap_b = |mean o_b - mean p_b|`` over the non-empty bins: ACE_c = unweighted mean of gap_b,
+    ECE_c = ``sum_b n_b/N gap_b`` (N = all voxels), MCE_c = ``max_b gap_b``. Each is then averaged
+    over the classes. A class absent from the reference still counts (its observed frequency is 0
+    in every bin, so its gaps are its mean probabilities).
+    Returns ``{"mL1-ACE": .., "mL1-ECE": .., "mL1-MCE": ..}``.
+    """
+    probs, labels, regions = _marginal_arg_validation(probs, labels, n_bins, regions, validate_args)
+    return _marginal_compute(_marginal_update(probs, labels, n_bins, include_background, regions))
+
+
+# --------------------------------------------------------------------------------------------------
+# NLL and Brier
+# --------------------------------------------------------------------------------------------------
+def _nll_update(probs, labels, eps: float = 1e-7, regions: Regions = None) -> SumStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = SumStats()
+    _run(probs, labels, regions, _nll_kernel, stats, eps)
+    return stats
+
+
+def _nll_compute(stats: SumStats) -> float:
+    return stats.mean()
+
+
+def nll(probs, labels, eps: float = 1e-7, regions: Regions = None, validate_args: bool = True) -> float:
+    """Negative log-likelihood (the DSC++ paper's NLL = cross-entropy), mean over voxels.
+
+    Softmax: ``mean_i -log(max(p_{label_i}, eps))`` over all voxels (background included).
+    Regions: binary NLL per region, ``-log(max(q, eps))`` with ``q = p_r`` inside and ``1 - p_r``
+    outside the region, averaged over voxels and regions. ``eps = 1e-7`` clips zero probabilities
+    (a voxel whose reference class got probability 0 costs ``-log(1e-7) = 16.1``).
+    """
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return _nll_compute(_nll_update(probs, labels, eps, regions))
+
+
+def _brier_update(probs, labels, regions: Regions = None) -> SumStats:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    stats = SumStats()
+    _run(probs, labels, regions, _brier_kernel, stats)
+    return stats
+
+
+def _brier_compute(stats: SumStats) -> float:
+    return stats.mean()
+
+
+def brier(probs, labels, regions: Regions = None, validate_args: bool = True) -> float:
+    """Brier score of the DSC++ paper (Eq. 11): ``mean_i (1/C) sum_c (p_{c,i} - onehot_{c,i})^2``.
+
+    Softmax: C channels including background, one-hot of the label. Regions: ``(1/R) sum_r
+    (p_r - [label in region r])^2`` (equal to the two-class Brier of ``(1 - p_r, p_r)``).
+    """
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    if validate_args:
+        validate_inputs(probs, labels, regions)
+    return _brier_compute(_brier_update(probs, labels, regions))
+
+
+# --------------------------------------------------------------------------------------------------
+# accumulator
+# --------------------------------------------------------------------------------------------------
+METRIC_KEYS = ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier")
+
+
+class CalibrationAccumulator:
+    """All calibration metrics, accumulated over any number of cases; picklable and mergeable.
+
+    ``update(probs, labels)`` adds a case (one pass over its voxels, chunked); ``compute()``
+    returns ``{"ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier"}`` computed
+    from the summed per-bin statistics, i.e. the exact values one would get by concatenating the
+    voxels of all cases into one big case ("pooled"). With a single case it equals the public
+    functions (``ece``, ``cece``, ...) on that case. ``a + b`` / ``a.merge(b)`` combine accumulators
+    filled in different processes (same options required). Options and conventions are those of the
+    public functions; ``include_background`` applies to the marginal errors only.
+    """
+
+    def __init__(self, n_bins_ece: int = 15, n_bins_cece: int = 10, n_bins_pece: int = 10,
+                 n_bins_ace: int = 20, fp_weight: float = 2.0, cece_threshold: float = 1e-3,
+                 include_background: bool = False, nll_eps: float = 1e-7, regions: Regions = None):
+        for n in (n_bins_ece, n_bins_cece, n_bins_pece, n_bins_ace):
+            bin_edges(n)
+        self.options = dict(n_bins_ece=int(n_bins_ece), n_bins_cece=int(n_bins_cece),
+                            n_bins_pece=int(n_bins_pece), n_bins_ace=int(n_bins_ace),
+                            fp_weight=float(fp_weight), cece_threshold=float(cece_threshold),
+                            include_background=bool(include_background), nll_eps=float(nll_eps),
+                            regions=normalize_regions(regions))
+        self.n_cases = 0
+        self.n_channels: Optional[int] = None
+        self.stats: Optional[Dict[str, Union[BinStats, SumStats]]] = None
+
+    # -- filling ---------------------------------------------------------------------------------
+    def _init_stats(self, n_channels: int):
+        o = self.options
+        regions = o["regions"]
+        self.n_channels = n_channels
+        self.stats = {
+            "ece": BinStats.zeros(_ece_tasks(n_channels, regions), o["n_bins_ece"]),
+            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, False)), o["n_bins_cece"]),
+            "pece": BinStats.zeros(1, o["n_bins_pece"]),
+            "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o["include_background"])),
+                                       o["n_bins_ace"]),
+            "nll": SumStats(),
+            "brier": SumStats(),
+        }
+
+    def update(self, probs, labels, validate_args: bool = False) -> "CalibrationAccumulator":
+        """Add one case. ``validate_args=True`` also checks the values (see :func:`validate_inputs`)."""
+        o = self.options
+        probs, labels, regions = _check_types_and_shapes(probs, labels, o["regions"])
+        if validate_args:
+            validate_inputs(probs, labels, regions)
+        if self.stats is None:
+            self._init_stats(probs.shape[0])
+        elif probs.shape[0] != self.n_channels:
+            raise ValueError(f"case has {probs.shape[0]} channels, earlier cases had {self.n_channels}")
+        dt = _work_dtype(probs)
+        e_ece, e_cece = bin_edges(o["n_bins_ece"], dt), bin_edges(o["n_bins_cece"], dt)
+        e_pece, e_ace = bin_edges(o["n_bins_pece"], dt), bin_edges(o["n_bins_ace"], dt)
+        s = self.stats
+        for pc, lc in _chunks(probs, labels):
+            ch = _Chunk(pc, lc, regions)
+            _ece_kernel(ch, s["ece"], e_ece)
+            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"])
+            _pece_kernel(ch, s["pece"], e_pece)
+            _marginal_kernel(ch, s["marginal"], e_ace, o["include_background"])
+            _nll_kernel(ch, s["nll"], o["nll_eps"])
+            _brier_kernel(ch, s["brier"])
+        self.n_cases += 1
+        return self
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge(self, other: "CalibrationAccumulator") -> "CalibrationAccumulator":
+        """A new accumulator holding both (neither input is modified)."""
+        if not isinstance(other, CalibrationAccumulator):
+            raise TypeError(f"cannot merge CalibrationAccumulator with {type(other).__name__}")
+        if other.options != self.options:
+            raise ValueError(f"cannot merge accumulators with different options: {self.options} vs {other.options}")
+        out = CalibrationAccumulator(**self.options)
+        out.n_cases = self.n_cases + other.n_cases
+        if self.stats is None or other.stats is None:
+            src = self if other.stats is None else other
+            out.n_channels = src.n_channels
+            out.stats = None if src.stats is None else {k: _copy_stats(v) for k, v in src.stats.items()}
+            return out
+        if self.n_channels != other.n_channels:
+            raise ValueError(f"cannot merge accumulators of {self.n_channels} and {other.n_channels} channels")
+        out.n_channels = self.n_channels
+        out.stats = {k: self.stats[k] + other.stats[k] for k in self.stats}
+        return out
+
+    __add__ = merge
+
+    # -- results ---------------------------------------------------------------------------------
+    def compute(self) -> Dict[str, float]:
+        """``{"ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier"}`` (NaN if empty)."""
+        if self.stats is None:
+            return {k: float("nan") for k in METRIC_KEYS}
+        s = self.stats
+        out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"]),
+               "pECE": _pece_compute(s["pece"], self.options["fp_weight"])}
+        out.update(_marginal_compute(s["marginal"]))
+        out["NLL"] = _nll_compute(s["nll"])
+        out["Brier"] = _brier_compute(s["brier"])
+        return out
+
+    def marginal_per_class(self) -> Dict[str, np.ndarray]:
+        """Per-class mL1-ACE/ECE/MCE arrays (class order as in the marginal statistics)."""
+        if self.stats is None:
+            raise ValueError("accumulator is empty")
+        return _marginal_per_class(self.stats["marginal"])
+
+    def reliability(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pooled reliability data per class from the marginal (ACE) statistics.
+
+        Returns ``(edges, n, mean_confidence, observed_frequency)``, the last three ``(K, n_bins_ace)``
+        with NaN for empty bins; class k is foreground channel k+1 (softmax, or channel k with
+        ``include_background``) or region k.
+        """
+        if self.stats is None:
+            raise ValueError("accumulator is empty")
+        n, conf, freq = self.stats["marginal"].reliability()
+        return bin_edges(self.options["n_bins_ace"], np.float64), n, conf, freq
+
+
+def _copy_stats(s):
+    if isinstance(s, BinStats):
+        return BinStats(s.count.copy(), s.conf_sum.copy(), s.total.copy())
+    return SumStats(s.total, s.count)
