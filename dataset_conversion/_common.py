@@ -6,7 +6,7 @@ Everything a converter needs besides its own layout parsing lives here:
   names the offending file or folder and what is wrong.
 - Reading: :func:`read_image` (SimpleITK, errors wrapped, ITK's NIfTI warnings silenced),
   :func:`check_same_geometry`, :func:`check_label_values`, :func:`pair_by_case_id`,
-  :func:`check_unique`.
+  :func:`check_case_id`.
 - Writing: :func:`copy_nifti` keeps the original bytes (a ``.nii`` source is gzip-compressed, which
   leaves its header and data bytes unchanged) and :class:`StagedDataset`, which builds the dataset in
   a temporary folder next to the target (same file system) and renames it into place at the end, so
@@ -84,18 +84,6 @@ def list_nifti(folder: Path) -> list[Path]:
                   if p.is_file() and not is_hidden(p.name) and strip_nifti_suffix(p.name) is not None)
 
 
-def check_unique(ids: Iterable[str], what: Mapping[str, object] | None = None, where: str = "") -> None:
-    """Raise :class:`ConversionError` on duplicate case ids. ``what`` maps id -> list of sources
-    (used for the message)."""
-    seen: dict[str, int] = {}
-    for i in ids:
-        seen[i] = seen.get(i, 0) + 1
-    dups = sorted(k for k, v in seen.items() if v > 1)
-    if dups:
-        detail = "; ".join(f"{d}: {what[d]}" if what and d in what else d for d in dups[:10])
-        raise ConversionError(f"duplicate case ids{' in ' + where if where else ''}: {detail}")
-
-
 def pair_by_case_id(images: Mapping[str, Sequence[Path] | Path], labels: Mapping[str, Path],
                     where: str = "") -> list[str]:
     """Check that every image case has a label and vice versa; return the sorted case ids."""
@@ -137,9 +125,11 @@ def read_image(path: Path) -> sitk.Image:
         with _quiet_itk():
             return sitk.ReadImage(str(path))
     except Exception as e:  # SimpleITK raises RuntimeError with a long ITK trace
-        msg = str(e).strip().splitlines()
-        short = next((m for m in msg if "ERROR" in m or "Exception" in m or "error" in m), msg[0] if msg else "")
-        raise ConversionError(f"cannot read {path}: {short.strip()}") from e
+        lines = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
+        detail = next((m for m in reversed(lines) if "ERROR" in m), lines[-1] if lines else type(e).__name__)
+        detail = re.sub(r"^.*?ERROR:\s*", "", detail)
+        raise ConversionError(f"cannot read {path}: not a readable image (corrupt or truncated file?): "
+                              f"{detail}") from e
 
 
 def geometry(img: sitk.Image) -> tuple:

@@ -25,6 +25,7 @@ sets of voxels add up, which is what makes pooled (dataset-wide) values exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -110,6 +111,47 @@ class BinStats:
         self.count[task] += np.bincount(key, minlength=2 * nb + 2)[2:].reshape(nb, 2)
         self.conf_sum[task] += np.bincount(key, weights=values, minlength=2 * nb + 2)[2:].reshape(nb, 2)
         self.total[task] += n_offered
+
+    def add_values_(self, task: int, values: np.ndarray, outcome: np.ndarray, edges: np.ndarray,
+                    n_offered: Optional[int] = None, zero_in_first: bool = True) -> None:
+        """In-place: bin ``values`` (with boolean ``outcome``) into ``task``; ``n_offered`` (default
+        ``values.size``) is added to ``total``. ``zero_in_first=False``: values ``== 0`` go to no bin.
+
+        Fast path for the usual segmentation case where most values lie in the first bin: only the
+        values above ``e_1`` are binned one by one; the first bin's counts and sums are the totals
+        minus theirs (float64 sums, so the result equals the direct one up to float64 rounding).
+        """
+        n = values.size
+        if n_offered is None:
+            n_offered = n
+        if n == 0:
+            self.total[task] += n_offered
+            return
+        rest = values > edges[1]
+        n_rest = int(np.count_nonzero(rest))
+        if 2 * n_rest > n:  # dense: bin everything
+            idx = bin_index(values, edges)
+            if zero_in_first:
+                np.maximum(idx, 0, out=idx)
+            self.add_(task, idx, outcome, values, n_offered)
+            return
+        v_rest, y_rest = values[rest], outcome[rest]
+        self.add_(task, bin_index(v_rest, edges), y_rest, v_rest, n_offered)  # all in bins >= 2
+        n_first = n - n_rest
+        n_first_pos = int(np.count_nonzero(outcome)) - int(np.count_nonzero(y_rest))
+        s_first = float(values.sum(dtype=np.float64)) - float(v_rest.sum(dtype=np.float64))
+        s_first_pos = (float(values[outcome].sum(dtype=np.float64))
+                       - float(v_rest[y_rest].sum(dtype=np.float64)))
+        if not zero_in_first:
+            zero = values == 0
+            n_zero = int(np.count_nonzero(zero))
+            if n_zero:
+                n_first -= n_zero
+                n_first_pos -= int(np.count_nonzero(outcome[zero]))
+        self.count[task, 0, 1] += n_first_pos
+        self.count[task, 0, 0] += n_first - n_first_pos
+        self.conf_sum[task, 0, 1] += s_first_pos
+        self.conf_sum[task, 0, 0] += s_first - s_first_pos
 
     def _check_compatible(self, other: "BinStats"):
         if not isinstance(other, BinStats):

@@ -48,7 +48,8 @@ SOFTMAX_SUM_TOLERANCE = 1e-3
 
 __all__ = [
     "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier",
-    "CalibrationAccumulator", "validate_inputs", "normalize_regions",
+    "CalibrationAccumulator", "validate_inputs", "validate_probabilities", "validate_labels",
+    "normalize_regions",
 ]
 
 
@@ -90,17 +91,14 @@ def _check_types_and_shapes(probs, labels, regions) -> Tuple[np.ndarray, np.ndar
     return probs, labels, regions
 
 
-def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = None,
-                    allowed_labels: Optional[Sequence[int]] = None,
-                    softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
-    """Check values; raise ``ValueError`` with a message saying what is wrong.
+def validate_probabilities(probs: np.ndarray, regions: Regions = None,
+                           softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
+    """Raise ``ValueError`` if ``probs`` has NaN, values outside [0, 1], or (softmax, ``regions=None``)
+    a voxel whose channel probabilities do not sum to 1 within ``softmax_tolerance``.
 
-    Checks: no NaN, every probability in [0, 1], for softmax input (``regions=None``) every voxel's
-    probabilities sum to 1 within ``softmax_tolerance``; every label value in ``allowed_labels``
-    (default: ``0..C-1`` for softmax, ``0`` and the labels of the regions for regions).
-    Memory: no full-size temporary (min/max reductions and chunked sums).
+    Memory: no full-size temporary (min/max reductions, chunked sums).
     """
-    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    probs = np.asarray(probs)
     lo, hi = probs.min(), probs.max()
     if np.isnan(lo) or np.isnan(hi):
         raise ValueError("probabilities contain NaN")
@@ -108,20 +106,45 @@ def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = No
         raise ValueError(f"probabilities outside [0, 1] (min {float(lo):.6g}, max {float(hi):.6g})")
     if regions is None:
         worst = 0.0
-        for pc, _ in _chunks(probs, labels):
-            worst = max(worst, float(np.abs(pc.sum(0, dtype=np.float64) - 1.0).max(initial=0.0)))
+        dummy = np.zeros(probs.shape[1:], np.uint8)
+        for pc, _ in _chunks(probs, dummy):
+            total = pc[0].copy()  # float32 sums: rounding error ~1e-7, far below the tolerance
+            for c in range(1, pc.shape[0]):
+                total += pc[c]
+            if total.size:
+                worst = max(worst, float(total.max()) - 1.0, 1.0 - float(total.min()))
         if worst > softmax_tolerance:
             raise ValueError(f"softmax probabilities do not sum to 1 over the channels "
                              f"(largest deviation {worst:.3g} > {softmax_tolerance:g})")
+
+
+def validate_labels(labels: np.ndarray, allowed_labels: Sequence[int]) -> None:
+    """Raise ``ValueError`` if ``labels`` holds a value that is not in ``allowed_labels``."""
+    labels = np.asarray(labels)
+    present = np.unique(labels) if labels.size <= (1 << 16) else _unique_small_ints(labels)
+    allowed = sorted(int(a) for a in allowed_labels)
+    bad = sorted(set(int(v) for v in present) - set(allowed))
+    if bad:
+        raise ValueError(f"label values {bad} are not among the allowed labels {allowed}")
+
+
+def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = None,
+                    allowed_labels: Optional[Sequence[int]] = None,
+                    softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
+    """Check shapes, types and values; raise ``ValueError`` saying what is wrong.
+
+    Checks: :func:`validate_probabilities` (no NaN, in [0, 1], softmax sums to 1 within
+    ``softmax_tolerance``) and :func:`validate_labels` with ``allowed_labels`` (default:
+    ``0..C-1`` for softmax, ``0`` and the labels of the regions for regions).
+    """
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    validate_probabilities(probs, regions, softmax_tolerance)
     if allowed_labels is None:
         if regions is None:
             allowed_labels = range(probs.shape[0])
         else:
             allowed_labels = sorted({0, *[i for r in regions for i in r]})
-    present = np.unique(labels) if labels.size <= (1 << 16) else _unique_small_ints(labels)
-    bad = sorted(set(int(v) for v in present) - set(int(a) for a in allowed_labels))
-    if bad:
-        raise ValueError(f"label values {bad} are not among the allowed labels {sorted(int(a) for a in allowed_labels)}")
+    validate_labels(labels, allowed_labels)
 
 
 def _unique_small_ints(labels: np.ndarray) -> np.ndarray:
@@ -177,11 +200,6 @@ class _Chunk:
         return t
 
 
-def _first_bin_for_zero(idx: np.ndarray) -> np.ndarray:
-    np.maximum(idx, 0, out=idx)
-    return idx
-
-
 # --------------------------------------------------------------------------------------------------
 # per-chunk kernels (shared by the single-case functions and the accumulator)
 # --------------------------------------------------------------------------------------------------
@@ -189,24 +207,32 @@ def _ece_tasks(n_channels: int, regions) -> int:
     return 1 if regions is None else len(regions)
 
 
+def _max_argmax(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Channel max and argmax (first channel on ties, like ``np.argmax``), one channel at a time."""
+    conf = p[0].copy()
+    pred = np.zeros(p.shape[1], np.intp)
+    for c in range(1, p.shape[0]):
+        better = p[c] > conf
+        pred[better] = c
+        np.maximum(conf, p[c], out=conf)
+    return conf, pred
+
+
 def _ece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
     if ch.regions is None:
         fg = ch.fg
         if not fg.any():
             return
-        p = ch.p[:, fg]
-        conf = p.max(0)
-        acc = p.argmax(0) == ch.lab[fg]
-        stats.add_(0, _first_bin_for_zero(bin_index(conf, edges)), acc, conf, conf.size)
+        sub = np.stack([row[fg] for row in ch.p])  # foreground voxels only (usually few)
+        conf, pred = _max_argmax(sub)
+        stats.add_values_(0, conf, pred == ch.lab[fg], edges)
     else:
         for r in range(len(ch.regions)):
             y = ch.target(r)
             if not y.any():
                 continue
             pr = ch.p[r][y]
-            conf = np.maximum(pr, 1 - pr)
-            acc = pr > 0.5
-            stats.add_(r, _first_bin_for_zero(bin_index(conf, edges)), acc, conf, conf.size)
+            stats.add_values_(r, np.maximum(pr, 1 - pr), pr > 0.5, edges)
 
 
 def _class_channels(n_channels: int, regions, include_background: bool) -> List[int]:
@@ -219,34 +245,37 @@ def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: floa
     for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, False)):
         pc = ch.p[c]
         keep = pc > threshold
-        v = pc[keep]
-        if v.size == 0:
+        if not keep.any():
             continue
-        stats.add_(t, _first_bin_for_zero(bin_index(v, edges)), ch.target(c)[keep], v, v.size)
+        stats.add_values_(t, pc[keep], ch.target(c)[keep], edges)
 
 
 def _marginal_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, include_background: bool) -> None:
     for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, include_background)):
-        pc = ch.p[c]
-        stats.add_(t, _first_bin_for_zero(bin_index(pc, edges)), ch.target(c), pc, pc.size)
+        stats.add_values_(t, ch.p[c], ch.target(c), edges)
 
 
 def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
-    if ch.regions is None:
-        p = 1 - ch.p[0]
-    else:
-        p = ch.p.max(0)
-    stats.add_(0, bin_index(p, edges), ch.fg, p, p.size)
+    p = 1 - ch.p[0] if ch.regions is None else ch.p.max(0)
+    stats.add_values_(0, p, ch.fg, edges, zero_in_first=False)
 
 
 def _label_prob(ch: _Chunk) -> np.ndarray:
-    return np.take_along_axis(ch.p, ch.lab.astype(np.intp, copy=False)[None], 0)[0]
+    """Probability of the reference label of every voxel (softmax only), cached per chunk."""
+    q = ch._targets.get("label_prob")
+    if q is None:
+        q = ch.p[0].copy()
+        for c in range(1, ch.p.shape[0]):
+            np.copyto(q, ch.p[c], where=ch.target(c))
+        ch._targets["label_prob"] = q
+    return q
 
 
 def _nll_kernel(ch: _Chunk, stats: SumStats, eps: float) -> None:
     if ch.regions is None:
-        q = _label_prob(ch)
-        stats.total += float(-np.log(np.maximum(q, eps)).sum(dtype=np.float64))
+        q = np.maximum(_label_prob(ch), eps)
+        np.log(q, out=q)
+        stats.total -= float(q.sum(dtype=np.float64))
         stats.count += q.size
     else:
         for r in range(len(ch.regions)):
@@ -256,18 +285,25 @@ def _nll_kernel(ch: _Chunk, stats: SumStats, eps: float) -> None:
             stats.count += q.size
 
 
+def _sumsq(v: np.ndarray) -> float:
+    """Sum of squares in float64 (products of float32 values are exact in float64)."""
+    return float(np.einsum("i,i->", v, v, dtype=np.float64))
+
+
 def _brier_kernel(ch: _Chunk, stats: SumStats) -> None:
+    # sum_c (p_c - onehot_c)^2 = sum_c p_c^2 - 2 p_label + 1, summed in float64 over the chunk
     if ch.regions is None:
-        d = ch.p.astype(np.float64)
-        d[ch.lab.astype(np.intp, copy=False), np.arange(d.shape[1])] -= 1.0
-        stats.total += float(np.einsum("ij,ij->", d, d)) / d.shape[0]
-        stats.count += d.shape[1]
+        n_ch, m = ch.p.shape
+        total = sum(_sumsq(ch.p[c]) for c in range(n_ch))
+        total -= 2.0 * float(_label_prob(ch).sum(dtype=np.float64))
+        total += m
+        stats.total += total / n_ch
+        stats.count += m
     else:
         for r in range(len(ch.regions)):
-            d = ch.p[r].astype(np.float64)
-            d -= ch.target(r)
-            stats.total += float(np.dot(d, d))
-            stats.count += d.size
+            pr, y = ch.p[r], ch.target(r)
+            stats.total += _sumsq(pr) - 2.0 * float(pr[y].sum(dtype=np.float64)) + int(np.count_nonzero(y))
+            stats.count += pr.size
 
 
 def _run(probs, labels, regions, kernel, *args) -> None:
@@ -498,7 +534,9 @@ def nll(probs, labels, eps: float = 1e-7, regions: Regions = None, validate_args
     Softmax: ``mean_i -log(max(p_{label_i}, eps))`` over all voxels (background included).
     Regions: binary NLL per region, ``-log(max(q, eps))`` with ``q = p_r`` inside and ``1 - p_r``
     outside the region, averaged over voxels and regions. ``eps = 1e-7`` clips zero probabilities
-    (a voxel whose reference class got probability 0 costs ``-log(1e-7) = 16.1``).
+    (a voxel whose reference class got probability 0 costs ``-log(1e-7) = 16.1``). The clipping and
+    the logarithm are computed in the dtype of ``probs`` (float32 for nnU-Net output, relative
+    error ~1e-7), the sum over voxels in float64.
     """
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
     if not eps > 0:

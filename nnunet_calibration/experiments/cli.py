@@ -1,0 +1,133 @@
+"""``calib-experiment``: run an experiment file's trainers x folds locally or on SLURM, show status, report.
+
+    calib-experiment run EXPERIMENT.yaml [--backend local|slurm] [--output-root results] [--no-report]
+    calib-experiment status EXPERIMENT.yaml
+    calib-experiment report EXPERIMENT.yaml [MORE.yaml ...] [--output-root results] [--name NAME]
+    calib-experiment check EXPERIMENT.yaml        # validate only
+
+``run --backend local`` trains every unfinished (trainer, fold) one after another (interrupted ones
+continue with ``--c``), then writes the report. ``run --backend slurm`` submits one job array per
+trainer and a report job that runs when every fold succeeded (cancelled by SLURM otherwise), and
+returns. Running again resumes: finished folds are skipped, nothing is trained twice.
+See :mod:`nnunet_calibration.experiments.config` for the file format.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from nnunet_calibration.experiments.config import ExperimentError, load_experiment, validate
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calib-experiment", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,status,report,check}")
+    r = sub.add_parser("run", help="train unfinished folds (local) or submit them (slurm)")
+    r.add_argument("experiment")
+    r.add_argument("--backend", choices=("local", "slurm"), default="local")
+    r.add_argument("--output-root", default=None, help="report goes to OUTPUT_ROOT/<name>/ (default: results)")
+    r.add_argument("--no-report", action="store_true", help="local: train only")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("status", help="per trainer and fold: finished, running/pending, failed (with log)")
+    s.add_argument("experiment")
+    rep = sub.add_parser("report", help="evaluate every finished fold and write results/<name>/")
+    rep.add_argument("experiments", nargs="+")
+    rep.add_argument("--output-root", default=None)
+    rep.add_argument("--name", default=None, help="report folder name (default: the first experiment's name)")
+    rep.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("check", help="validate the experiment file against nnU-Net and exit")
+    c.add_argument("experiment")
+    t = sub.add_parser("train-fold")  # internal: one SLURM array task (not listed in --help)
+    t.add_argument("experiment")
+    t.add_argument("--trainer", required=True)
+    t.add_argument("--fold", type=int, required=True)
+    t.add_argument("--device", default="auto")
+    return p
+
+
+def _load(path, check_trainers=True):
+    return validate(load_experiment(path), check_trainers=check_trainers)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    command = "calib-experiment " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        if args.cmd == "check":
+            exp = _load(args.experiment)
+            from nnunet_calibration.experiments.runner import check_recorded_hparams
+
+            check_recorded_hparams(exp)
+            print(f"{exp.path}: OK ({exp.dataset_name} {exp.configuration}, {len(exp.trainers)} trainers, "
+                  f"folds {list(exp.folds)})")
+            return 0
+        if args.cmd == "run":
+            from nnunet_calibration.experiments.runner import check_recorded_hparams
+
+            exp = _load(args.experiment)
+            check_recorded_hparams(exp)
+            if args.backend == "slurm":
+                from nnunet_calibration.experiments.slurm import submit
+
+                rec = submit(exp, args.output_root)
+                for label, r in rec["trainers"].items():
+                    print(f"submitted {label}: job array {r['job_id']} (folds {r['folds']})")
+                for label, sk in rec["skipped"].items():
+                    for fold, why in sk.items():
+                        print(f"skipped {label} fold {fold}: {why}")
+                if rec["report"].get("reused"):
+                    print(f"nothing new to submit; report job {rec['report']['job_id']} is still waiting")
+                else:
+                    print(f"report job {rec['report']['job_id']} (runs after every fold succeeded; "
+                          f"SLURM cancels it if a fold fails)")
+                print(f"state and logs: {exp.state_dir}; follow with: calib-experiment status {exp.path}")
+                return 0
+            from nnunet_calibration.experiments.runner import run_local
+
+            done = run_local(exp, progress=not args.quiet)
+            failed = [k for k, (_, rc) in done.items() if rc != 0]
+            for (label, fold), (what, rc) in done.items():
+                print(f"{label} fold {fold}: {what}" + (f" -> FAILED (exit {rc})" if rc else ""))
+            if not args.no_report:
+                from nnunet_calibration.experiments.report import make_report
+
+                out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
+                print(f"report: {out / 'README.md'}")
+            if failed:
+                print(f"{len(failed)} fold(s) failed; see: calib-experiment status {exp.path}", file=sys.stderr)
+                return 1
+            return 0
+        if args.cmd == "status":
+            from nnunet_calibration.experiments.status import fold_statuses, format_statuses, report_job_status
+
+            exp = _load(args.experiment, check_trainers=False)
+            rows = fold_statuses(exp)
+            print(format_statuses(rows))
+            rep = report_job_status(exp)
+            if rep:
+                print(f"report job {rep['job_id']}: {rep['state']} (log: {rep['log']})")
+            return 1 if any(r["status"] == "failed" for r in rows) else 0
+        if args.cmd == "report":
+            from nnunet_calibration.experiments.report import make_report
+
+            exps = [_load(p, check_trainers=False) for p in args.experiments]
+            out = make_report(exps, args.output_root, command=command, name=args.name, progress=not args.quiet)
+            print(f"report: {out / 'README.md'}")
+            return 0
+        if args.cmd == "train-fold":
+            from nnunet_calibration.experiments.runner import train_fold_main
+
+            exp = _load(args.experiment, check_trainers=False)
+            device = exp.resolve_device(slurm=True) if args.device == "auto" else args.device
+            return train_fold_main(exp, args.trainer, args.fold, device)
+    except ExperimentError as e:
+        print(f"calib-experiment: error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``calib-demo``: a tiny end-to-end calibration experiment on CPU, from raw data to the report.
+
+    calib-demo                                  # embedded synthetic dataset
+    calib-demo ../shared/data/acdc-subset       # an ACDC download (or the 20-patient subset)
+    calib-demo [SOURCE] --work ./demo_work --output-root results --name NAME
+
+Steps, all in the work folder (default ``./demo_work``; nnU-Net's raw / preprocessed / results
+folders are ``WORK/nnUNet_raw`` etc., whatever the environment says):
+
+1. the dataset: ACDC converted with ``calib-convert acdc`` (:mod:`dataset_conversion.acdc`,
+   Dataset027_ACDC, patient-wise folds), or the synthetic generator (:mod:`nnunet_calibration.synthetic`,
+   Dataset990);
+2. ``nnUNetv2_plan_and_preprocess -c 2d`` (skipped if already done);
+3. the experiment file ``WORK/<name>.yaml`` made from the package's ``demo_acdc.yaml`` /
+   ``demo_synthetic.yaml``: nnUNetTrainerDiceCE, nnUNetTrainerSDC_DC and nnUNetTrainerLS_DC, folds 0
+   and 1, a few iterations, CPU;
+4. ``calib-experiment run`` with the local backend (resumes: running the demo again trains nothing
+   that is finished);
+5. the report into ``OUTPUT_ROOT/<name>/`` (default ``results/acdc-subset-demo`` or
+   ``results/synthetic-demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+ACDC_ID = 27
+SYNTH_ID = 990
+
+
+def _template(name: str) -> dict:
+    return yaml.safe_load(resources.files("nnunet_calibration.experiments").joinpath(name).read_text())
+
+
+def _preprocessed(pre: Path, dataset_id: int) -> bool:
+    found = [p for p in pre.glob(f"Dataset{dataset_id:03d}_*") if (p / "nnUNetPlans.json").is_file()]
+    return bool(found) and any(found[0].glob("nnUNetPlans_2d/*"))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="calib-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", nargs="?", help="ACDC folder (e.g. ../shared/data/acdc-subset); none: synthetic data")
+    p.add_argument("--work", default="demo_work", help="work folder (default ./demo_work)")
+    p.add_argument("--output-root", default="results", help="report goes to OUTPUT_ROOT/<name>/ (default results)")
+    p.add_argument("--name", default=None, help="experiment name (default acdc-subset-demo / synthetic-demo)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch (override)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (override)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    command = "calib-demo " + " ".join(shlex.quote(a) for a in argv)
+
+    from nnunet_calibration.experiments.config import ExperimentError, load_experiment, validate
+    from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    folders = {k: work / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")}
+    for f in folders.values():
+        f.mkdir(parents=True, exist_ok=True)
+    env = nnunet_env(None)
+    env.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
+    os.environ.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
+    from nnunet_calibration.experiments.config import with_plugin_trainers
+
+    env = with_plugin_trainers(env)
+
+    try:
+        if args.source:
+            source = Path(args.source).resolve()
+            dataset_id, template = ACDC_ID, "demo_acdc.yaml"
+            if not list(folders["raw"].glob(f"Dataset{ACDC_ID:03d}_*")):
+                print(f"[1/4] converting {source} (calib-convert acdc) ...", flush=True)
+                from dataset_conversion.acdc import convert_acdc
+
+                convert_acdc(source, ACDC_ID, raw_root=folders["raw"], preprocessed_root=folders["preprocessed"],
+                             progress=not args.quiet)
+            else:
+                print(f"[1/4] dataset already converted in {folders['raw']}", flush=True)
+        else:
+            dataset_id, template = SYNTH_ID, "demo_synthetic.yaml"
+            if not list(folders["raw"].glob(f"Dataset{SYNTH_ID:03d}_*")):
+                print("[1/4] writing the synthetic dataset ...", flush=True)
+                from nnunet_calibration.synthetic import make_synthetic_dataset
+
+                make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
+            else:
+                print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
+        if not _preprocessed(folders["preprocessed"], dataset_id):
+            print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
+            run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
+                        "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
+        else:
+            print("[2/4] already planned and preprocessed", flush=True)
+
+        cfg = _template(template)
+        if args.name:
+            cfg["name"] = args.name
+        if args.iterations is not None:
+            cfg["training"]["num_iterations_per_epoch"] = args.iterations
+        if args.epochs is not None:
+            cfg["training"]["num_epochs"] = args.epochs
+        cfg["dataset"] = dataset_id
+        cfg["nnunet_paths"] = {k: str(v) for k, v in folders.items()}
+        cfg["state_dir"] = str(work / "state" / cfg["name"])
+        exp_file = work / f"{cfg['name']}.yaml"
+        exp_file.write_text(f"# written by {command}\n" + yaml.safe_dump(cfg, sort_keys=False))
+        exp = validate(load_experiment(exp_file))
+        print(f"[3/4] experiment {exp_file}: {', '.join(t.label for t in exp.trainers)} x folds {list(exp.folds)} "
+              f"(logs in {exp.state_dir / 'logs'})", flush=True)
+        from nnunet_calibration.experiments.runner import check_recorded_hparams, run_local
+
+        check_recorded_hparams(exp)
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            done = run_local(exp, progress=not args.quiet)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        failed = [f"{l} fold {f}" for (l, f), (_, rc) in done.items() if rc]
+        print("[4/4] report ...", flush=True)
+        from nnunet_calibration.experiments.report import make_report
+
+        out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
+    except (ExperimentError, RuntimeError) as e:
+        print(f"calib-demo: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from dataset_conversion._common import ConversionError
+
+        if isinstance(e, ConversionError):
+            print(f"calib-demo: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print("")
+    print(f"Done. Report: {out / 'README.md'}")
+    print(f"      table: {out / 'table.csv'}; plots: {out}/*.png")
+    print(f"      trained models: {folders['results']}; experiment file: {exp_file}")
+    print(f"      status: calib-experiment status {exp_file}")
+    if failed:
+        print(f"Some trainings failed ({', '.join(failed)}); they are listed as missing in the report.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

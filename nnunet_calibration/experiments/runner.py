@@ -1,0 +1,170 @@
+"""Running an experiment's (trainer, fold) trainings: fold state, the local backend, one fold's job.
+
+Fold state on disk (nnU-Net's own files in ``fold_X``):
+
+- ``finished``: ``checkpoint_final.pth`` and ``validation/summary.json`` exist and the validation
+  folder holds the ``.npz`` probabilities (if they are missing, only ``nnUNetv2_train ... --val --npz``
+  is run to write them: no training);
+- ``interrupted``: ``checkpoint_latest.pth`` (or a final checkpoint without validation) exists:
+  continued with ``--c``;
+- ``not started``: neither.
+
+Every training runs ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -p PLANS --npz -device DEVICE``
+with ``nnUNet_results`` of its trainer entry and ``NNUNET_CALIB_HPARAMS`` (see
+:mod:`nnunet_calibration.experiments.config`). Output goes to ``<state>/logs/<label>_fold<F>.log``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_calibration.experiments.config import (Experiment, ExperimentError, TrainerSpec, hparams_env_value,
+                                                   recorded_hparams)
+
+FINISHED, INTERRUPTED, NOT_STARTED = "finished", "interrupted", "not started"
+
+
+def fold_state(exp: Experiment, spec: TrainerSpec, fold: int) -> str:
+    d = exp.fold_folder(spec, fold)
+    if (d / "checkpoint_final.pth").is_file() and (d / "validation" / "summary.json").is_file():
+        return FINISHED
+    if (d / "checkpoint_latest.pth").is_file() or (d / "checkpoint_final.pth").is_file():
+        return INTERRUPTED
+    return NOT_STARTED
+
+
+def has_npz(exp: Experiment, spec: TrainerSpec, fold: int) -> bool:
+    return any((exp.fold_folder(spec, fold) / "validation").glob("*.npz"))
+
+
+def log_path(exp: Experiment, label: str, fold: int | str) -> Path:
+    return exp.state_dir / "logs" / f"{label}_fold{fold}.log"
+
+
+def check_recorded_hparams(exp: Experiment) -> None:
+    """Refuse to reuse a fold trained with other hyperparameters than the experiment asks for."""
+    for spec in exp.trainers:
+        want = exp.hparams_for(spec)
+        for fold in exp.folds:
+            folder = exp.fold_folder(spec, fold)
+            got = recorded_hparams(folder)
+            if got is None or fold_state(exp, spec, fold) == NOT_STARTED:
+                continue
+            if json.loads(json.dumps(got, sort_keys=True)) != json.loads(json.dumps(want, sort_keys=True)):
+                raise ExperimentError(
+                    f"{exp.path}: {folder} was trained with hyperparameters {got}, but this experiment asks for "
+                    f"{want} for {spec.label}; it would be reused as is. Give the entry its own label with "
+                    f"'hparams' (own results folder), use other nnunet_paths.results, or remove that folder.")
+
+
+def train_command(exp: Experiment, spec: TrainerSpec, fold: int, device: str) -> list[str] | None:
+    """The ``nnUNetv2_train`` argv for this fold's state, or None when it is finished."""
+    from nnunet_calibration.nnunet_utils import nnunet_command
+
+    state = fold_state(exp, spec, fold)
+    base = nnunet_command("nnUNetv2_train") + [exp.dataset_name, exp.configuration, str(fold), "-tr", spec.name,
+                                                "-p", exp.plans, "--npz", "-device", device]
+    if state == FINISHED:
+        return None if has_npz(exp, spec, fold) else base + ["--val"]
+    if state == INTERRUPTED:
+        return base + ["--c"]
+    return base
+
+
+def fold_env(exp: Experiment, spec: TrainerSpec, base: dict | None = None) -> dict:
+    from nnunet_calibration.nnunet_utils import training_env
+
+    env = training_env(exp.nnunet_env(base))
+    env["nnUNet_results"] = str(exp.results_root(spec))
+    value = hparams_env_value(exp.hparams_for(spec))
+    if value is None:
+        env.pop("NNUNET_CALIB_HPARAMS", None)
+    else:
+        env["NNUNET_CALIB_HPARAMS"] = value
+    # the job's python environment first on PATH (nnU-Net's console scripts, the plugin)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _local_state_file(exp: Experiment) -> Path:
+    return exp.state_dir / "local_runs.json"
+
+
+def read_local_state(exp: Experiment) -> dict:
+    f = _local_state_file(exp)
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_fold(exp: Experiment, spec: TrainerSpec, fold: int, device: str, log: Path | None = None,
+             append: bool = False) -> tuple[str, int]:
+    """Train (or resume, or re-validate) one fold. Returns (what was done, return code)."""
+    cmd = train_command(exp, spec, fold, device)
+    if cmd is None:
+        return "skipped (finished)", 0
+    what = "validation only (--val --npz)" if "--val" in cmd else ("resumed (--c)" if "--c" in cmd else "trained")
+    env = fold_env(exp, spec)
+    if log is None:
+        proc = subprocess.run(cmd, env=env)
+        return what, proc.returncode
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a" if append else "w") as fh:
+        fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} {what}: {' '.join(cmd)}\n")
+        fh.write(f"# nnUNet_results={env['nnUNet_results']} NNUNET_CALIB_HPARAMS={env.get('NNUNET_CALIB_HPARAMS')}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    return what, proc.returncode
+
+
+def run_local(exp: Experiment, progress: bool = True) -> dict:
+    """Run every unfinished (trainer, fold) one after another. Returns {(label, fold): (what, rc)}."""
+    from tqdm import tqdm
+
+    device = exp.resolve_device(slurm=False)
+    state = read_local_state(exp)
+    done = {}
+    tasks = [(spec, fold) for spec in exp.trainers for fold in exp.folds]
+    bar = tqdm(tasks, desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
+    for spec, fold in bar:
+        bar.set_postfix_str(f"{spec.label} fold {fold}")
+        log = log_path(exp, spec.label, fold)
+        if train_command(exp, spec, fold, device) is None:
+            done[(spec.label, fold)] = ("skipped (finished)", 0)
+            continue
+        what, rc = run_fold(exp, spec, fold, device, log)
+        done[(spec.label, fold)] = (what, rc)
+        key = f"{spec.label}/{fold}"
+        state[key] = {"status": "finished" if rc == 0 else "failed", "what": what, "returncode": rc,
+                      "log": str(log), "time": _dt.datetime.now().isoformat(timespec="seconds")}
+        _write_json_atomic(_local_state_file(exp), state)
+        if rc != 0:
+            tqdm.write(f"FAILED: {spec.label} fold {fold} (exit {rc}); log: {log}")
+    return done
+
+
+def train_fold_main(exp: Experiment, label: str, fold: int, device: str) -> int:
+    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout)."""
+    spec = exp.trainer(label)
+    cmd = train_command(exp, spec, fold, device)
+    if cmd is None:
+        print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
+        return 0
+    print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
+    env = fold_env(exp, spec)
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode

@@ -1,0 +1,216 @@
+"""SLURM backend: one job array per trainer (one task per unfinished fold) and one report job.
+
+Everything goes through SLURM's own client programs (``sbatch``, ``squeue``, ``scontrol``); the
+cluster is found the usual way (``slurm.conf`` or ``SLURM_CONF``).
+
+- Each array task runs ``python -m nnunet_calibration.experiments.cli train-fold EXPERIMENT
+  --trainer LABEL --fold $SLURM_ARRAY_TASK_ID --device DEVICE``, which decides at run time between
+  a fresh training, ``--c`` (interrupted) and nothing (finished): a requeued or re-submitted task
+  never trains twice. Its output: ``<state>/logs/<label>_fold<F>.log``.
+- The report job depends on all arrays with ``--dependency=afterok:ID:ID... --kill-on-invalid-dep=yes``:
+  SLURM cancels it when any fold fails. Output: ``<state>/logs/report.log``.
+- Job scripts (``<state>/slurm/*.sbatch``) put this Python environment's ``bin`` first on ``PATH``,
+  call this interpreter explicitly and export the nnU-Net folders, ``nnUNet_extTrainer`` (if set),
+  nnU-Net's speed settings (if set) and the trainer's ``NNUNET_CALIB_HPARAMS``.
+- Submitted ids are recorded in ``<state>/slurm_jobs.json``; ``run`` again skips folds that are
+  finished or still pending/running in SLURM.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_calibration.experiments.config import Experiment, ExperimentError, hparams_env_value
+from nnunet_calibration.experiments.runner import log_path, train_command
+
+_PASS_ENV = ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_npp", "nnUNet_nps",
+             "nnUNet_n_proc_DA", "OMP_NUM_THREADS", "SLURM_CONF")
+
+
+def jobs_file(exp: Experiment) -> Path:
+    return exp.state_dir / "slurm_jobs.json"
+
+
+def read_jobs(exp: Experiment) -> dict:
+    f = jobs_file(exp)
+    if not f.is_file():
+        return {"submissions": []}
+    return json.loads(f.read_text())
+
+
+def _need(prog: str) -> str:
+    p = shutil.which(prog)
+    if p is None:
+        raise ExperimentError(f"SLURM client program {prog!r} not found on PATH (install slurm-client)")
+    return p
+
+
+def queue_states() -> dict[str, str]:
+    """``{"<jobid>_<task>" or "<jobid>": state}`` of every job SLURM still lists (one line per array task)."""
+    proc = subprocess.run([_need("squeue"), "-h", "-r", "-o", "%i|%T"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ExperimentError(f"squeue failed: {proc.stderr.strip()}")
+    out = {}
+    for line in proc.stdout.splitlines():
+        if "|" in line:
+            jid, state = line.strip().split("|", 1)
+            out[jid] = state
+    return out
+
+
+def job_state(job_id: str) -> str | None:
+    """Final state of a job SLURM still remembers (``scontrol show job``), else None."""
+    proc = subprocess.run([_need("scontrol"), "show", "job", "-o", str(job_id)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    if proc.returncode != 0:
+        return None
+    for tok in proc.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def _sbatch_lines(opts: list[str]) -> str:
+    return "".join(f"#SBATCH {o}\n" for o in opts)
+
+
+def _exports(env: dict) -> str:
+    return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in env.items())
+
+
+def _common_env(exp: Experiment) -> dict:
+    env = {}
+    for key in ("raw", "preprocessed", "results"):
+        try:
+            env[f"nnUNet_{key}"] = str(exp.nnunet_folder(key))
+        except ExperimentError:
+            if key != "raw":
+                raise
+    base = exp.nnunet_env()
+    for k in _PASS_ENV:
+        if base.get(k):
+            env[k] = base[k]
+    return env
+
+
+def _script(exp: Experiment, opts: list[str], env: dict, command: list[str]) -> str:
+    bindir = str(Path(sys.executable).parent)
+    return ("#!/bin/bash\n" + _sbatch_lines(opts) + "set -eo pipefail\n"
+            f"# written by calib-experiment on {_dt.datetime.now().isoformat(timespec='seconds')}\n"
+            f"export PATH={shlex.quote(bindir)}:\"$PATH\"\n" + _exports(env) +
+            "echo \"host $(hostname) job ${SLURM_JOB_ID} task ${SLURM_ARRAY_TASK_ID:-none} $(date -Is)\"\n"
+            "exec " + " ".join(shlex.quote(c) for c in command) + "\n")
+
+
+def _resource_opts(s, gpus: int, cpus: int, mem, time, partition) -> list[str]:
+    # jobs start in the folder calib-experiment was called from (relative report paths resolve as locally)
+    opts = [f"--chdir={os.getcwd()}", f"--cpus-per-task={cpus}"]
+    if gpus:
+        opts.append(f"--gres=gpu:{gpus}")
+    if mem:
+        opts.append(f"--mem={mem}")
+    if time:
+        opts.append(f"--time={time}")
+    if partition:
+        opts.append(f"--partition={partition}")
+    opts += [str(a) for a in (s.extra_args or [])]
+    return opts
+
+
+def _sbatch(script: Path, extra: list[str] | None = None) -> str:
+    cmd = [_need("sbatch"), "--parsable", *(extra or []), str(script)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ExperimentError(f"sbatch failed for {script}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def active_tasks(exp: Experiment, jobs: dict | None = None) -> dict[tuple[str, int], tuple[str, str]]:
+    """{(label, fold): (job id, SLURM state)} for recorded tasks that SLURM still lists."""
+    jobs = read_jobs(exp) if jobs is None else jobs
+    if not jobs.get("submissions"):
+        return {}
+    queue = queue_states()
+    out = {}
+    for sub in jobs["submissions"]:
+        for label, rec in sub.get("trainers", {}).items():
+            jid = rec["job_id"]
+            for fold in rec["folds"]:
+                for key in (f"{jid}_{fold}", jid):
+                    if key in queue:
+                        out[(label, fold)] = (f"{jid}_{fold}", queue[key])
+                        break
+    return out
+
+
+def submit(exp: Experiment, output_root: str | None = None) -> dict:
+    """Submit the unfinished folds (one array per trainer) and the report job; return the record."""
+    _need("sbatch")
+    s = exp.slurm
+    device = exp.resolve_device(slurm=True)
+    active = active_tasks(exp)
+    sdir = exp.state_dir / "slurm"
+    sdir.mkdir(parents=True, exist_ok=True)
+    (exp.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "trainers": {}, "report": None,
+              "skipped": {}}
+    common = _common_env(exp)
+    for spec in exp.trainers:
+        folds, skipped = [], {}
+        for fold in exp.folds:
+            if (spec.label, fold) in active:
+                skipped[fold] = f"already {active[(spec.label, fold)][1].lower()} as job {active[(spec.label, fold)][0]}"
+            elif train_command(exp, spec, fold, device) is None:
+                skipped[fold] = "finished"
+            else:
+                folds.append(fold)
+        record["skipped"][spec.label] = skipped
+        if not folds:
+            continue
+        env = dict(common)
+        env["nnUNet_results"] = str(exp.results_root(spec))
+        hp = hparams_env_value(exp.hparams_for(spec))
+        if hp:
+            env["NNUNET_CALIB_HPARAMS"] = hp
+        opts = [f"--job-name=calib_{exp.name}_{spec.label}", f"--array={','.join(map(str, folds))}",
+                f"--output={log_path(exp, spec.label, '%a')}", "--open-mode=append"]
+        opts += _resource_opts(s, s.gpus, s.cpus, s.mem, s.time, s.partition)
+        command = [py, "-m", "nnunet_calibration.experiments.cli", "train-fold", str(exp.path), "--trainer",
+                   spec.label, "--fold", "${SLURM_ARRAY_TASK_ID}", "--device", device]
+        text = _script(exp, opts, env, command).replace("'${SLURM_ARRAY_TASK_ID}'", "\"${SLURM_ARRAY_TASK_ID}\"")
+        script = sdir / f"{spec.label}.sbatch"
+        script.write_text(text)
+        record["trainers"][spec.label] = {"job_id": _sbatch(script), "folds": folds, "script": str(script)}
+    # the report waits for every array of this submission and for still-active earlier tasks
+    deps = sorted({r["job_id"] for r in record["trainers"].values()} |
+                  {jid.split("_")[0] for jid, _ in active.values()})
+    previous = read_jobs(exp)["submissions"]
+    last_report = (previous[-1].get("report") or {}).get("job_id") if previous else None
+    if not record["trainers"] and last_report and last_report in queue_states():
+        # nothing new to train and the earlier report job still waits: do not start a second one
+        record["report"] = {"job_id": last_report, "depends_on": [], "script": None, "reused": True}
+        return record
+    opts = [f"--job-name=calib_{exp.name}_report", f"--output={exp.state_dir / 'logs' / 'report.log'}",
+            "--open-mode=append"]
+    opts += _resource_opts(s, 0, s.report_cpus, s.report_mem, s.report_time, s.report_partition or s.partition)
+    command = [py, "-m", "nnunet_calibration.experiments.cli", "report", str(exp.path)]
+    if output_root is not None:
+        command += ["--output-root", str(Path(output_root).resolve())]
+    script = sdir / "report.sbatch"
+    script.write_text(_script(exp, opts, common, command))
+    extra = [f"--dependency=afterok:{':'.join(deps)}", "--kill-on-invalid-dep=yes"] if deps else []
+    record["report"] = {"job_id": _sbatch(script, extra), "depends_on": deps, "script": str(script)}
+    jobs = read_jobs(exp)
+    jobs["submissions"].append(record)
+    tmp = jobs_file(exp).with_suffix(".tmp")
+    tmp.write_text(json.dumps(jobs, indent=2))
+    os.replace(tmp, jobs_file(exp))
+    return record

@@ -1,0 +1,53 @@
+"""The experiment file: parsing, variant labels and results folders, errors naming the file (no nnU-Net runs)."""
+import pytest
+
+from exp_testlib import write_experiment
+from nnunet_calibration.experiments.config import ExperimentError, load_experiment
+
+
+def test_defaults_variants_and_results_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    f = write_experiment(tmp_path / "e.yaml", name="e1", dataset=27, training={"num_epochs": 5},
+                         trainers=["nnUNetTrainerDiceCE",
+                                   {"name": "nnUNetTrainerSDC", "hparams": {"alpha": 0.2}},
+                                   {"name": "nnUNetTrainerSDC", "label": "SDC_a03", "hparams": {"alpha": 0.3}}])
+    exp = load_experiment(f)
+    assert exp.folds == (0, 1, 2, 3, 4) and exp.configuration == "2d" and exp.plans == "nnUNetPlans"
+    labels = [t.label for t in exp.trainers]
+    assert labels == ["nnUNetTrainerDiceCE", "nnUNetTrainerSDC_alpha0.2", "SDC_a03"]
+    exp.dataset_name = "Dataset027_ACDC"
+    # plain trainers train into nnUNet_results itself, each variant into its own nnU-Net results tree
+    assert exp.results_root(exp.trainers[0]) == (tmp_path / "res").resolve()
+    a, b = (exp.model_folder(t) for t in exp.trainers[1:])
+    assert a != b and a.name == b.name == "nnUNetTrainerSDC__nnUNetPlans__2d"
+    assert exp.hparams_for(exp.trainers[2]) == {"num_epochs": 5, "alpha": 0.3}
+    assert exp.baseline_label == "nnUNetTrainerDiceCE"
+    assert exp.state_dir == (tmp_path / "res" / "calib_experiments" / "e1").resolve()
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"trainers": ["A", "A"]}, "labels repeat"),
+    ({"trainers": ["A", {"name": "A", "label": "A2"}]}, "listed twice without hparams"),
+    ({"trainers": []}, "non-empty list"),
+    ({"folds": [0, 0]}, "folds repeat"),
+    ({"folds": ["x"]}, "non-negative integers"),
+    ({"epochs": 3}, "unknown key(s) ['epochs']"),
+    ({"slurm": {"gpu": 1}}, "slurm: unknown key(s) ['gpu']"),
+    ({"device": "tpu"}, "device must be"),
+    ({"baseline": "nope"}, "baseline 'nope' is not a trainer label"),
+])
+def test_bad_files_name_the_file(tmp_path, cfg, msg):
+    base = dict(name="e", dataset=1, trainers=["A"])
+    base.update(cfg)
+    f = write_experiment(tmp_path / "bad.yaml", **base)
+    with pytest.raises(ExperimentError) as e:
+        load_experiment(f)
+    assert str(f) in str(e.value) and msg in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ExperimentError, match="not found"):
+        load_experiment(tmp_path / "none.yaml")
+    (tmp_path / "x.yaml").write_text("name: [unclosed")
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment(tmp_path / "x.yaml")

@@ -1,0 +1,186 @@
+"""calib-experiment with the local backend, end to end with real nnU-Net on the tiny synthetic dataset.
+
+Two trainers (nnUNetTrainerDiceCE, nnUNetTrainerLS_DC) x two folds, SHORT training (1 epoch of 2
+iterations). The DiceCE fold 0 trained by the ``synthetic_prediction`` fixture with the same
+hyperparameters is reused (skipped), the three other folds are trained here.
+"""
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from exp_testlib import SHORT, check_table_against_evaluator, load_json, read_table, write_experiment
+from nnunet_calibration.experiments import cli
+
+pytestmark = pytest.mark.nnunet
+
+TRAINERS = ["nnUNetTrainerDiceCE", "nnUNetTrainerLS_DC"]
+
+
+def _snapshot(results: Path) -> dict:
+    """mtime of every checkpoint and training log under the trainers' folders."""
+    out = {}
+    for t in TRAINERS:
+        for p in (results / "Dataset901_SynthLabels" / f"{t}__nnUNetPlans__2d").rglob("*"):
+            if p.suffix in (".pth", ".txt") and p.is_file():
+                out[str(p)] = p.stat().st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(synthetic_prediction, tmp_path_factory):
+    ds = synthetic_prediction.dataset
+    tmp = tmp_path_factory.mktemp("exp_local")
+    results = Path(ds.env["nnUNet_results"])
+    fixture_ckpt = synthetic_prediction.model_folder / "fold_0" / "checkpoint_final.pth"
+    fixture_mtime = fixture_ckpt.stat().st_mtime_ns
+    exp_file = write_experiment(tmp / "local.yaml", name="local-e2e", dataset=901, configuration="2d", folds=[0, 1],
+                                device="cpu", training=SHORT, trainers=TRAINERS,
+                                state_dir=str(tmp / "state"), report={"max_fit_voxels": 50000})
+    rc = cli.main(["run", str(exp_file), "--output-root", str(tmp / "results"), "--quiet"])
+    assert rc == 0
+    return SimpleNamespace(tmp=tmp, exp_file=exp_file, report=tmp / "results" / "local-e2e", results=results, ds=ds,
+                           fixture_ckpt=fixture_ckpt, fixture_mtime=fixture_mtime)
+
+
+def test_report_numbers_equal_evaluator(local_run):
+    r = local_run
+    assert (r.report / "README.md").is_file()
+    models = {t: r.results / "Dataset901_SynthLabels" / f"{t}__nnUNetPlans__2d" for t in TRAINERS}
+    check_table_against_evaluator("local-e2e", r.report, models, [0, 1], "Dataset901_SynthLabels",
+                                  Path(r.ds.env["nnUNet_preprocessed"]), r.tmp / "direct_eval")
+    # the fixture's finished DiceCE fold 0 (same hyperparameters) was reused, not trained again
+    assert r.fixture_ckpt.stat().st_mtime_ns == r.fixture_mtime
+
+
+def test_report_contents(local_run):
+    r = local_run
+    table = read_table(r.report)
+    rep = load_json(r.report / "report.json")
+    assert set(table) == {"nnUNetTrainerDiceCE", "nnUNetTrainerDiceCE + TS", "nnUNetTrainerLS_DC",
+                          "nnUNetTrainerLS_DC + TS"}
+    for t in TRAINERS:
+        # temperature scaling keeps the argmax: DSC and HD95 unchanged, NLL not worse on the fit data
+        assert float(table[t + " + TS"]["local-e2e/DSC"]) == pytest.approx(float(table[t]["local-e2e/DSC"]))
+        assert float(table[t + " + TS"]["local-e2e/HD95"]) == pytest.approx(float(table[t]["local-e2e/HD95"]))
+        temp = rep["temperature_scaling"]["local-e2e"][t + " + TS"]["temperature"]
+        assert 0.05 <= temp <= 20
+    # one best and one second best per column, marked in the markdown
+    md = (r.report / "README.md").read_text()
+    assert md.count("**") >= 2 * 8 and "<u>" in md
+    for col in ("DSC", "ECE"):
+        marks = [row[f"local-e2e/{col}_mark"] for row in table.values()]
+        assert "best" in marks
+    # ranks: 4 methods ranked, positions 1..4 used, Friedman test computed (>= 3 methods)
+    fr = rep["friedman"]
+    assert len(fr["average_rank"]) == 4 and fr["test"]["pvalue"] is not None
+    assert "Friedman test over 4 methods" in md
+    # Wilcoxon against the DiceCE baseline, per case (4 validation cases in folds 0 and 1)
+    w = rep["wilcoxon"]["local-e2e"]["nnUNetTrainerLS_DC"]["ECE"]
+    assert w["n"] == 4
+    # threshold sweep: 19 thresholds per trainer, recall falls as the threshold rises
+    sweep = rep["threshold_sweep"]["local-e2e"]["nnUNetTrainerDiceCE"]
+    assert [round(s["threshold"], 2) for s in sweep] == [round(0.05 * i, 2) for i in range(1, 20)]
+    rec = [s["recall"] for s in sweep]
+    assert all(a >= b - 1e-12 for a, b in zip(rec, rec[1:]))
+    for png in ("reliability.png", "dsc_vs_ece.png", "threshold_sweep.png"):
+        assert (r.report / png).stat().st_size > 1000
+    assert "torch" in rep["machine"] and rep["command"].startswith("calib-experiment run")
+
+
+def test_rerun_trains_nothing_and_resumes_interrupted(local_run):
+    r = local_run
+    before = _snapshot(r.results)
+    rc = cli.main(["run", str(r.exp_file), "--output-root", str(r.tmp / "results"), "--quiet", "--no-report"])
+    assert rc == 0
+    assert _snapshot(r.results) == before  # no checkpoint or training log touched
+    # interrupt LS_DC fold 1 the way a killed job leaves it: latest checkpoint, no final, no validation summary
+    fold = r.results / "Dataset901_SynthLabels" / "nnUNetTrainerLS_DC__nnUNetPlans__2d" / "fold_1"
+    shutil.move(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+    (fold / "validation" / "summary.json").unlink()
+    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.status import fold_statuses
+
+    exp = validate(load_experiment(r.exp_file), check_trainers=False)
+    st = {(s["label"], s["fold"]): s["status"] for s in fold_statuses(exp)}
+    assert st[("nnUNetTrainerLS_DC", 1)] == "interrupted"
+    before = {k: v for k, v in _snapshot(r.results).items() if "LS_DC__nnUNetPlans__2d/fold_1" not in k}
+    rc = cli.main(["run", str(r.exp_file), "--output-root", str(r.tmp / "results"), "--quiet", "--no-report"])
+    assert rc == 0
+    log = (exp.state_dir / "logs" / "nnUNetTrainerLS_DC_fold1.log").read_text()
+    assert "resumed (--c)" in log and " --c" in log
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    after = {k: v for k, v in _snapshot(r.results).items() if "LS_DC__nnUNetPlans__2d/fold_1" not in k}
+    assert after == before  # the other folds untouched
+    st = {(s["label"], s["fold"]): s["status"] for s in fold_statuses(exp)}
+    assert set(st.values()) == {"finished"}
+
+
+def test_missing_fold_is_reported(local_run, capsys):
+    r = local_run
+    exp_file = write_experiment(r.tmp / "missing.yaml", name="missing-fold", dataset=901, configuration="2d",
+                                folds=[0, 1, 2], device="cpu", training=SHORT, trainers=TRAINERS,
+                                state_dir=str(r.tmp / "state_missing"),
+                                report={"temperature_scaling": False, "threshold_sweep": False})
+    rc = cli.main(["report", str(exp_file), "--output-root", str(r.tmp / "results"), "--quiet"])
+    assert rc == 0
+    rep_dir = r.tmp / "results" / "missing-fold"
+    table = read_table(rep_dir)
+    for t in TRAINERS:
+        assert table[t]["missing-fold/folds"] == "0 1"
+        assert table[t]["missing-fold/missing_folds"] == "2"
+    md = (rep_dir / "README.md").read_text()
+    assert "| nnUNetTrainerDiceCE | 2/3 (missing 2) |" in md
+    assert "### Missing folds" in md and "fold 2: **not started**" in md
+    # status shows it too
+    rc = cli.main(["status", str(exp_file)])
+    out = capsys.readouterr().out
+    assert "not started" in out and "finished" in out
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"trainers": ["nnUNetTrainerDiceCE", "nnUNetTrainerDoesNotExist"]}, ["unknown trainer", "nnUNetTrainerSDC",
+                                                                          "nnUNetTrainerDiceCE"]),
+    ({"dataset": 987}, ["dataset '987' is not preprocessed", "Dataset901_SynthLabels"]),
+    ({"configuration": "4d_superres"}, ["configuration '4d_superres'", "3d_fullres", "2d"]),
+    ({"trainers": [{"name": "nnUNetTrainerLS_DC", "label": "LS_bad", "hparams": {"betaa": 1}}]},
+     ["unknown hyperparameter", "alpha"]),
+])
+def test_unknown_names_refused_before_anything_runs(synthetic_labels, tmp_path, capsys, change, expect):
+    cfg = dict(name="bad", dataset=901, configuration="2d", folds=[0], device="cpu", training=SHORT,
+               trainers=["nnUNetTrainerDiceCE"], state_dir=str(tmp_path / "state"))
+    cfg.update(change)
+    exp_file = write_experiment(tmp_path / "bad.yaml", **cfg)
+    for backend in ("local", "slurm"):
+        rc = cli.main(["run", str(exp_file), "--backend", backend, "--output-root", str(tmp_path / "results")])
+        err = capsys.readouterr().err
+        assert rc == 2
+        for e in expect:
+            assert e in err, err
+    assert not (tmp_path / "state").exists() and not (tmp_path / "results").exists()
+
+
+def test_regions_dataset_end_to_end(synthetic_regions, tmp_path):
+    """BraTS-like sigmoid regions: training, evaluation, temperature scaling (sigmoid) and sweep."""
+    ds = synthetic_regions
+    exp_file = write_experiment(tmp_path / "regions.yaml", name="regions-e2e", dataset=ds.dataset_id,
+                                configuration="2d", folds=[0], device="cpu", training=SHORT,
+                                trainers=["nnUNetTrainerDiceCE"], state_dir=str(tmp_path / "state"),
+                                report={"max_fit_voxels": 20000})
+    assert cli.main(["run", str(exp_file), "--output-root", str(tmp_path / "results"), "--quiet"]) == 0
+    report = tmp_path / "results" / "regions-e2e"
+    model = Path(ds.env["nnUNet_results"]) / ds.name / "nnUNetTrainerDiceCE__nnUNetPlans__2d"
+    check_table_against_evaluator("regions-e2e", report, {"nnUNetTrainerDiceCE": model}, [0], ds.name,
+                                  Path(ds.env["nnUNet_preprocessed"]), tmp_path / "direct")
+    rep = load_json(report / "report.json")
+    t = rep["temperature_scaling"]["regions-e2e"]["nnUNetTrainerDiceCE + TS"]["temperature"]
+    assert 0.05 <= t <= 20
+    table = read_table(report)
+    assert float(table["nnUNetTrainerDiceCE + TS"]["regions-e2e/DSC"]) == pytest.approx(
+        float(table["nnUNetTrainerDiceCE"]["regions-e2e/DSC"]))
+    assert len(rep["threshold_sweep"]["regions-e2e"]["nnUNetTrainerDiceCE"]) == 19
+    # one method: no Friedman test, and the report says why
+    assert "needs at least 3 methods" in (report / "README.md").read_text()

@@ -1,0 +1,93 @@
+"""DSC and HD95 against brute-force computations (explicit surfaces, all pairwise distances)."""
+import itertools
+
+import numpy as np
+import pytest
+
+from nnunet_calibration.metrics import dice, hd95, image_diagonal
+
+
+def brute_surface(mask):
+    """Voxels of the mask with at least one face neighbour outside the mask or outside the image."""
+    surf = np.zeros_like(mask)
+    for idx in zip(*np.nonzero(mask)):
+        for ax in range(mask.ndim):
+            for step in (-1, 1):
+                nb = list(idx)
+                nb[ax] += step
+                if not (0 <= nb[ax] < mask.shape[ax]) or not mask[tuple(nb)]:
+                    surf[idx] = True
+    return surf
+
+
+def brute_hd95(pred, ref, spacing):
+    sp = np.asarray(spacing, float)
+    a = np.argwhere(brute_surface(pred)) * sp
+    b = np.argwhere(brute_surface(ref)) * sp
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+def brute_dice(pred, ref):
+    inter = sum(1 for i in itertools.product(*map(range, pred.shape)) if pred[i] and ref[i])
+    return 2 * inter / (pred.sum() + ref.sum())
+
+
+def random_blob(shape, seed, p=0.35):
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    m = ndimage.binary_opening(rng.random(shape) < p) | (ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.55)
+    m[tuple(rng.integers(0, s) for s in shape)] = True  # never empty
+    return m
+
+
+@pytest.mark.parametrize("shape,spacing", [((9, 11, 8), (2.5, 0.7, 1.1)), ((19, 14), (0.5, 1.7)),
+                                           ((6, 7, 5), (1.0, 1.0, 1.0))])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dice_and_hd95_match_brute_force(shape, spacing, seed):
+    pred = random_blob(shape, seed)
+    ref = random_blob(shape, seed + 100)
+    assert pred.any() and ref.any()
+    assert dice(pred, ref) == pytest.approx(brute_dice(pred, ref))
+    assert hd95(pred, ref, spacing) == pytest.approx(brute_hd95(pred, ref, spacing), rel=1e-9)
+    assert hd95(ref, pred, spacing) == pytest.approx(hd95(pred, ref, spacing), rel=1e-12)
+
+
+def test_hd95_small_objects_far_apart_and_touching_border():
+    pred = np.zeros((12, 10, 9), bool)
+    ref = np.zeros_like(pred)
+    pred[0:2, 0:3, 0:2] = True      # touches the image border
+    ref[8:12, 6:10, 5:9] = True     # touches the other border
+    sp = (3.0, 0.8, 1.3)
+    assert hd95(pred, ref, sp) == pytest.approx(brute_hd95(pred, ref, sp), rel=1e-9)
+
+
+def test_identical_masks():
+    m = random_blob((8, 9, 10), 5)
+    assert dice(m, m) == 1.0
+    assert hd95(m, m, (1, 2, 3)) == 0.0
+
+
+def test_empty_conventions_and_flag():
+    shape, sp = (4, 5, 6), (2.0, 1.0, 0.5)
+    empty = np.zeros(shape, bool)
+    full = np.zeros(shape, bool)
+    full[1, 2, 3] = True
+    assert dice(empty, empty) == 1.0
+    assert hd95(empty, empty, sp) == 0.0
+    assert hd95(empty, empty, sp, return_flag=True) == (0.0, False)
+    diag = np.sqrt((4 * 2.0) ** 2 + (5 * 1.0) ** 2 + (6 * 0.5) ** 2)
+    assert image_diagonal(shape, sp) == pytest.approx(diag)
+    for a, b in ((empty, full), (full, empty)):
+        assert dice(a, b) == 0.0
+        assert hd95(a, b, sp) == pytest.approx(diag)
+        v, flag = hd95(a, b, sp, return_flag=True)
+        assert flag is True and v == pytest.approx(diag)
+    assert hd95(full, full, sp, return_flag=True) == (0.0, False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        dice(np.zeros((3, 3)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(np.ones((3, 3)), np.ones((3, 3)), (1, 2, 3))

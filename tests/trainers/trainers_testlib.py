@@ -1,0 +1,131 @@
+"""Helpers of the trainer tests: in-process trainers on the session's preprocessed datasets, the
+train + predict round trip with real nnU-Net commands, and the checks applied to its results."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_calibration.nnunet_utils import run_nnunet
+from nnunet_calibration.trainers.sdf_head import SDFHeadLoss
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def short_training() -> str:
+    """``SHORT_TRAINING`` of the root ``tests/conftest.py`` (loaded by path: the module name
+    ``conftest`` in ``sys.modules`` is whichever conftest pytest imported last)."""
+    spec = importlib.util.spec_from_file_location("_calib_root_conftest", TESTS / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SHORT_TRAINING
+
+
+def make_trainer(cls, preprocessed: Path, configuration: str = "2d", initialize: bool = True):
+    """Construct (and initialise) trainer class ``cls`` on CPU for fold 0 of a preprocessed dataset."""
+    plans = load_json(str(Path(preprocessed) / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # nnU-Net 2.8's run_training adds this key
+    dataset_json = load_json(str(Path(preprocessed) / "dataset.json"))
+    trainer = cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+    if initialize:
+        trainer.initialize()
+    return trainer
+
+
+def ds_wrapper(loss):
+    """The DeepSupervisionWrapper inside a trainer's loss (SDC's loss adapter unwrapped)."""
+    return loss.loss if isinstance(loss, SDFHeadLoss) else loss
+
+
+def random_targets(outputs, has_regions: bool, ignore_label=None, seed: int = 0):
+    """Targets matching a list of network outputs, nearest-downsampled from one full-resolution map
+    like nnU-Net's deep-supervision targets (labels ``(B,1,...)`` or regions ``(B,R,...)``)."""
+    g = torch.Generator().manual_seed(seed)
+    full = outputs[0]
+    b, c = full.shape[:2]
+    sp = full.shape[2:]
+    if has_regions:
+        base = (torch.rand((b, c, *sp), generator=g) > 0.5).float()
+    else:
+        n = c + (1 if ignore_label is not None else 0)
+        # blocky labels so that neighbourhoods contain boundaries and uniform areas
+        coarse = torch.randint(0, n, (b, 1, *[max(1, s // 4) for s in sp]), generator=g).float()
+        base = torch.nn.functional.interpolate(coarse, size=sp, mode="nearest")
+    out = []
+    for o in outputs:
+        out.append(torch.nn.functional.interpolate(base, size=o.shape[2:], mode="nearest"))
+    return out
+
+
+def model_folder(env: dict, dataset_name: str, trainer: str, configuration: str) -> Path:
+    return Path(env["nnUNet_results"]) / dataset_name / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def train_and_predict(trainer: str, dataset, configuration: str, out_dir: Path, hparams: str,
+                      fold: str = "0") -> tuple[Path, Path, str]:
+    """Run ``nnUNetv2_train`` then ``nnUNetv2_predict --save_probabilities`` on imagesTs.
+
+    Returns (model folder, prediction folder, training output)."""
+    env = dict(dataset.env, NNUNET_CALIB_HPARAMS=hparams)
+    out = run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), configuration, fold, "-tr", trainer,
+                      "-device", "cpu"], env)
+    model = model_folder(env, dataset.name, trainer, configuration)
+    pred = Path(out_dir) / f"pred_{trainer}_{configuration}"
+    run_nnunet(["nnUNetv2_predict", "-i", dataset.raw / "imagesTs", "-o", pred, "-d",
+                str(dataset.dataset_id), "-c", configuration, "-f", fold, "-tr", trainer,
+                "--save_probabilities", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    return model, pred, out
+
+
+def check_probabilities(pred: Path, dataset, n_channels: int, regions: bool) -> None:
+    """Every imagesTs case has a segmentation and an npz whose probabilities are finite, in [0, 1],
+    sum to 1 over classes (softmax; not for region sigmoids) and have the reference's shape."""
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (dataset.raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert cases, "no test images"
+    for case in cases:
+        assert (pred / f"{case}.nii.gz").is_file(), f"no segmentation for {case}"
+        npz = np.load(pred / f"{case}.npz")
+        probs = npz["probabilities"].astype(np.float64)
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.raw / "labelsTs" / f"{case}.nii.gz")))
+        assert probs.shape == (n_channels, *ref.shape), (probs.shape, ref.shape)
+        assert np.isfinite(probs).all()
+        assert probs.min() >= 0 and probs.max() <= 1 + 1e-6
+        if not regions:
+            np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-3)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
+        assert seg.shape == ref.shape
+
+
+def check_checkpoint_loads_strictly(trainer_cls, model: Path, configuration: str, fold: str = "0") -> None:
+    """The final checkpoint loads with ``strict=True`` into the trainer's own static
+    ``build_network_architecture`` (what ``nnUNetv2_predict`` does)."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = load_json(str(model / "plans.json"))
+    dataset_json = load_json(str(model / "dataset.json"))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    ckpt = torch.load(model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == trainer_cls.__name__
+    for ds in (False, True):
+        net = trainer_cls.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=ds)
+        missing, unexpected = net.load_state_dict(ckpt["network_weights"], strict=True)
+        assert not missing and not unexpected
+
+
+def read_hparams(model: Path, fold: str = "0") -> dict:
+    with open(model / f"fold_{fold}" / "calibration_hparams.json") as f:
+        return json.load(f)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
