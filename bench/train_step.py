@@ -10,8 +10,8 @@ What it does
 3. For nnUNetTrainer (the baseline) and each selected trainer, built in-process on the same device
    (CUDA if available, else CPU; ``--device`` to force) from the same seed: runs nnU-Net's
    ``train_step`` on the warm-up batches, then times it on the remaining ones and prints the mean
-   time and its ratio to the baseline's mean. Baseline and trainer steps alternate (baseline step on
-   batch i, trainer step on batch i, ...), so the baseline is re-measured next to every trainer and
+   time and its ratio to the baseline's mean. Baseline and trainer steps alternate on each batch
+   (order swapped from batch to batch), so the baseline is re-measured next to every trainer and
    load changes of a shared machine hit both alike. ``ratio`` is mean/mean (the goal's measure);
    ``median`` is the median of the per-batch ratios, printed as a robustness check.
 
@@ -134,8 +134,12 @@ def _time_paired(baseline, cls, preprocessed, batches, warmup, batch_size, devic
     baseline.network.train()
     t_base, t_cand = [], []
     for i, b in enumerate(batches):
-        tb = _step_time(baseline, b, device)
-        tc = _step_time(tr, b, device)
+        if i % 2 == 0:  # alternate the order (ABBA...) so that order effects cancel
+            tb = _step_time(baseline, b, device)
+            tc = _step_time(tr, b, device)
+        else:
+            tc = _step_time(tr, b, device)
+            tb = _step_time(baseline, b, device)
         if i >= warmup:
             t_base.append(tb)
             t_cand.append(tc)

@@ -112,7 +112,13 @@ class DatasetInfo:
         f = self.gt_folder / f"{case}{self.file_ending}"
         if not f.is_file():
             raise ExperimentError(f"no reference {f} for case {case}")
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        # ACDC-like headers make ITK warn on every read ("unexpected scales in sform"); the array is what counts
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         if arr.shape != tuple(shape):
             if arr.size != int(np.prod(shape)):
                 raise ExperimentError(f"reference {f} has shape {arr.shape}, probabilities have {tuple(shape)}")
@@ -583,6 +589,9 @@ def _markdown(groups, method_order, table, spread, fold_counts, avg_rank, positi
               machine, command, name, multi, rank_metrics) -> str:
     L = [f"# Calibration report: {name}", ""]
     L += ["Made by `calib-experiment report` (nnunet-calibration).", ""]
+    for exp, _, _ in groups:
+        if exp.report.get("note"):
+            L += [f"> **Note ({exp.name})**: {exp.report['note']}", ""]
     if command:
         L += ["Command:", "", "```", command, "```", ""]
     L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()), ""]
