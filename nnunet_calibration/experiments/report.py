@@ -253,6 +253,7 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
                 ts["reliability"] += posthoc.reliability_counts(p, info.reference(npz.stem, p.shape[1:]), n_bins,
                                                                 info.regions, info.ignore_label)
             shutil.rmtree(scaled)
+        shutil.rmtree(work / ".scaled", ignore_errors=True)  # the temporary scaled copies leave nothing behind
         out.append(ts)
     return out
 
