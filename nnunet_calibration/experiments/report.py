@@ -304,6 +304,16 @@ def _fmt_p(p) -> str:
 
 
 # -- plots -------------------------------------------------------------------------------------
+def _panel_grid(plt, n: int, width: float, height: float):
+    """A figure with ``n`` panels in rows of at most 4 (unused panels hidden)."""
+    cols = min(4, n)
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def _plot_reliability(methods: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -313,12 +323,7 @@ def _plot_reliability(methods: list[dict], path: Path, title: str) -> None:
     methods = [m for m in methods if m["reliability"][:, 0].sum() > 0]
     if not methods:
         return
-    n = len(methods)
-    cols = min(4, n)
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
+    fig, axes = _panel_grid(plt, len(methods), 3.2, 3.2)
     for ax, m in zip(axes.ravel(), methods):
         r = m["reliability"]
         nb = len(r)
@@ -379,12 +384,7 @@ def _plot_sweep(sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
 
     if not sweeps:
         return
-    n = len(sweeps)
-    cols = min(4, n)
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
+    fig, axes = _panel_grid(plt, len(sweeps), 3.4, 3.0)
     for ax, (method, rows_) in zip(axes.ravel(), sweeps.items()):
         t = [r["threshold"] for r in rows_]
         for k, c in (("recall", "tab:green"), ("precision", "tab:purple"), ("DSC", "tab:blue")):
