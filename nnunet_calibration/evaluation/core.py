@@ -139,10 +139,16 @@ def load_probabilities(npz_path: PathLike) -> np.ndarray:
 def load_reference(path: PathLike) -> Tuple[np.ndarray, Tuple[float, ...]]:
     import SimpleITK as sitk
 
+    # ACDC-like headers (unscaled sform) make ITK warn on every read; the voxel array and pixdim spacing
+    # are what counts, so the warning is silenced for this read only
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:
         raise EvaluationInputError(f"{path}: unreadable reference ({e})") from e
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     arr = sitk.GetArrayFromImage(img)
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         if np.any(arr != np.round(arr)):

@@ -107,18 +107,15 @@ class DatasetInfo:
         self.ignore_label = lm.ignore_label
 
     def reference(self, case: str, shape: tuple) -> np.ndarray:
-        import SimpleITK as sitk
+        from nnunet_calibration.evaluation.core import EvaluationInputError, load_reference
 
         f = self.gt_folder / f"{case}{self.file_ending}"
         if not f.is_file():
             raise ExperimentError(f"no reference {f} for case {case}")
-        # ACDC-like headers make ITK warn on every read ("unexpected scales in sform"); the array is what counts
-        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
         try:
-            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
-        finally:
-            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+            arr, _ = load_reference(f)
+        except EvaluationInputError as e:
+            raise ExperimentError(str(e)) from None
         if arr.shape != tuple(shape):
             if arr.size != int(np.prod(shape)):
                 raise ExperimentError(f"reference {f} has shape {arr.shape}, probabilities have {tuple(shape)}")
@@ -127,10 +124,11 @@ class DatasetInfo:
 
 
 def load_probs(npz: Path) -> np.ndarray:
+    from nnunet_calibration.evaluation.core import EvaluationInputError, load_probabilities
+
     try:
-        with np.load(npz) as d:
-            return d["probabilities"]
-    except Exception as e:
+        return load_probabilities(npz)
+    except EvaluationInputError as e:
         raise ExperimentError(f"cannot read probabilities from {npz}: {e}") from None
 
 
