@@ -22,7 +22,19 @@ export nnUNet_compile="${nnUNet_compile:-f}" nnUNet_def_n_proc="${nnUNet_def_n_p
 export nnUNet_npp="${nnUNet_npp:-0}" nnUNet_nps="${nnUNet_nps:-0}"
 
 if [ "$what" = demo ]; then
-    if [ $# -eq 0 ]; then set -- ../shared/data/acdc-subset; fi
+    if [ $# -eq 0 ]; then
+        if [ -d ../shared/data/acdc-subset/database ]; then
+            set -- ../shared/data/acdc-subset
+        else
+            cat >&2 <<'MSG'
+No ACDC data at ../shared/data/acdc-subset: running the demo on the embedded synthetic dataset instead.
+For the real demo, download ACDC (https://www.creatis.insa-lyon.fr/Challenge/acdc/, "database" folder with
+training/patientXXX/) and run:   bash quickstart.sh demo /path/to/ACDC
+(calib-demo converts it itself; by hand: calib-convert acdc /path/to/ACDC -d 27, then calib-plan-small 27).
+MSG
+            set -- synthetic
+        fi
+    fi
     if [ "$1" = synthetic ]; then shift; exec "$VENV/bin/calib-demo" "$@"; fi
     exec "$VENV/bin/calib-demo" "$@"
 else

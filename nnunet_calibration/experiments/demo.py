@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from nnunet_calibration.experiments.small_config import add_small_configuration
+
 ACDC_ID = 27
 SYNTH_ID = 990
 
@@ -38,9 +40,9 @@ def _template(name: str) -> dict:
     return yaml.safe_load(resources.files("nnunet_calibration.experiments").joinpath(name).read_text())
 
 
-def _preprocessed(pre: Path, dataset_id: int) -> bool:
+def _preprocessed(pre: Path, dataset_id: int, configuration: str = "2d") -> bool:
     found = [p for p in pre.glob(f"Dataset{dataset_id:03d}_*") if (p / "nnUNetPlans.json").is_file()]
-    return bool(found) and any(found[0].glob("nnUNetPlans_2d/*"))
+    return bool(found) and any(found[0].glob(f"nnUNetPlans_{configuration}/*"))
 
 
 def main(argv=None) -> int:
@@ -92,14 +94,28 @@ def main(argv=None) -> int:
                 make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
             else:
                 print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
-        if not _preprocessed(folders["preprocessed"], dataset_id):
-            print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
-            run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
-                        "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
-        else:
-            print("[2/4] already planned and preprocessed", flush=True)
-
         cfg = _template(template)
+        configuration = cfg.get("configuration", "2d")
+        if not _preprocessed(folders["preprocessed"], dataset_id, configuration):
+            if configuration == "2d":
+                print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
+                run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
+                            "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
+            else:
+                # plan (nnU-Net's planner, no preprocessing of the full 2d configuration), then add the small
+                # configuration and preprocess only that one with nnU-Net's own preprocessing
+                print(f"[2/4] nnUNetv2_plan_experiment + calib-plan-small -c {configuration} ...", flush=True)
+                run_nnunet(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "1",
+                            "--verify_dataset_integrity"], env, log_path=work / "fingerprint.log")
+                run_nnunet(["nnUNetv2_plan_experiment", "-d", str(dataset_id)], env, log_path=work / "plan.log")
+                add_small_configuration(dataset_id, folders["preprocessed"], name=configuration, overwrite=True,
+                                        **cfg.pop("small_configuration", {}))
+                run_nnunet(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1"], env,
+                           log_path=work / "preprocess.log")
+        else:
+            print(f"[2/4] already planned and preprocessed ({configuration})", flush=True)
+        cfg.pop("small_configuration", None)
+
         if args.name:
             cfg["name"] = args.name
         if args.iterations is not None:

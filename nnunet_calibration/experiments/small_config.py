@@ -1,0 +1,208 @@
+"""``calib-plan-small``: a small, cheap nnU-Net configuration for CPU work and quick ablations.
+
+    calib-plan-small DATASET                      # adds "2d_small" to nnUNetPlans.json, preprocesses it
+    calib-plan-small 27 -c 2d_small --spacing-factor 2 --base-features 16 --max-features 256 --batch-size 16
+    nnUNetv2_train 27 2d_small 0 -tr nnUNetTrainerSDC_DC -device cpu     # stock nnU-Net from then on
+
+What it does, nnU-Net's own way
+-------------------------------
+It reads the dataset's plans (``$nnUNet_preprocessed/DatasetXXX_Name/<plans>.json``, made by
+``nnUNetv2_plan_and_preprocess``) and adds one configuration that ``inherits_from`` the ``2d``
+configuration and overrides only what makes it cheap:
+
+* ``spacing``: the 2d in-plane spacing times ``spacing_factor`` (default 2: half the resolution,
+  a quarter of the pixels); ``median_image_size_in_voxels`` scaled accordingly;
+* ``patch_size``: the 2d patch divided by ``spacing_factor`` (covers the same field of view), then
+  made divisible by the pooling as nnU-Net's planner does;
+* the U-Net topology (``n_stages``, ``strides``, ``kernel_sizes``, convolutions per stage) from
+  nnU-Net's own ``get_pool_and_conv_props`` for that spacing and patch (bottleneck at least 4
+  pixels), at most ``max_stages`` stages; ``features_per_stage`` = ``base_features`` doubling per
+  stage, capped at ``max_features`` (nnU-Net: 32 ... 512);
+* ``batch_size`` (nnU-Net's 2d plan fills a GPU: 29 for ACDC; on CPU a few images suffice);
+* ``data_identifier`` = ``<plans>_<name>``, so that the coarser data gets its own preprocessed
+  folder, which this command fills with nnU-Net's own preprocessing
+  (``nnUNetv2_preprocess -d ID -c NAME``; skip with ``--no-preprocess``).
+
+Everything else (normalisation, resampling functions, batch Dice, the network class) is the 2d
+configuration's. Afterwards the stock commands work unchanged: ``nnUNetv2_train ID 2d_small FOLD``,
+``nnUNetv2_predict ... -c 2d_small`` (predictions are resampled back to the original image grid by
+nnU-Net as usual), and ``calib-experiment`` with ``configuration: 2d_small``.
+
+The small configuration is for CPU work, tests and quick ablations; the papers' numbers come from
+nnU-Net's full configurations. The defaults were chosen by measurement on the 20-patient ACDC subset
+on a 2-core CPU: see ``bench/small_config.py`` and the README.
+
+Errors: a dataset that is not planned, or whose plans lack a ``2d`` configuration, stops with a
+message naming the dataset and the command to run first; an existing configuration of that name is
+not replaced without ``overwrite=True`` (``--overwrite``). The plans file is written atomically
+(temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+
+DEFAULT_NAME = "2d_small"
+#: chosen by measurement (bench/small_config.py, README "A small configuration for CPU work")
+DEFAULTS = {"spacing_factor": 2.0, "base_features": 16, "max_features": 256, "max_stages": 5, "batch_size": 12}
+
+
+class SmallConfigError(ValueError):
+    """The dataset is not ready for a small configuration, or the request is invalid."""
+
+
+def find_plans_file(dataset: str | int, preprocessed: str | os.PathLike, plans: str = "nnUNetPlans") -> Path:
+    """``<preprocessed>/DatasetXXX_Name/<plans>.json`` for a dataset id or name; clear error if missing."""
+    pre = Path(preprocessed)
+    text = str(dataset)
+    if text.isdigit():
+        found = sorted(pre.glob(f"Dataset{int(text):03d}_*"))
+    else:
+        found = [pre / text] if (pre / text).is_dir() else []
+    if not found:
+        raise SmallConfigError(
+            f"dataset {dataset} is not in nnUNet_preprocessed ({pre}): plan it first with "
+            f"`nnUNetv2_plan_and_preprocess -d {dataset} -c 2d`")
+    plans_file = found[0] / f"{plans}.json"
+    if not plans_file.is_file():
+        raise SmallConfigError(
+            f"{plans_file} does not exist: dataset {found[0].name} is not planned; run "
+            f"`nnUNetv2_plan_and_preprocess -d {dataset} -c 2d` first")
+    return plans_file
+
+
+def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str = "nnUNetPlans",
+                        spacing_factor: float = DEFAULTS["spacing_factor"],
+                        base_features: int = DEFAULTS["base_features"],
+                        max_features: int = DEFAULTS["max_features"],
+                        max_stages: int = DEFAULTS["max_stages"],
+                        batch_size: int = DEFAULTS["batch_size"]) -> dict:
+    """The plans entry of the small configuration (a dict with ``inherits_from: "2d"``); pure function.
+
+    ``plans`` is the content of an nnU-Net plans file with a ``2d`` configuration. See the module
+    docstring for what is changed; nothing else is.
+    """
+    if "2d" not in plans.get("configurations", {}):
+        raise SmallConfigError(f"the plans {plans.get('plans_name', '')} have no '2d' configuration "
+                               f"(configurations: {sorted(plans.get('configurations', {}))}); run "
+                               f"`nnUNetv2_plan_and_preprocess -d {plans.get('dataset_name', 'ID')} -c 2d` first")
+    for key, value, low in (("spacing_factor", spacing_factor, 1e-6), ("base_features", base_features, 1),
+                            ("max_features", max_features, 1), ("max_stages", max_stages, 2),
+                            ("batch_size", batch_size, 1)):
+        if not value >= low:
+            raise SmallConfigError(f"{key} must be >= {low}, got {value}")
+    base = plans["configurations"]["2d"]
+    spacing = [float(s) * spacing_factor for s in base["spacing"]]
+    median = [float(m) / spacing_factor for m in base["median_image_size_in_voxels"]]
+    patch = [max(8, int(round(p / spacing_factor))) for p in base["patch_size"]]
+    # nnU-Net's own topology rule (bottleneck >= 4 px), limited to max_stages stages
+    num_pool, pool_kernels, conv_kernels, patch, _ = get_pool_and_conv_props(spacing, patch, 4, max_stages - 1)
+    n_stages = len(pool_kernels)
+    arch = json.loads(json.dumps(base["architecture"]))  # deep copy of the parent's architecture
+    kw = arch["arch_kwargs"]
+    kw["n_stages"] = n_stages
+    kw["features_per_stage"] = [min(max_features, base_features * 2 ** i) for i in range(n_stages)]
+    kw["kernel_sizes"] = [list(k) for k in conv_kernels]
+    kw["strides"] = [list(s) for s in pool_kernels]
+    kw["n_conv_per_stage"] = [2] * n_stages
+    kw["n_conv_per_stage_decoder"] = [2] * (n_stages - 1)
+    return {
+        "inherits_from": "2d",
+        "data_identifier": f"{plans_name}_{name}",
+        "spacing": spacing,
+        "median_image_size_in_voxels": median,
+        "patch_size": [int(p) for p in patch],
+        "batch_size": int(batch_size),
+        "architecture": arch,
+        "calib_small_config": {"spacing_factor": spacing_factor, "base_features": base_features,
+                               "max_features": max_features, "max_stages": max_stages,
+                               "made_by": "nnunet_calibration.experiments.small_config"},
+    }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=4, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_small_configuration(dataset: str | int, preprocessed: str | os.PathLike, name: str = DEFAULT_NAME,
+                            plans: str = "nnUNetPlans", overwrite: bool = False, **settings) -> tuple[Path, dict]:
+    """Add the small configuration to the dataset's plans file (atomically). Returns (plans file, entry)."""
+    plans_file = find_plans_file(dataset, preprocessed, plans)
+    try:
+        content = json.loads(plans_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SmallConfigError(f"{plans_file}: cannot read the plans ({e})") from None
+    if name in content.get("configurations", {}) and not overwrite:
+        raise SmallConfigError(f"{plans_file} already has a configuration {name!r}; pass --overwrite to replace it")
+    if name == "2d":
+        raise SmallConfigError("the small configuration cannot be named '2d' (it inherits from it)")
+    entry = small_configuration(content, name=name, plans_name=plans, **settings)
+    content["configurations"][name] = entry
+    _write_json_atomic(plans_file, content)
+    return plans_file, entry
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="calib-plan-small", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See `python -c 'import nnunet_calibration.experiments.small_config as m; "
+                                       "help(m)'` for what is changed.")
+    p.add_argument("dataset", help="dataset id or DatasetXXX_Name (planned with nnUNetv2_plan_and_preprocess -c 2d)")
+    p.add_argument("-c", "--configuration", default=DEFAULT_NAME, help=f"name of the new configuration ({DEFAULT_NAME})")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
+    p.add_argument("--spacing-factor", type=float, default=DEFAULTS["spacing_factor"],
+                   help="in-plane spacing = 2d spacing x this (%(default)s)")
+    p.add_argument("--base-features", type=int, default=DEFAULTS["base_features"], help="%(default)s")
+    p.add_argument("--max-features", type=int, default=DEFAULTS["max_features"], help="%(default)s")
+    p.add_argument("--max-stages", type=int, default=DEFAULTS["max_stages"], help="%(default)s")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="%(default)s")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
+    p.add_argument("--no-preprocess", action="store_true", help="only write the plans entry")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="preprocessing processes (1)")
+    args = p.parse_args(argv)
+    env = nnunet_env()
+    pre = env.get("nnUNet_preprocessed")
+    if not pre:
+        print("calib-plan-small: error: nnUNet_preprocessed is not set", file=sys.stderr)
+        return 2
+    try:
+        plans_file, entry = add_small_configuration(
+            args.dataset, pre, name=args.configuration, plans=args.plans, overwrite=args.overwrite,
+            spacing_factor=args.spacing_factor, base_features=args.base_features,
+            max_features=args.max_features, max_stages=args.max_stages, batch_size=args.batch_size)
+    except SmallConfigError as e:
+        print(f"calib-plan-small: error: {e}", file=sys.stderr)
+        return 2
+    kw = entry["architecture"]["arch_kwargs"]
+    print(f"added {args.configuration!r} to {plans_file}: spacing {entry['spacing']}, patch {entry['patch_size']}, "
+          f"batch {entry['batch_size']}, {kw['n_stages']} stages, features {kw['features_per_stage']}")
+    if not args.no_preprocess:
+        print(f"preprocessing {args.configuration} with nnUNetv2_preprocess ...", flush=True)
+        try:
+            run_nnunet(["nnUNetv2_preprocess", "-d", str(args.dataset), "-plans_name", args.plans, "-c",
+                        args.configuration, "-np", str(args.num_processes)], env)
+        except RuntimeError as e:
+            print(f"calib-plan-small: error: {e}", file=sys.stderr)
+            return 1
+        print(f"done: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr TRAINER")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
