@@ -146,6 +146,33 @@ class VoxelReservoir:
         self.seen += n
         keys = self.rng.random(n)
         self._parts.append((keys, np.asarray(log_probs), np.asarray(target), np.full(n, group, np.int64)))
+        self._compact()
+
+    def add_case(self, probs: np.ndarray, labels: np.ndarray, region_labels: Sequence[Sequence[int]] | None = None,
+                 ignore_label: int | None = None, group: int = 0) -> None:
+        """Add every voxel of one case (``probs`` ``(C, ...)``, ``labels``: see :func:`voxel_sample`).
+
+        Same sample as ``add(*voxel_sample(probs, labels, ...), group)``, but only the voxels that can
+        still be kept are turned into float64 log-probabilities (bounded memory on large cases).
+        """
+        probs = np.asarray(probs)
+        c = probs.shape[0]
+        labels = np.asarray(labels)
+        if labels.size * c != probs.size:
+            raise ValueError(f"reference has {labels.size} voxels, probabilities {probs.size // max(c, 1)} "
+                             f"(shapes {labels.shape} and {probs.shape})")
+        flat_y = labels.reshape(-1)
+        idx = np.flatnonzero(flat_y != ignore_label) if ignore_label is not None else np.arange(flat_y.size)
+        self.seen += len(idx)
+        keys = self.rng.random(len(idx))
+        if self.max_voxels is not None and len(idx) > self.max_voxels:
+            keep = np.sort(np.argpartition(keys, self.max_voxels - 1)[:self.max_voxels])
+            idx, keys = idx[keep], keys[keep]
+        lp, y = voxel_sample(probs.reshape(c, -1)[:, idx], flat_y[idx], region_labels)
+        self._parts.append((keys, lp, y, np.full(len(idx), group, np.int64)))
+        self._compact()
+
+    def _compact(self) -> None:
         if self.max_voxels is not None and sum(len(p[0]) for p in self._parts) > 2 * self.max_voxels:
             self._parts = [self._merge()]
 
