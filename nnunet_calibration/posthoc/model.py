@@ -152,8 +152,8 @@ def reference_folder(model_folder: PathLike, gt_folder: Optional[PathLike] = Non
             tried.append(str(cand))
             if cand.is_dir():
                 return cand
-    raise CalibrationError(f"{model_folder}: no reference folder found (tried {tried or 'nothing: nnUNet_preprocessed '
-                           'and nnUNet_raw are not set'}); pass one with --gt")
+    tried_text = ", ".join(tried) if tried else "nothing: nnUNet_preprocessed and nnUNet_raw are not set"
+    raise CalibrationError(f"{model_folder}: no reference folder found (tried {tried_text}); pass one with --gt")
 
 
 def _read_reference(gt: Path, case: str, file_ending: str, shape) -> np.ndarray:
@@ -325,7 +325,7 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
         if not plans_path.is_file():
             raise CalibrationError(f"{plans_path}: needed to write the recomputed segmentations (vector scaling "
                                    "can change the argmax) but not found")
-        rw = PlansManager(_load_json(plans_path)).image_reader_writer_class()
+        rw = PlansManager(_load_json(plans_path)).image_reader_writer_class()  # an instance (property + call)
     for npz in npzs:  # check the whole folder before writing anything
         pkl = npz.with_suffix(".pkl")
         if recompute and not pkl.is_file():
@@ -351,7 +351,7 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
             elif recompute:
                 with open(pkl, "rb") as f:
                     props = pickle.load(f)
-                rw().write_seg(probabilities_to_segmentation(q, lm), str(tmp / seg.name), props)
+                rw.write_seg(probabilities_to_segmentation(q, lm), str(tmp / seg.name), props)
         rec = dict(cal, applied_to={"prediction_folder": str(pred.resolve()), "cases": len(npzs),
                                     "segmentations": "recomputed" if recompute else "copied",
                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
