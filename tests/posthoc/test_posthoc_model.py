@@ -191,3 +191,23 @@ def test_bad_input_clear_errors_and_nothing_written(fitted, synthetic_prediction
     assert cli.main(["fit", str(fitted), "--gt", str(gt), "--no-progress"]) == 2
     assert f"{first.name}: reference shape" in capsys.readouterr().err
     assert (fitted / "calibration.json").read_bytes() == before
+
+
+def test_fit_on_two_folds_writes_cross_fitted_estimate(synthetic_prediction, tmp_path):
+    """fold_1/validation is a copy of fold_0's: the cross-fitted temperature of each fold is then the
+    all-voxel fit of fold 0 alone, and the NLL before is the direct NLL of the validation files."""
+    sp = synthetic_prediction
+    folder = _copy_model(sp.model_folder, tmp_path / sp.dataset.name / sp.model_folder.name)
+    shutil.copytree(folder / "fold_0" / "validation", folder / "fold_1" / "validation")
+    single = model.fit_model(folder, [0], max_voxels=None, write=False, progress=False)
+    rec = model.fit_model(folder, max_voxels=None, progress=False)
+    assert rec["folds"] == [0, 1] and rec["cases"] == 2 * single["cases"]
+    assert rec["voxels"]["used"] == rec["voxels"]["available"] == 2 * single["voxels"]["available"]
+    cf = rec["crossfit"]
+    t0 = single["parameters"]["temperature"]
+    for k in ("0", "1"):
+        assert cf["parameters"][k]["temperature"] == pytest.approx(t0, rel=1e-6)
+    gt = Path(rec["reference_folder"])
+    assert cf["nll_before"] == pytest.approx(_direct_nll(folder / "fold_0" / "validation", gt), rel=1e-5)
+    assert cf["nll_after"] < cf["nll_before"]
+    assert json.loads((folder / "calibration.json").read_text())["crossfit"] == cf
