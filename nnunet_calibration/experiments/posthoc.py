@@ -2,18 +2,20 @@
 
 Temperature scaling
 -------------------
-nnU-Net saves probabilities, not logits. For a softmax output ``p = softmax(z)`` we have
+The fitting and scaling live in :mod:`nnunet_calibration.posthoc.scaling` (this module delegates;
+its docstring is the reference). In short: nnU-Net saves probabilities, not logits. For a softmax
+output ``p = softmax(z)`` we have
 ``log p = z - logsumexp(z)``, and since softmax ignores a per-voxel constant,
 ``softmax(log p / T) == softmax(z / T)`` exactly: scaling the log-probabilities is temperature
 scaling of nnU-Net's (ensemble-averaged, resampled) logits. For sigmoid region outputs each channel
 is scaled on its own: ``p_T = sigmoid(logit(p) / T)``. Probabilities are clipped to
-``[eps, 1 - eps]`` (``eps = 1e-7``) before the logarithm, so saturated float32 values (exactly 0 or
-1) stay finite.
+``[eps, 1]`` (softmax) or ``[eps, 1 - eps]`` (sigmoid), ``eps = 1e-7``, before the logarithm, so
+saturated float32 values (exactly 0 or 1) stay finite.
 
 One temperature per trainer is fitted on its validation folds by minimising the mean negative
 log-likelihood of the reference over voxels (softmax: ``-log p_T[y]``; regions: mean binary cross
 entropy over regions) with ``scipy.optimize.minimize_scalar(method="bounded")`` over
-``T in [0.05, 20]``. Voxels: at most ``max_voxels`` drawn uniformly at random (fixed seed) from all
+``log T``, ``T in [0.05, 20]``. Voxels: at most ``max_voxels`` drawn uniformly at random (fixed seed) from all
 validation cases together; voxels with nnU-Net's ignore label are left out. The same validation
 folds are then evaluated with T applied (in-sample: the papers fit T on held-out validation data,
 and a fold's validation set is the only held-out data of a cross-validation). Temperature scaling
@@ -37,61 +39,31 @@ holds (e_{k-1}, e_k] and 0 goes to the first bin.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
-EPS = 1e-7
-T_BOUNDS = (0.05, 20.0)
+from nnunet_calibration.posthoc import scaling
+from nnunet_calibration.posthoc.scaling import PROB_FLOOR as EPS, T_BOUNDS  # noqa: F401 (re-exported)
+
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 
 
-# -- temperature scaling ------------------------------------------------------------------------
+# -- temperature scaling (delegates to nnunet_calibration.posthoc.scaling) --------------------------
 def scale_probabilities(probs: np.ndarray, temperature: float, sigmoid: bool = False) -> np.ndarray:
-    """Apply temperature ``T`` to probabilities ``probs`` (C, ...). See the module docstring."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
-    if sigmoid:
-        z = (np.log(p) - np.log1p(-p)) / temperature
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-    z = np.log(p) / temperature
-    z -= z.max(axis=0, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
-
-
-def _nll_softmax(logp: np.ndarray, y: np.ndarray, t: float) -> float:
-    """Mean NLL of labels y (N,) under softmax(logp / t), logp (N, C)."""
-    z = logp / t
-    zmax = z.max(axis=1, keepdims=True)
-    lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
-    return float(np.mean(lse - z[np.arange(len(y)), y]))
-
-
-def _nll_sigmoid(logit: np.ndarray, y: np.ndarray, t: float) -> float:
-    """Mean binary cross entropy of targets y (N, R) under sigmoid(logit / t)."""
-    z = logit / t
-    # -[y log s(z) + (1-y) log(1-s(z))] = softplus(z) - y z
-    return float(np.mean(np.logaddexp(0, z) - y * z))
+    """Apply temperature ``T`` to probabilities ``probs`` (C, ...): :func:`scaling.apply_scaling`."""
+    return scaling.apply_scaling(probs, temperature, sigmoid)
 
 
 def fit_temperature(probs: np.ndarray, targets: np.ndarray, sigmoid: bool = False,
                     bounds: tuple = T_BOUNDS) -> float:
-    """Fit one temperature by minimising the NLL.
+    """Fit one temperature by minimising the NLL (:func:`scaling.fit_temperature`).
 
     ``probs``: (N, C) voxel probabilities. ``targets``: (N,) class indices (softmax) or (N, C)
-    binary region memberships (sigmoid).
+    binary region memberships (sigmoid). ``bounds`` must be :data:`T_BOUNDS` (kept for callers).
     """
-    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
-    if len(p) == 0:
+    if tuple(bounds) != tuple(T_BOUNDS):
+        raise ValueError(f"temperature bounds are fixed at {T_BOUNDS}, got {bounds}")
+    if len(probs) == 0:
         raise ValueError("no voxels to fit the temperature on")
-    if sigmoid:
-        x = np.log(p) - np.log1p(-p)
-        y = np.asarray(targets, dtype=np.float64)
-        f = lambda t: _nll_sigmoid(x, y, t)  # noqa: E731
-    else:
-        x = np.log(p)
-        y = np.asarray(targets, dtype=np.int64)
-        f = lambda t: _nll_softmax(x, y, t)  # noqa: E731
-    res = minimize_scalar(f, bounds=bounds, method="bounded", options={"xatol": 1e-4})
-    return float(res.x)
+    return scaling.fit_temperature(scaling.log_probabilities(probs, sigmoid), targets, sigmoid)
 
 
 def region_targets(labels: np.ndarray, regions: list[tuple[int, ...]]) -> np.ndarray:

@@ -1,0 +1,13 @@
+"""Post-hoc calibration of trained nnU-Net models: temperature / vector scaling.
+
+- :mod:`.scaling`: the fitting and scaling library (numpy/scipy only, no nnU-Net import);
+- :mod:`.model`: fit on a model folder's cross-validation predictions (``calibration.json``) and
+  apply to prediction folders in nnU-Net's own layout;
+- :mod:`.cli`: ``calib-calibrate fit`` / ``calib-calibrate apply``.
+"""
+from .scaling import (PROB_FLOOR, T_BOUNDS, VoxelReservoir, apply_scaling, changes_decision,
+                      crossfit_temperatures, fit_temperature, fit_vector_scaling, log_probabilities, nll,
+                      region_targets, voxel_sample)
+
+__all__ = ["PROB_FLOOR", "T_BOUNDS", "VoxelReservoir", "apply_scaling", "changes_decision", "crossfit_temperatures",
+           "fit_temperature", "fit_vector_scaling", "log_probabilities", "nll", "region_targets", "voxel_sample"]

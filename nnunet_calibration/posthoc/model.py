@@ -1,0 +1,376 @@
+"""Post-hoc calibration of a trained nnU-Net model folder: fit (``calibration.json``) and apply.
+
+Model folder
+------------
+``nnUNet_results/DatasetXXX_Name/Trainer__Plans__Configuration`` with ``dataset.json``,
+``plans.json`` and ``fold_X/validation/CASE.npz`` (``nnUNetv2_train ... --npz``, or
+``nnUNetv2_train ... --val --npz`` afterwards). Folds: ``-f`` or every ``fold_<int>`` folder
+(``fold_all`` is never used: its validation cases were trained on). Every case of a used fold must
+have its ``CASE.npz``; the references ``CASE{file_ending}`` are read with the evaluator's loader
+from, in this order, the ``gt_folder`` argument, ``$nnUNet_preprocessed/DatasetXXX_Name/
+gt_segmentations`` (what nnU-Net's own validation compares against) or
+``$nnUNet_raw/DatasetXXX_Name/labelsTr``. Labels / regions come from ``dataset.json`` through the
+evaluator's :func:`~nnunet_calibration.evaluation.core.label_info` (so datasets with an ``ignore``
+label are not supported, as in ``calib-evaluate``).
+
+Fit (:func:`fit_model`)
+-----------------------
+All voxels of the used validation cases form the pool; at most ``max_voxels`` of them (default
+2,000,000) are drawn uniformly without replacement with seed ``seed``
+(:class:`~nnunet_calibration.posthoc.scaling.VoxelReservoir`). On that sample, one temperature
+(``temperature``) or one per channel (``vector``) is fitted by NLL
+(:mod:`~nnunet_calibration.posthoc.scaling`, which states every convention). ``calibration.json``
+(written atomically: temporary file + rename) holds: ``format``/``version``; ``method``;
+``nonlinearity`` (softmax / sigmoid); ``parameters`` (``temperature`` or ``temperatures`` with
+``channels``); ``labels`` and ``regions_class_order`` of dataset.json; ``folds``, ``cases``,
+``voxels`` (``available``, ``used``, ``max_voxels``, ``seed``); ``nll`` on the sample before and
+after (in-sample); with two or more folds ``crossfit`` (for fold k the parameters fitted on the
+other folds' sampled voxels, and the NLL of fold k's voxels before and after: an honest held-out
+estimate); ``prob_floor``, ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
+``caveat`` (:data:`ENSEMBLE_CAVEAT`).
+
+Apply (:func:`apply_calibration`)
+---------------------------------
+``PRED_FOLDER`` (``nnUNetv2_predict --save_probabilities`` output, or a ``fold_X/validation``)
+is rewritten into a *new* folder ``OUT`` in nnU-Net's own layout: ``CASE.npz`` (key
+``probabilities``, float32, same shape), ``CASE.pkl`` copied, and the segmentation
+``CASE{file_ending}``: copied unchanged when the calibration cannot change the decision (one
+temperature; any sigmoid scaling), otherwise recomputed from the calibrated probabilities
+exactly as nnU-Net does (argmax, first channel winning ties) and written with the plans'
+reader/writer and the case's pkl properties. ``dataset.json``, ``plans.json`` and
+``predict_from_raw_data_args.json`` are copied; ``calibration.json`` (the applied calibration plus
+``applied_to``) is added. Everything is written into a temporary folder next to ``OUT`` that is
+renamed at the end; on any error nothing is left. Errors (:class:`CalibrationError`, naming the
+file): no ``calibration.json``, a label set or channel count that differs from the calibration's,
+no npz files, an existing ``OUT``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities, load_reference,
+                                                probabilities_to_segmentation)
+from nnunet_calibration.posthoc import scaling
+
+PathLike = Union[str, os.PathLike]
+
+CALIBRATION_FILE = "calibration.json"
+FORMAT = "nnunet-calibration/calibration"
+VERSION = 1
+DEFAULT_MAX_VOXELS = 2_000_000
+COPIED_JSON = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
+ENSEMBLE_CAVEAT = (
+    "The parameters were fitted on single-fold validation predictions (each case predicted by the one "
+    "model that did not train on it). nnU-Net's multi-fold inference averages the folds' logits, which "
+    "already softens over-confidence where the folds disagree; applied to such an ensemble the fitted "
+    "temperature can over-correct (probabilities too soft). Applied to single-fold predictions it is "
+    "what was fitted.")
+
+
+class CalibrationError(ValueError):
+    """Bad input for fitting or applying (the message names the file and what is wrong)."""
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CalibrationError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _labels(dataset_json: dict, source: Path):
+    try:
+        return label_info(dataset_json, str(source))
+    except EvaluationInputError as e:
+        raise CalibrationError(str(e)) from e
+
+
+def read_model_folder(model_folder: PathLike) -> dict:
+    """``dataset_json``, ``plans``, ``label_manager``, ``channels`` (names), ``regions`` (or None)."""
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"{folder}: model folder does not exist")
+    dj = _load_json(folder / "dataset.json")
+    plans = _load_json(folder / "plans.json")
+    lm, names, regions = _labels(dj, folder / "dataset.json")
+    channels = names if regions is not None else ["background", *names]
+    return {"folder": folder, "dataset_json": dj, "plans": plans, "label_manager": lm, "channels": channels,
+            "regions": regions}
+
+
+def validation_cases(model_folder: PathLike, folds: Optional[Sequence[int]] = None,
+                     file_ending: str = ".nii.gz") -> dict[int, list[Path]]:
+    """``{fold: [CASE.npz, ...]}`` of ``fold_X/validation``; every case there needs its npz."""
+    folder = Path(model_folder)
+    if folds is None:
+        folds = sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit())
+        if not folds:
+            raise CalibrationError(f"{folder}: no fold_<number> folders (is this a trained nnU-Net model folder?)")
+    out = {}
+    for f in folds:
+        val = folder / f"fold_{f}" / "validation"
+        if not val.is_dir():
+            raise CalibrationError(f"{val}: validation folder does not exist (fold {f} not trained or not validated)")
+        npzs = sorted(val.glob("*.npz"))
+        segs = {p.name[:-len(file_ending)] for p in val.glob(f"*{file_ending}")}
+        missing = sorted(segs - {p.name[:-4] for p in npzs})
+        if not npzs or missing:
+            what = f"cases without CASE.npz: {missing[:5]}" if npzs else "no CASE.npz files"
+            raise CalibrationError(f"{val}: {what}; run nnUNetv2_train DATASET CONFIG {f} --val --npz "
+                                   f"(-tr TRAINER -p PLANS) to write the validation probabilities")
+        out[int(f)] = npzs
+    return out
+
+
+def reference_folder(model_folder: PathLike, gt_folder: Optional[PathLike] = None) -> Path:
+    """Where the references are (module docstring, order of the candidates)."""
+    if gt_folder is not None:
+        if not Path(gt_folder).is_dir():
+            raise CalibrationError(f"{gt_folder}: reference folder does not exist")
+        return Path(gt_folder)
+    dataset = Path(model_folder).resolve().parent.name
+    tried = []
+    for var, sub in (("nnUNet_preprocessed", "gt_segmentations"), ("nnUNet_raw", "labelsTr")):
+        root = os.environ.get(var)
+        if root:
+            cand = Path(root) / dataset / sub
+            tried.append(str(cand))
+            if cand.is_dir():
+                return cand
+    tried_text = ", ".join(tried) if tried else "nothing: nnUNet_preprocessed and nnUNet_raw are not set"
+    raise CalibrationError(f"{model_folder}: no reference folder found (tried {tried_text}); pass one with --gt")
+
+
+def _read_reference(gt: Path, case: str, file_ending: str, shape) -> np.ndarray:
+    path = gt / f"{case}{file_ending}"
+    if not path.is_file():
+        raise CalibrationError(f"{path}: reference of case '{case}' not found")
+    try:
+        ref = load_reference(path)[0]
+    except EvaluationInputError as e:
+        raise CalibrationError(str(e)) from e
+    if ref.size != int(np.prod(shape)):
+        raise CalibrationError(f"{path}: reference shape {ref.shape} does not match the probabilities {tuple(shape)}")
+    return ref.reshape(shape)
+
+
+def _load_probs(path: Path, n_channels: int) -> np.ndarray:
+    try:
+        p = load_probabilities(path)
+    except EvaluationInputError as e:
+        raise CalibrationError(str(e)) from e
+    if p.shape[0] != n_channels:
+        raise CalibrationError(f"{path}: {p.shape[0]} probability channels, the label set has {n_channels}")
+    return p
+
+
+# -- fit -------------------------------------------------------------------------------------------
+def _params_json(params, method: str, channels: list) -> dict:
+    if method == "temperature":
+        return {"temperature": float(params)}
+    return {"temperatures": [float(t) for t in np.asarray(params)], "channels": list(channels)}
+
+
+def params_from_calibration(calibration: dict):
+    """The parameters of a ``calibration.json`` dict: ``float`` (temperature) or ``ndarray`` (vector)."""
+    p = calibration["parameters"]
+    return float(p["temperature"]) if calibration["method"] == "temperature" else np.asarray(p["temperatures"], float)
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("nnunet-calibration")
+    except Exception:  # not installed (PYTHONPATH use)
+        return "unknown"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, method: str = "temperature",
+              max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, seed: int = 0, gt_folder: Optional[PathLike] = None,
+              command: Optional[str] = None, progress: bool = True, write: bool = True) -> dict:
+    """Fit on the model's validation predictions; write and return the ``calibration.json`` dict."""
+    if method not in scaling.METHODS:
+        raise CalibrationError(f"unknown method {method!r}; choose one of {scaling.METHODS}")
+    info = read_model_folder(model_folder)
+    folder = info["folder"]
+    dj, regions, channels = info["dataset_json"], info["regions"], info["channels"]
+    file_ending = dj.get("file_ending", ".nii.gz")
+    cases = validation_cases(folder, folds, file_ending)
+    gt = reference_folder(folder, gt_folder)
+    res = scaling.VoxelReservoir(max_voxels, seed)
+    jobs = [(f, npz) for f, npzs in cases.items() for npz in npzs]
+    for f, npz in tqdm(jobs, desc="calibration: reading validation cases", unit="case", disable=not progress):
+        p = _load_probs(npz, len(channels))
+        y = _read_reference(gt, npz.name[:-4], file_ending, p.shape[1:])
+        try:
+            res.add_case(p, y, regions, group=f)
+        except ValueError as e:
+            raise CalibrationError(f"{npz}: {e}") from e
+    is_regions = regions is not None
+    lp, y, groups = res.result()
+    params = scaling.fit(lp, y, is_regions, method)
+    rec = {
+        "format": FORMAT, "version": VERSION, "method": method,
+        "nonlinearity": "sigmoid" if is_regions else "softmax",
+        "parameters": _params_json(params, method, channels),
+        "channels": channels, "labels": dj["labels"], "regions_class_order": dj.get("regions_class_order"),
+        "model_folder": str(folder.resolve()), "folds": sorted(cases),
+        "cases": len(jobs), "reference_folder": str(gt.resolve()),
+        "voxels": {"available": int(res.seen), "used": int(len(lp)), "max_voxels": max_voxels, "seed": seed},
+        "nll": {"before": scaling.nll(lp, y, is_regions), "after": scaling.nll(lp, y, is_regions, params),
+                "note": "in-sample: mean NLL of the fitted voxels"},
+        "crossfit": None,
+        "prob_floor": scaling.PROB_FLOOR, "t_bounds": list(scaling.T_BOUNDS),
+        "command": command if command is not None else " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+        "caveat": ENSEMBLE_CAVEAT,
+    }
+    by_fold = res.by_group()
+    if len(by_fold) >= 2:
+        cf = scaling.crossfit_temperatures(by_fold, is_regions, method)
+        n = sum(len(v[0]) for v in by_fold.values())
+        before = sum(scaling.nll(*by_fold[k], is_regions) * len(by_fold[k][0]) for k in by_fold) / n
+        after = sum(scaling.nll(*by_fold[k], is_regions, cf[k]) * len(by_fold[k][0]) for k in by_fold) / n
+        rec["crossfit"] = {"parameters": {str(k): _params_json(v, method, channels) for k, v in cf.items()},
+                           "nll_before": before, "nll_after": after,
+                           "note": "for fold k fitted on the other folds' sampled voxels, NLL on fold k's; "
+                                   "voxel-weighted mean over folds"}
+    if write:
+        write_json_atomic(folder / CALIBRATION_FILE, rec)
+    return rec
+
+
+def read_calibration(model_folder: PathLike) -> dict:
+    """The ``calibration.json`` of a model folder, checked."""
+    path = Path(model_folder) / CALIBRATION_FILE
+    if not path.is_file():
+        raise CalibrationError(f"{path}: not found; run 'calib-calibrate fit {model_folder}' first")
+    cal = _load_json(path)
+    if cal.get("format") != FORMAT or cal.get("method") not in scaling.METHODS or "parameters" not in cal:
+        raise CalibrationError(f"{path}: not a calibration file of this package (format {cal.get('format')!r})")
+    return cal
+
+
+# -- apply -----------------------------------------------------------------------------------------
+def _same_label_set(a: dict, b: dict) -> bool:
+    def norm(labels):
+        return {k: sorted(v) if isinstance(v, (list, tuple)) else [v] for k, v in labels.items()}
+    return norm(a["labels"]) == norm(b["labels"]) and a.get("regions_class_order") == b.get("regions_class_order")
+
+
+def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder: PathLike,
+                      progress: bool = True) -> dict:
+    """Write the calibrated copy of ``pred_folder`` to ``out_folder``; return the written ``calibration.json``."""
+    pred, out = Path(pred_folder), Path(out_folder)
+    cal = read_calibration(model_folder)
+    cal_path = Path(model_folder) / CALIBRATION_FILE
+    model_dj = _load_json(Path(model_folder) / "dataset.json")
+    if not _same_label_set(model_dj, cal):
+        raise CalibrationError(f"{cal_path}: its label set differs from {Path(model_folder) / 'dataset.json'}; "
+                               "fit again")
+    if not pred.is_dir():
+        raise CalibrationError(f"{pred}: prediction folder does not exist")
+    if out.exists():
+        raise CalibrationError(f"{out}: output folder exists; choose a new one")
+    if out.resolve() == pred.resolve():
+        raise CalibrationError(f"{out}: output folder must differ from the prediction folder")
+    dj_path = pred / "dataset.json"
+    dj = _load_json(dj_path)
+    if not _same_label_set(dj, cal):
+        raise CalibrationError(f"{dj_path}: label set {dj.get('labels')} (regions_class_order "
+                               f"{dj.get('regions_class_order')}) differs from the calibration's {cal['labels']} "
+                               f"({cal_path})")
+    lm, names, regions = _labels(dj, dj_path)
+    is_regions = regions is not None
+    params = params_from_calibration(cal)
+    n_channels = len(cal["channels"])
+    npzs = sorted(pred.glob("*.npz"))
+    if not npzs:
+        raise CalibrationError(f"{pred}: no CASE.npz files (predict with --save_probabilities)")
+    file_ending = dj.get("file_ending", ".nii.gz")
+    recompute = scaling.changes_decision(params, is_regions)
+    rw = None
+    if recompute:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # only needed to write segmentations
+        plans_path = pred / "plans.json"
+        if not plans_path.is_file():
+            raise CalibrationError(f"{plans_path}: needed to write the recomputed segmentations (vector scaling "
+                                   "can change the argmax) but not found")
+        rw = PlansManager(_load_json(plans_path)).image_reader_writer_class()  # an instance (property + call)
+    for npz in npzs:  # check the whole folder before writing anything
+        pkl = npz.with_suffix(".pkl")
+        if recompute and not pkl.is_file():
+            raise CalibrationError(f"{pkl}: missing; its image properties are needed to write the segmentation")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for name in COPIED_JSON:
+            if (pred / name).is_file():
+                shutil.copy2(pred / name, tmp / name)
+        for npz in tqdm(npzs, desc="calibration: applying", unit="case", disable=not progress):
+            case = npz.name[:-4]
+            p = _load_probs(npz, n_channels)
+            q = scaling.apply_scaling(p, params, is_regions)
+            np.savez_compressed(tmp / npz.name, probabilities=q)
+            pkl = npz.with_suffix(".pkl")
+            if pkl.is_file():
+                shutil.copy2(pkl, tmp / pkl.name)
+            seg = pred / f"{case}{file_ending}"
+            if not recompute and seg.is_file():
+                shutil.copy2(seg, tmp / seg.name)
+            elif recompute:
+                with open(pkl, "rb") as f:
+                    props = pickle.load(f)
+                rw.write_seg(probabilities_to_segmentation(q, lm), str(tmp / seg.name), props)
+        rec = dict(cal, applied_to={"prediction_folder": str(pred.resolve()), "cases": len(npzs),
+                                    "segmentations": "recomputed" if recompute else "copied",
+                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        write_json_atomic(tmp / CALIBRATION_FILE, rec)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rec
+
+
+def format_summary(rec: dict) -> Iterable[str]:
+    """Human-readable lines about a calibration record (for the CLI)."""
+    p = rec["parameters"]
+    if "temperature" in p:
+        yield f"method: temperature  T = {p['temperature']:.4f}"
+    else:
+        yield "method: vector  " + ", ".join(f"{c}: {t:.4f}" for c, t in zip(p["channels"], p["temperatures"]))
+    yield (f"folds {rec['folds']}, {rec['cases']} cases, {rec['voxels']['used']} of {rec['voxels']['available']} "
+           f"voxels; NLL {rec['nll']['before']:.4f} -> {rec['nll']['after']:.4f} (in-sample)")
+    if rec.get("crossfit"):
+        yield f"cross-fitted NLL {rec['crossfit']['nll_before']:.4f} -> {rec['crossfit']['nll_after']:.4f}"
