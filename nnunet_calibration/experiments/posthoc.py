@@ -10,14 +10,13 @@ is scaled on its own: ``p_T = sigmoid(logit(p) / T)``. Probabilities are clipped
 ``[eps, 1 - eps]`` (``eps = 1e-7``) before the logarithm, so saturated float32 values (exactly 0 or
 1) stay finite.
 
-One temperature per trainer is fitted on its validation folds by minimising the mean negative
-log-likelihood of the reference over voxels (softmax: ``-log p_T[y]``; regions: mean binary cross
-entropy over regions) with ``scipy.optimize.minimize_scalar(method="bounded")`` over
-``T in [0.05, 20]``. Voxels: at most ``max_voxels`` drawn uniformly at random (fixed seed) from all
-validation cases together; voxels with nnU-Net's ignore label are left out. The same validation
-folds are then evaluated with T applied (in-sample: the papers fit T on held-out validation data,
-and a fold's validation set is the only held-out data of a cross-validation). Temperature scaling
-never changes the argmax (softmax) or the 0.5 decision (sigmoid), so DSC and HD95 are unchanged.
+A temperature is fitted by minimising the mean negative log-likelihood of the reference over
+voxels (softmax: ``-log p_T[y]``; regions: mean binary cross entropy over regions) with
+``scipy.optimize.minimize_scalar(method="bounded")`` over ``T in [0.05, 20]``, on voxels drawn
+uniformly at random (fixed seed, :func:`sample_voxels`; nnU-Net's ignore label left out). Which
+voxels: the report cross-fits (fold k's temperature is fitted on the other folds' validation
+voxels, see :mod:`nnunet_calibration.experiments.report.tables`). Temperature scaling never changes
+the argmax (softmax) or the 0.5 decision (sigmoid), so DSC and HD95 are unchanged.
 
 Softmax-threshold sweep (DSC++ paper, Fig. 4)
 ----------------------------------------------
@@ -28,16 +27,24 @@ threshold T (0.05, 0.10, ..., 0.95) the prediction is ``p_fg >= T``. Per case: p
 ``tp / (tp + fn)`` (undefined without reference foreground: left out), DSC ``2tp / (2tp + fp + fn)``
 (1 when both are empty). Reported: mean and standard deviation over cases.
 
-Reliability
------------
-Pooled over all voxels whose reference is foreground (the ECE convention of the SDC paper):
-confidence = max class probability, accuracy = argmax equals the label, equal-width bins, bin k
-holds (e_{k-1}, e_k] and 0 goes to the first bin.
+Vector scaling (one temperature per channel)
+--------------------------------------------
+``p_T = softmax_c(log p_c / T_c)`` (softmax) or ``sigmoid(logit(p_r) / T_r)`` (regions), fitted by
+the same NLL. Softmax: all ``T_c`` jointly with ``scipy.optimize.minimize(method="L-BFGS-B")`` over
+``log T_c`` (bounds ``T_BOUNDS``, start: the single fitted temperature); regions: each region's
+temperature on its own (the regions' binary NLLs are independent). With one channel it is
+temperature scaling. Unlike a single temperature, different ``T_c`` can change the argmax, so DSC and
+HD95 may change. (Scaling log-probabilities per class equals per-class scaling of the logits only up
+to the per-voxel constant ``logsumexp(z)``, which no longer cancels; this is the cheap form on saved
+probabilities.)
+
+Reliability diagrams and pooled ECE use the metrics' accumulator
+(:class:`nnunet_calibration.metrics.CalibrationAccumulator`), not a binning of their own.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 EPS = 1e-7
 T_BOUNDS = (0.05, 20.0)
@@ -45,9 +52,19 @@ THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 
 
 # -- temperature scaling ------------------------------------------------------------------------
-def scale_probabilities(probs: np.ndarray, temperature: float, sigmoid: bool = False) -> np.ndarray:
-    """Apply temperature ``T`` to probabilities ``probs`` (C, ...). See the module docstring."""
+def scale_probabilities(probs: np.ndarray, temperature, sigmoid: bool = False) -> np.ndarray:
+    """Apply temperature ``T`` to probabilities ``probs`` (C, ...). See the module docstring.
+
+    ``temperature``: a number (temperature scaling) or one value per channel, shape ``(C,)``
+    (vector scaling).
+    """
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    t = np.asarray(temperature, dtype=np.float64)
+    if t.ndim == 1:
+        if t.shape[0] != p.shape[0]:
+            raise ValueError(f"{t.shape[0]} temperatures for {p.shape[0]} channels")
+        t = t.reshape((-1,) + (1,) * (p.ndim - 1))
+    temperature = t
     if sigmoid:
         z = (np.log(p) - np.log1p(-p)) / temperature
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
@@ -92,6 +109,34 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, sigmoid: bool = Fals
         f = lambda t: _nll_softmax(x, y, t)  # noqa: E731
     res = minimize_scalar(f, bounds=bounds, method="bounded", options={"xatol": 1e-4})
     return float(res.x)
+
+
+def fit_vector_temperatures(probs: np.ndarray, targets: np.ndarray, sigmoid: bool = False,
+                            bounds: tuple = T_BOUNDS) -> np.ndarray:
+    """One temperature per channel by minimising the NLL (see "Vector scaling" in the module docstring).
+
+    ``probs``: (N, C); ``targets``: (N,) class indices (softmax) or (N, C) region memberships.
+    Returns ``(C,)`` float64 temperatures.
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    if len(p) == 0:
+        raise ValueError("no voxels to fit the temperatures on")
+    c = p.shape[1]
+    if sigmoid:
+        y = np.asarray(targets)
+        return np.array([fit_temperature(p[:, [r]], y[:, [r]], sigmoid=True, bounds=bounds) for r in range(c)])
+    t0 = fit_temperature(p, targets, sigmoid=False, bounds=bounds)
+    if c == 1:
+        return np.array([t0])
+    x = np.log(p)
+    y = np.asarray(targets, dtype=np.int64)
+
+    def f(u):
+        return _nll_softmax(x, y, np.exp(u)[None, :])
+
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    res = minimize(f, np.full(c, np.log(t0)), method="L-BFGS-B", bounds=[(lo, hi)] * c)
+    return np.exp(res.x)
 
 
 def region_targets(labels: np.ndarray, regions: list[tuple[int, ...]]) -> np.ndarray:
@@ -165,29 +210,3 @@ def summarise_sweep(per_case_counts: list[np.ndarray], thresholds=THRESHOLDS) ->
             row[k + "_std"] = float(v.std()) if len(v) else float("nan")
         rows.append(row)
     return rows
-
-
-# -- reliability --------------------------------------------------------------------------------
-def reliability_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, regions=None,
-                       ignore_label: int | None = None) -> np.ndarray:
-    """(n_bins, 3): voxel count, sum of confidence, sum of accuracy over foreground-reference voxels.
-
-    For regions: every region is a binary task over all voxels (p_r against membership), pooled.
-    Voxels with the ignore label are left out.
-    """
-    edges = np.linspace(0, 1, n_bins + 1)
-    keep = labels.reshape(-1) != ignore_label if ignore_label is not None else np.ones(labels.size, bool)
-    if regions is not None:
-        conf = probs.reshape(len(regions), -1)[:, keep].ravel()
-        acc = region_targets(labels.reshape(-1)[keep], regions).ravel().astype(np.float64)
-    else:
-        fg = (labels.reshape(-1) != 0) & keep
-        p = probs.reshape(probs.shape[0], -1)[:, fg]
-        conf = p.max(axis=0)
-        acc = (p.argmax(axis=0) == labels.reshape(-1)[fg]).astype(np.float64)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    out = np.zeros((n_bins, 3))
-    out[:, 0] = np.bincount(idx, minlength=n_bins)
-    out[:, 1] = np.bincount(idx, weights=conf, minlength=n_bins)
-    out[:, 2] = np.bincount(idx, weights=acc, minlength=n_bins)
-    return out
