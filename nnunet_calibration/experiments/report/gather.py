@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders, label_info
 from nnunet_calibration.evaluation.core import load_probabilities, load_reference
 from nnunet_calibration.experiments import posthoc
@@ -65,10 +66,7 @@ def machine_info() -> dict:
             info[key] = version(mod)
         except PackageNotFoundError:
             pass
-    if "nnunet_calibration" not in info:
-        from nnunet_calibration import __version__  # the package itself (not installed: checkout)
-
-        info["nnunet_calibration"] = __version__
+    info.setdefault("nnunet_calibration", __version__)  # not installed (a checkout on PYTHONPATH)
     try:
         import torch  # deferred on purpose: heavy, and only for the GPU name
 
