@@ -33,7 +33,6 @@ memberships (``regions=True``); an apply is ``apply(probs, params, regions) -> p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -195,7 +194,3 @@ def compute_tables(data: ReportData) -> Tables:
 def has_results(data: ReportData) -> bool:
     """Whether any row has at least one finished fold (an empty report is an error)."""
     return any(m.fold_means for e in data.experiments for m in e.methods)
-
-
-def finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
