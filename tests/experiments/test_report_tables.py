@@ -17,7 +17,7 @@ import yaml
 from nnunet_calibration.experiments import cli, posthoc
 from nnunet_calibration.experiments.config import ExperimentError, load_experiment
 from nnunet_calibration.experiments.report import (METRICS, ExperimentResult, MethodResult, ReportData, build_report,
-                                                   make_report, render, tables)
+                                                   gather, make_report, render, tables)
 from nnunet_calibration.metrics import CalibrationAccumulator
 
 
@@ -239,8 +239,6 @@ def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
     exp_file, cases = _make_layout(tmp_path)
     exp = load_experiment(exp_file)
     exp.dataset_name = "Dataset950_Hand"
-    from nnunet_calibration.experiments.report import gather
-
     info = gather.DatasetInfo(exp)
     rows = gather.gather_method(exp, exp.trainers[0], info, tmp_path / "work", progress=False)
     acc = CalibrationAccumulator()
