@@ -253,6 +253,17 @@ def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
     assert rows[0].reliability.n[0, -1] == np.count_nonzero(conf > np.float32(14 / 15))
 
 
+def test_report_without_posthoc_rows(tmp_path):
+    exp_file, _ = _make_layout(tmp_path)
+    exp = load_experiment(exp_file)
+    exp.dataset_name = "Dataset950_Hand"
+    exp.report.update(temperature_scaling=False, vector_scaling=False)
+    out = make_report([exp], tmp_path / "out", progress=False)
+    with open(out / "table.csv") as fh:
+        assert [r["method"] for r in csv.DictReader(fh)] == ["nnUNetTrainerDiceCE"]
+    assert "(not computed)" in (out / "README.md").read_text()
+
+
 def test_calib_experiment_report_without_finished_fold_exits_nonzero(tmp_path, capsys):
     exp_file, _ = _make_layout(tmp_path, finished=False)
     # check_trainers=False skips nnU-Net's trainer lookup; validate still needs the plans file

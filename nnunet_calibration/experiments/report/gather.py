@@ -214,7 +214,7 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
     out = [rec]
     if "VS" in kinds and not tables.vector_scaling_differs(n_channels):
         kinds.remove("VS")
-    per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()}
+    per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()} if kinds else {}
     # 3) post-hoc rows: cross-fitted parameters, applied fold by fold, scored by the evaluator
     for kind in kinds:
         scaling = tables.SCALINGS[kind]
