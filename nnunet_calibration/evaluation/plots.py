@@ -4,7 +4,7 @@ no pyplot, no global backend switch), so importing this module changes nothing f
 
 Reliability diagram convention (:func:`draw_reliability`, used by :func:`reliability_figure` here
 and by the report's :mod:`nnunet_calibration.experiments.report.plots`): top, per probability bin
-holding at least one value, a bar up to the observed frequency (accuracy), a translucent red bar
+holding at least one value, a bar up to the observed frequency (accuracy), a hatched red bar
 from it to the bin's mean predicted probability (confidence), i.e. the gap that ECE/ACE weigh, and
 the identity line; bottom, the share of values per bin (Guo et al. 2017, Fig. 1; the ACE paper).
 Empty bins draw nothing, in either panel.
@@ -33,7 +33,7 @@ def draw_reliability(ax, ax_share, edges: np.ndarray, n: np.ndarray, conf: np.nd
     ax.bar(left, freq[ne], width=width[ne], align="edge", color="tab:blue", alpha=0.8, edgecolor="k", lw=0.5,
            label="observed frequency")
     gap = conf[ne] - freq[ne]
-    ax.bar(left, gap, bottom=freq[ne], width=width[ne], align="edge", color="tab:red", alpha=0.3,
+    ax.bar(left, gap, bottom=freq[ne], width=width[ne], align="edge", fill=False, hatch="///",
            edgecolor="tab:red", lw=0.5, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
