@@ -1,50 +1,72 @@
-"""Matplotlib (Agg) figures of calib-evaluate: reliability diagrams and dataset reliability histograms."""
+"""Figures of calib-evaluate (and the experiment report): reliability diagrams and dataset
+reliability histograms. Matplotlib's object API only (``matplotlib.figure.Figure`` saved directly,
+no pyplot, no global backend switch), so importing this module changes nothing for the caller.
+
+Reliability diagram convention (:func:`draw_reliability`, used by :func:`reliability_figure` here
+and by the report's :mod:`nnunet_calibration.experiments.report.plots`): top, per probability bin
+holding at least one value, a bar up to the observed frequency (accuracy), a hatched red bar
+from it to the bin's mean predicted probability (confidence), i.e. the gap that ECE/ACE weigh, and
+the identity line; bottom, the share of values per bin (Guo et al. 2017, Fig. 1; the ACE paper).
+Empty bins draw nothing, in either panel.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def _plt():
-    import matplotlib
+def draw_reliability(ax, ax_share, edges: np.ndarray, n: np.ndarray, conf: np.ndarray, freq: np.ndarray,
+                     legend: bool = True) -> None:
+    """Draw one reliability diagram into ``ax`` (top) and the voxel share per bin into ``ax_share``.
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_reliability_diagram(path: Path, edges: np.ndarray, n: np.ndarray, conf: np.ndarray, freq: np.ndarray,
-                             title: str = "") -> None:
-    """Pooled reliability diagram of one class.
-
-    Top: observed frequency per probability bin (bars over the bin), the mean predicted
-    probability of the bin (dots) and the identity line; the gap between them is what the ACE/ECE
-    measure. Bottom: number of voxels per bin (log scale). Empty bins are left blank.
+    ``edges`` (n_bins + 1,), ``n`` values per bin, ``conf`` mean predicted probability and ``freq``
+    observed frequency per bin (NaN / ignored where ``n == 0``). See the module docstring.
     """
-    plt = _plt()
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    edges, n = np.asarray(edges, float), np.asarray(n, float)
+    conf, freq = np.asarray(conf, float), np.asarray(freq, float)
     width = np.diff(edges)
     ne = n > 0
-    ax.bar(edges[:-1][ne], freq[ne], width=width[ne], align="edge", color="tab:blue", alpha=0.7,
-           edgecolor="k", label="observed frequency")
-    ax.plot(conf[ne], conf[ne], "o", color="tab:red", ms=4, label="mean predicted probability")
+    left = edges[:-1][ne]
+    ax.bar(left, freq[ne], width=width[ne], align="edge", color="tab:blue", alpha=0.8, edgecolor="k", lw=0.5,
+           label="observed frequency")
+    gap = conf[ne] - freq[ne]
+    ax.bar(left, gap, bottom=freq[ne], width=width[ne], align="edge", fill=False, hatch="///",
+           edgecolor="tab:red", lw=0.5, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed frequency")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    axn.bar(edges[:-1][ne], n[ne], width=width[ne], align="edge", color="gray", edgecolor="k")
+    if legend:
+        ax.legend(loc="upper left", fontsize=7)
+    total = n.sum()
+    share = n[ne] / total if total > 0 else n[ne]
+    ax_share.bar(left, share, width=width[ne], align="edge", color="gray", edgecolor="k", lw=0.5)
+    ax_share.set_xlim(0, 1)
     if ne.any():
-        axn.set_yscale("log")
-    axn.set_xlabel("predicted probability")
-    axn.set_ylabel("voxels")
+        ax_share.set_yscale("log")
+        ax_share.set_ylim(min(share.min(), 1.0) / 2, 1.0)
+    ax_share.set_xlabel("predicted probability (confidence)")
+    ax_share.set_ylabel("share", fontsize=8)
+
+
+def reliability_figure(edges: np.ndarray, n: np.ndarray, conf: np.ndarray, freq: np.ndarray,
+                       title: str = "") -> Figure:
+    """A :class:`~matplotlib.figure.Figure` with one reliability diagram (see :func:`draw_reliability`)."""
+    fig = Figure(figsize=(5, 6))
+    ax, axn = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    draw_reliability(ax, axn, edges, n, conf, freq)
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_reliability_diagram(path: Path, edges: np.ndarray, n: np.ndarray, conf: np.ndarray, freq: np.ndarray,
+                             title: str = "") -> None:
+    """Pooled reliability diagram of one class, saved as PNG (see :func:`draw_reliability`)."""
+    reliability_figure(edges, n, conf, freq, title).savefig(path, dpi=100)
 
 
 def dataset_reliability_counts(edges: np.ndarray, per_case_freq: np.ndarray) -> np.ndarray:
@@ -70,10 +92,10 @@ def plot_dataset_reliability_histogram(path: Path, edges: np.ndarray, per_case_f
     x: predicted probability bin; y: observed frequency of that class in that bin for one case;
     colour: number of cases (white: none). A well calibrated model concentrates along the diagonal.
     """
-    plt = _plt()
     counts = dataset_reliability_counts(edges, per_case_freq)
     k = len(class_names)
-    fig, axes = plt.subplots(1, k, figsize=(4 * k + 1, 4), squeeze=False)
+    fig = Figure(figsize=(4 * k + 1, 4))
+    axes = fig.subplots(1, k, squeeze=False)
     vmax = max(int(counts.max()), 1)
     im = None
     for i, name in enumerate(class_names):
@@ -92,4 +114,3 @@ def plot_dataset_reliability_histogram(path: Path, edges: np.ndarray, per_case_f
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="cases", shrink=0.8)
     fig.savefig(path, dpi=100)
-    plt.close(fig)

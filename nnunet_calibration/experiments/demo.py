@@ -22,15 +22,22 @@ folders are ``WORK/nnUNet_raw`` etc., whatever the environment says):
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
-from nnunet_calibration.experiments.small_config import add_small_configuration
+from dataset_conversion import ConversionError, convert_acdc
+from nnunet_calibration.experiments.config import (ExperimentError, load_experiment, validate,
+                                                   with_plugin_trainers)
+from nnunet_calibration.experiments.report import make_report
+from nnunet_calibration.experiments.runner import check_recorded_hparams, run_local
+from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+from nnunet_calibration.synthetic import make_synthetic_dataset
+from nnunet_calibration.experiments.small_config import SmallConfigError, add_small_configuration
 
 ACDC_ID = 27
 SYNTH_ID = 990
@@ -43,6 +50,19 @@ def _template(name: str) -> dict:
 def _preprocessed(pre: Path, dataset_id: int, configuration: str = "2d") -> bool:
     found = [p for p in pre.glob(f"Dataset{dataset_id:03d}_*") if (p / "nnUNetPlans.json").is_file()]
     return bool(found) and any(found[0].glob(f"nnUNetPlans_{configuration}/*"))
+
+
+def demo_environment(work: Path, base: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+    """The demo's nnU-Net folders (``WORK/nnUNet_{raw,preprocessed,results}``, created) and the
+    environment for its nnU-Net commands: ``base`` (default: a copy of ``os.environ``, never modified)
+    with those folders, the CPU-friendly settings and the plugin's trainers. Returns ``(folders, env)``.
+    """
+    folders = {k: Path(work) / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")}
+    for f in folders.values():
+        f.mkdir(parents=True, exist_ok=True)
+    env = nnunet_env(None, base=base)
+    env.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
+    return folders, with_plugin_trainers(env)
 
 
 def main(argv=None) -> int:
@@ -58,20 +78,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     command = "calib-demo " + " ".join(shlex.quote(a) for a in argv)
 
-    from nnunet_calibration.experiments.config import ExperimentError, load_experiment, validate
-    from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
-
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    folders = {k: work / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")}
-    for f in folders.values():
-        f.mkdir(parents=True, exist_ok=True)
-    env = nnunet_env(None)
-    env.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
-    os.environ.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
-    from nnunet_calibration.experiments.config import with_plugin_trainers
-
-    env = with_plugin_trainers(env)
+    # nnU-Net commands get `env` explicitly; the experiment carries its folders (nnunet_paths), from which the
+    # runner builds each training's environment: nothing here writes to os.environ
+    folders, env = demo_environment(work)
 
     try:
         if args.source:
@@ -79,8 +90,6 @@ def main(argv=None) -> int:
             dataset_id, template = ACDC_ID, "demo_acdc.yaml"
             if not list(folders["raw"].glob(f"Dataset{ACDC_ID:03d}_*")):
                 print(f"[1/4] converting {source} (calib-convert acdc) ...", flush=True)
-                from dataset_conversion.acdc import convert_acdc
-
                 convert_acdc(source, ACDC_ID, raw_root=folders["raw"], preprocessed_root=folders["preprocessed"],
                              progress=not args.quiet)
             else:
@@ -89,8 +98,6 @@ def main(argv=None) -> int:
             dataset_id, template = SYNTH_ID, "demo_synthetic.yaml"
             if not list(folders["raw"].glob(f"Dataset{SYNTH_ID:03d}_*")):
                 print("[1/4] writing the synthetic dataset ...", flush=True)
-                from nnunet_calibration.synthetic import make_synthetic_dataset
-
                 make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
             else:
                 print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
@@ -130,31 +137,14 @@ def main(argv=None) -> int:
         exp = validate(load_experiment(exp_file))
         print(f"[3/4] experiment {exp_file}: {', '.join(t.label for t in exp.trainers)} x folds {list(exp.folds)} "
               f"(logs in {exp.state_dir / 'logs'})", flush=True)
-        from nnunet_calibration.experiments.runner import check_recorded_hparams, run_local
-
         check_recorded_hparams(exp)
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
-            done = run_local(exp, progress=not args.quiet)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        done = run_local(exp, progress=not args.quiet)
         failed = [f"{l} fold {f}" for (l, f), (_, rc) in done.items() if rc]
         print("[4/4] report ...", flush=True)
-        from nnunet_calibration.experiments.report import make_report
-
         out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
-    except (ExperimentError, RuntimeError) as e:
+    except (ExperimentError, RuntimeError, ConversionError, SmallConfigError) as e:
         print(f"calib-demo: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from dataset_conversion._common import ConversionError
-
-        if isinstance(e, ConversionError):
-            print(f"calib-demo: error: {e}", file=sys.stderr)
-            return 2
-        raise
     print("")
     print(f"Done. Report: {out / 'README.md'}")
     print(f"      table: {out / 'table.csv'}; plots: {out}/*.png")

@@ -12,14 +12,13 @@ is scaled on its own: ``p_T = sigmoid(logit(p) / T)``. Probabilities are clipped
 ``[eps, 1]`` (softmax) or ``[eps, 1 - eps]`` (sigmoid), ``eps = 1e-7``, before the logarithm, so
 saturated float32 values (exactly 0 or 1) stay finite.
 
-One temperature per trainer is fitted on its validation folds by minimising the mean negative
-log-likelihood of the reference over voxels (softmax: ``-log p_T[y]``; regions: mean binary cross
-entropy over regions) with ``scipy.optimize.minimize_scalar(method="bounded")`` over
-``log T``, ``T in [0.05, 20]``. Voxels: at most ``max_voxels`` drawn uniformly at random (fixed seed) from all
-validation cases together; voxels with nnU-Net's ignore label are left out. The same validation
-folds are then evaluated with T applied (in-sample: the papers fit T on held-out validation data,
-and a fold's validation set is the only held-out data of a cross-validation). Temperature scaling
-never changes the argmax (softmax) or the 0.5 decision (sigmoid), so DSC and HD95 are unchanged.
+A temperature is fitted by minimising the mean negative log-likelihood of the reference over
+voxels (softmax: ``-log p_T[y]``; regions: mean binary cross entropy over regions) with
+``scipy.optimize.minimize_scalar(method="bounded")`` over ``T in [0.05, 20]``, on voxels drawn
+uniformly at random (fixed seed, :func:`sample_voxels`; nnU-Net's ignore label left out). Which
+voxels: the report cross-fits (fold k's temperature is fitted on the other folds' validation
+voxels, see :mod:`nnunet_calibration.experiments.report.tables`). Temperature scaling never changes
+the argmax (softmax) or the 0.5 decision (sigmoid), so DSC and HD95 are unchanged.
 
 Softmax-threshold sweep (DSC++ paper, Fig. 4)
 ----------------------------------------------
@@ -30,11 +29,19 @@ threshold T (0.05, 0.10, ..., 0.95) the prediction is ``p_fg >= T``. Per case: p
 ``tp / (tp + fn)`` (undefined without reference foreground: left out), DSC ``2tp / (2tp + fp + fn)``
 (1 when both are empty). Reported: mean and standard deviation over cases.
 
-Reliability
------------
-Pooled over all voxels whose reference is foreground (the ECE convention of the SDC paper):
-confidence = max class probability, accuracy = argmax equals the label, equal-width bins, bin k
-holds (e_{k-1}, e_k] and 0 goes to the first bin.
+Vector scaling (one temperature per channel)
+--------------------------------------------
+``p_T = softmax_c(log p_c / T_c)`` (softmax) or ``sigmoid(logit(p_r) / T_r)`` (regions), fitted by
+the same NLL. Softmax: all ``T_c`` jointly with ``scipy.optimize.minimize(method="L-BFGS-B")`` over
+``log T_c`` (bounds ``T_BOUNDS``, start: the single fitted temperature); regions: each region's
+temperature on its own (the regions' binary NLLs are independent). With one channel it is
+temperature scaling. Unlike a single temperature, different ``T_c`` can change the argmax, so DSC and
+HD95 may change. (Scaling log-probabilities per class equals per-class scaling of the logits only up
+to the per-voxel constant ``logsumexp(z)``, which no longer cancels; this is the cheap form on saved
+probabilities.)
+
+Reliability diagrams and pooled ECE use the metrics' accumulator
+(:class:`nnunet_calibration.metrics.CalibrationAccumulator`), not a binning of their own.
 """
 from __future__ import annotations
 
@@ -47,8 +54,12 @@ THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 
 
 # -- temperature scaling (delegates to nnunet_calibration.posthoc.scaling) --------------------------
-def scale_probabilities(probs: np.ndarray, temperature: float, sigmoid: bool = False) -> np.ndarray:
-    """Apply temperature ``T`` to probabilities ``probs`` (C, ...): :func:`scaling.apply_scaling`."""
+def scale_probabilities(probs: np.ndarray, temperature, sigmoid: bool = False) -> np.ndarray:
+    """Apply temperature(s) to probabilities ``probs`` (C, ...): :func:`scaling.apply_scaling`.
+
+    ``temperature``: a number (temperature scaling) or one value per channel, shape ``(C,)``
+    (vector scaling).
+    """
     return scaling.apply_scaling(probs, temperature, sigmoid)
 
 
@@ -64,6 +75,21 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, sigmoid: bool = Fals
     if len(probs) == 0:
         raise ValueError("no voxels to fit the temperature on")
     return scaling.fit_temperature(scaling.log_probabilities(probs, sigmoid), targets, sigmoid)
+
+
+def fit_vector_temperatures(probs: np.ndarray, targets: np.ndarray, sigmoid: bool = False,
+                            bounds: tuple = T_BOUNDS) -> np.ndarray:
+    """One temperature per channel by minimising the NLL (:func:`scaling.fit_vector_scaling`).
+
+    ``probs``: (N, C); ``targets``: (N,) class indices (softmax) or (N, C) region memberships.
+    Returns ``(C,)`` float64 temperatures. ``bounds`` must be :data:`T_BOUNDS` (kept for callers).
+    """
+    if tuple(bounds) != tuple(T_BOUNDS):
+        raise ValueError(f"temperature bounds are fixed at {T_BOUNDS}, got {bounds}")
+    if len(probs) == 0:
+        raise ValueError("no voxels to fit the temperatures on")
+    return np.asarray(scaling.fit_vector_scaling(scaling.log_probabilities(probs, sigmoid), targets, sigmoid),
+                      dtype=np.float64)
 
 
 def region_targets(labels: np.ndarray, regions: list[tuple[int, ...]]) -> np.ndarray:
@@ -137,29 +163,3 @@ def summarise_sweep(per_case_counts: list[np.ndarray], thresholds=THRESHOLDS) ->
             row[k + "_std"] = float(v.std()) if len(v) else float("nan")
         rows.append(row)
     return rows
-
-
-# -- reliability --------------------------------------------------------------------------------
-def reliability_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, regions=None,
-                       ignore_label: int | None = None) -> np.ndarray:
-    """(n_bins, 3): voxel count, sum of confidence, sum of accuracy over foreground-reference voxels.
-
-    For regions: every region is a binary task over all voxels (p_r against membership), pooled.
-    Voxels with the ignore label are left out.
-    """
-    edges = np.linspace(0, 1, n_bins + 1)
-    keep = labels.reshape(-1) != ignore_label if ignore_label is not None else np.ones(labels.size, bool)
-    if regions is not None:
-        conf = probs.reshape(len(regions), -1)[:, keep].ravel()
-        acc = region_targets(labels.reshape(-1)[keep], regions).ravel().astype(np.float64)
-    else:
-        fg = (labels.reshape(-1) != 0) & keep
-        p = probs.reshape(probs.shape[0], -1)[:, fg]
-        conf = p.max(axis=0)
-        acc = (p.argmax(axis=0) == labels.reshape(-1)[fg]).astype(np.float64)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    out = np.zeros((n_bins, 3))
-    out[:, 0] = np.bincount(idx, minlength=n_bins)
-    out[:, 1] = np.bincount(idx, weights=conf, minlength=n_bins)
-    out[:, 2] = np.bincount(idx, weights=acc, minlength=n_bins)
-    return out

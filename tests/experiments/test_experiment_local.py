@@ -60,14 +60,18 @@ def test_report_contents(local_run):
     r = local_run
     table = read_table(r.report)
     rep = load_json(r.report / "report.json")
-    assert set(table) == {"nnUNetTrainerDiceCE", "nnUNetTrainerDiceCE + TS", "nnUNetTrainerLS_DC",
-                          "nnUNetTrainerLS_DC + TS"}
+    assert set(table) == {"nnUNetTrainerDiceCE", "nnUNetTrainerDiceCE + TS", "nnUNetTrainerDiceCE + VS",
+                          "nnUNetTrainerLS_DC", "nnUNetTrainerLS_DC + TS", "nnUNetTrainerLS_DC + VS"}
     for t in TRAINERS:
-        # temperature scaling keeps the argmax: DSC and HD95 unchanged, NLL not worse on the fit data
+        # temperature scaling keeps the argmax: DSC and HD95 unchanged
         assert float(table[t + " + TS"]["local-e2e/DSC"]) == pytest.approx(float(table[t]["local-e2e/DSC"]))
         assert float(table[t + " + TS"]["local-e2e/HD95"]) == pytest.approx(float(table[t]["local-e2e/HD95"]))
-        temp = rep["temperature_scaling"]["local-e2e"][t + " + TS"]["temperature"]
-        assert 0.05 <= temp <= 20
+        ts = rep["temperature_scaling"]["local-e2e"][t + " + TS"]
+        assert 0.05 <= ts["temperature"] <= 20
+        # cross-fitted: fold 0 scored with the temperature fitted on fold 1 and vice versa
+        assert ts["cross_fitted"] and set(ts["per_fold"]) == {"0", "1"}
+        assert all(0.05 <= v <= 20 for v in ts["per_fold"].values())
+        assert len(rep["temperature_scaling"]["local-e2e"][t + " + VS"]["per_fold"]["0"]) == 4  # one T per channel (labels 0..3)
     # one best and one second best per column, marked in the markdown
     md = (r.report / "README.md").read_text()
     assert md.count("**") >= 2 * 8 and "<u>" in md
@@ -76,8 +80,8 @@ def test_report_contents(local_run):
         assert "best" in marks
     # ranks: 4 methods ranked, positions 1..4 used, Friedman test computed (>= 3 methods)
     fr = rep["friedman"]
-    assert len(fr["average_rank"]) == 4 and fr["test"]["pvalue"] is not None
-    assert "Friedman test over 4 methods" in md
+    assert len(fr["average_rank"]) == 6 and fr["test"]["pvalue"] is not None
+    assert "Friedman test over 6 methods" in md
     # Wilcoxon against the DiceCE baseline, per case (4 validation cases in folds 0 and 1)
     w = rep["wilcoxon"]["local-e2e"]["nnUNetTrainerLS_DC"]["ECE"]
     assert w["n"] == 4
@@ -176,11 +180,18 @@ def test_regions_dataset_end_to_end(synthetic_regions, tmp_path):
     check_table_against_evaluator("regions-e2e", report, {"nnUNetTrainerDiceCE": model}, [0], ds.name,
                                   Path(ds.env["nnUNet_preprocessed"]), tmp_path / "direct")
     rep = load_json(report / "report.json")
-    t = rep["temperature_scaling"]["regions-e2e"]["nnUNetTrainerDiceCE + TS"]["temperature"]
-    assert 0.05 <= t <= 20
+    ts = rep["temperature_scaling"]["regions-e2e"]["nnUNetTrainerDiceCE + TS"]
+    assert 0.05 <= ts["temperature"] <= 20
+    assert ts["cross_fitted"] is False  # one fold: nothing else to fit on, and the report says so
+    assert "*in-sample* (one fold)" in (report / "README.md").read_text()
     table = read_table(report)
     assert float(table["nnUNetTrainerDiceCE + TS"]["regions-e2e/DSC"]) == pytest.approx(
         float(table["nnUNetTrainerDiceCE"]["regions-e2e/DSC"]))
     assert len(rep["threshold_sweep"]["regions-e2e"]["nnUNetTrainerDiceCE"]) == 19
-    # one method: no Friedman test, and the report says why
-    assert "needs at least 3 methods" in (report / "README.md").read_text()
+    # several sigmoid regions: a + VS row with one temperature per region (sigmoid vector scaling end to end),
+    # so three rows are ranked (the "needs at least 3 methods" note is tested in test_report_tables.py)
+    n_regions = np.load(next((model / "fold_0" / "validation").glob("*.npz")))["probabilities"].shape[0]
+    vs = rep["temperature_scaling"]["regions-e2e"]["nnUNetTrainerDiceCE + VS"]
+    assert n_regions > 1 and len(vs["per_fold"]["0"]) == n_regions
+    assert all(0.05 <= v <= 20 for v in vs["per_fold"]["0"])
+    assert "Friedman test over 3 methods" in (report / "README.md").read_text()

@@ -131,19 +131,40 @@ def test_threshold_sweep_matches_direct_computation():
     assert len(rows) == 19 and rows[0]["threshold"] == 0.05 and rows[-1]["threshold"] == 0.95
 
 
-def test_reliability_counts_direct():
-    rng = np.random.default_rng(4)
-    p = rng.dirichlet([1, 1, 1], size=(4, 6)).transpose(2, 0, 1)
-    p[:, 0, 0] = [0, 0, 1]  # confidence exactly 1: last bin
-    y = rng.integers(0, 3, (4, 6))
-    y[0, 0] = 2
-    r = posthoc.reliability_counts(p, y, n_bins=5)
-    fg = y != 0
-    conf = p.max(0)[fg]
-    acc = (p.argmax(0) == y)[fg]
-    for b in range(5):
-        lo, hi = b / 5, (b + 1) / 5
-        sel = (conf > lo) & (conf <= hi) if b else (conf <= hi)
-        assert r[b, 0] == sel.sum()
-        assert r[b, 1] == pytest.approx(conf[sel].sum())
-        assert r[b, 2] == pytest.approx(acc[sel].sum())
+def test_vector_scaling_recovers_per_region_temperatures():
+    rng = np.random.default_rng(5)
+    n, t_true = 100_000, np.array([0.5, 2.0, 3.0])
+    z = np.clip(rng.normal(0, 1.5, (n, 3)), -4, 4) / np.maximum(t_true, 1)  # inside the 1e-7 clip
+    q = 1 / (1 + np.exp(-z))
+    y = (rng.random((n, 3)) < q).astype(np.uint8)
+    p = 1 / (1 + np.exp(-t_true * z))
+    t = posthoc.fit_vector_temperatures(p, y, sigmoid=True)
+    np.testing.assert_allclose(t, t_true, rtol=0.03)
+    np.testing.assert_allclose(posthoc.scale_probabilities(p.T, t_true, sigmoid=True), q.T, atol=1e-4)
+
+
+def test_vector_scaling_softmax_matches_direct_minimum():
+    """Softmax vector scaling: NLL of softmax(log p_c / T_c) is minimal at the fitted T (checked on a grid)."""
+    rng = np.random.default_rng(6)
+    n = 20_000
+    z = np.clip(rng.normal(0, 1.0, (n, 3)), -3, 3)
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    y = (q.cumsum(1) > rng.random((n, 1))).argmax(1)
+    p = np.exp(2.0 * z - (2.0 * z).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    t = posthoc.fit_vector_temperatures(p, y)
+    logp = np.log(p)
+
+    def nll(tv):
+        s = logp / tv
+        s -= s.max(1, keepdims=True)
+        return np.mean(np.log(np.exp(s).sum(1)) - s[np.arange(n), y])
+
+    best = nll(t)
+    grid = np.exp(np.linspace(-0.1, 0.1, 5))
+    for a in grid:
+        for b in grid:
+            for c in grid:
+                assert nll(t * np.array([a, b, c])) >= best - 1e-9
+    assert nll(t) <= nll(np.full(3, posthoc.fit_temperature(p, y))) + 1e-12

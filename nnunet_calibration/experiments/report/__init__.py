@@ -1,0 +1,68 @@
+"""``calib-experiment report``: the papers' table, ranks, tests, post-hoc scaling and plots.
+
+:func:`make_report` runs four steps, one module each (where a report column is...):
+
+=====================  ====================================================================
+:mod:`.gather`         ...read: every finished fold's ``fold_X/validation`` scored by the
+                       evaluator (:func:`nnunet_calibration.evaluation.evaluate_folders`),
+                       reliability statistics (:class:`~nnunet_calibration.metrics.CalibrationAccumulator`),
+                       sweep counts, fit samples, and the cross-fitted ``+ TS`` / ``+ VS`` rows
+                       -> a typed :class:`.data.ReportData`
+:mod:`.tables`         ...computed (pure functions): means/std over folds, best marks, Friedman
+                       ranks and test, Wilcoxon tests, sweep summaries; the cross-fitting and the
+                       one place where the post-hoc fit is chosen (:data:`.tables.SCALINGS`)
+:mod:`.render`         ...rendered: ``README.md``, ``table.csv``, ``wilcoxon.csv``,
+                       ``threshold_sweep.csv``, ``report.json``
+:mod:`.plots`          ...plotted: ``reliability*.png``, ``dsc_vs_ece*.png``, ``threshold_sweep*.png``
+=====================  ====================================================================
+
+Missing folds are never dropped silently: the ``Folds`` column shows ``present/expected``, and a
+section lists each missing fold's status and log. A report without any finished fold is an error
+(:class:`~nnunet_calibration.experiments.config.ExperimentError`), and nothing is written.
+
+Everything is written into a temporary folder next to the target and moved into place at the end
+(:func:`nnunet_calibration.utils.atomic_dir`); ``evaluation/<experiment>/<row>/fold_X/summary.json``
+keeps the evaluator's summary of every fold.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnunet_calibration.experiments.config import Experiment, ExperimentError
+from nnunet_calibration.experiments.report import gather, plots, render, tables
+from nnunet_calibration.experiments.report.data import (METRICS, ExperimentResult, MethodResult, PosthocFit,
+                                                        ReportData)
+from nnunet_calibration.utils import atomic_dir
+
+__all__ = ["make_report", "build_report", "ReportData", "ExperimentResult", "MethodResult", "PosthocFit",
+           "METRICS"]
+
+
+def build_report(data: ReportData, folder: Path) -> None:
+    """Write the tables, plots and markdown of ``data`` into ``folder`` (no nnU-Net involved).
+
+    Raises :class:`ExperimentError` when no row has a finished fold.
+    """
+    if not tables.has_results(data):
+        lines = [f"{e.name}: {m.method} has no finished fold with validation probabilities (folds {e.folds})"
+                 for e in data.experiments for m in e.methods]
+        raise ExperimentError("nothing to report, no finished fold:\n  " + "\n  ".join(lines)
+                              + "\n(see calib-experiment status)")
+    tab = tables.compute_tables(data)
+    written = plots.write_plots(data, tab, folder)
+    render.write_all(data, tab, folder, written)
+
+
+def make_report(experiments: list[Experiment], output_root: str | os.PathLike | None = None,
+                command: str | None = None, name: str | None = None, progress: bool = True) -> Path:
+    """Gather, evaluate and write the report; returns the report folder (``OUTPUT_ROOT/<name>``)."""
+    if not experiments:
+        raise ExperimentError("no experiment given")
+    name = name or experiments[0].name
+    target = (Path(output_root).resolve() / name) if output_root is not None else \
+        experiments[0].report_dir().parent / name
+    with atomic_dir(target) as work:
+        data = gather.gather(experiments, work, name, command=command, progress=progress)
+        build_report(data, work)
+    return target

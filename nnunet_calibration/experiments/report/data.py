@@ -1,0 +1,97 @@
+"""What the report is made of: typed records filled by :mod:`.gather`, read by :mod:`.tables`,
+:mod:`.render` and :mod:`.plots` (no nnU-Net, no files: hand-made instances are enough for tests).
+
+One :class:`ReportData` holds one :class:`ExperimentResult` per experiment file; each holds one
+:class:`MethodResult` per table row: a trainer, or a trainer after post-hoc scaling (``kind``
+``"TS"`` / ``"VS"``, see :mod:`.tables` for the cross-fitting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nnunet_calibration.metrics import BinStats
+
+#: table columns, in order (the evaluator's summary keys; DSC/HD95: mean over foreground classes)
+METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier")
+#: per-case key in the evaluator's summary for each table metric (others: the metric's own name)
+CASE_KEYS = {"DSC": "DSC_mean", "HD95": "HD95_mean"}
+#: row-name suffix of each post-hoc kind
+SUFFIX = {"trainer": "", "TS": " + TS", "VS": " + VS"}
+
+
+@dataclass
+class PosthocFit:
+    """Parameters of a post-hoc row: cross-fitted per fold, plus the in-sample fit on all folds.
+
+    ``per_fold[k]``: the parameters applied to fold ``k`` (a temperature, or one per channel),
+    fitted on the other folds' validation voxels (``cross_fitted=True``); with a single fold there
+    is nothing else to fit on, so it is fitted on that fold itself (``cross_fitted=False``, and the
+    report says so). ``all_folds``: fitted on every fold's voxels (in-sample for the table; the value
+    to apply to new predictions). ``fit_voxels[k]``: voxels behind ``per_fold[k]``.
+    """
+
+    method: str  # "temperature" or "vector"
+    per_fold: dict
+    all_folds: object
+    fit_voxels: dict
+    cross_fitted: bool
+
+
+@dataclass
+class MethodResult:
+    """One row of the table (one trainer, or one trainer after post-hoc scaling).
+
+    ``fold_means[fold][metric]``: the evaluator's mean over that fold's cases; ``cases[case]``:
+    per-case values (``{metric: value, "fold": fold}``); ``reliability``: the metrics
+    accumulator's ECE statistics pooled over every validation case (``None`` if not computed);
+    ``pooled``: :meth:`CalibrationAccumulator.compute` over all those cases; ``sweep_counts``: per
+    case the ``(thresholds, 3)`` tp/fp/fn counts of :func:`.posthoc.threshold_counts`.
+    """
+
+    method: str
+    trainer: str
+    kind: str = "trainer"  # "trainer", "TS" or "VS"
+    hparams: dict = field(default_factory=dict)
+    folds: list = field(default_factory=list)
+    missing_folds: list = field(default_factory=list)
+    missing_info: list = field(default_factory=list)
+    fold_means: dict = field(default_factory=dict)
+    cases: dict = field(default_factory=dict)
+    reliability: Optional[BinStats] = None
+    pooled: dict = field(default_factory=dict)
+    sweep_counts: list = field(default_factory=list)
+    fit: Optional[PosthocFit] = None
+
+
+@dataclass
+class ExperimentResult:
+    """One experiment file: what it asked for and its rows."""
+
+    name: str
+    dataset: str
+    configuration: str
+    plans: str
+    folds: list
+    baseline: Optional[str]
+    methods: list  # [MethodResult]
+    path: str = ""
+    training: dict = field(default_factory=dict)
+    note: str = ""
+    trainers: list = field(default_factory=list)  # [{"label", "trainer", "hparams", "nnUNet_results"}]
+    regions: bool = False
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows. ``rank_metrics``: the metrics the Friedman ranks use."""
+
+    name: str
+    experiments: list  # [ExperimentResult]
+    rank_metrics: tuple = METRICS
+    command: Optional[str] = None
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.experiments) > 1

@@ -1,0 +1,283 @@
+"""Gathering: read an experiment's finished folds into a :class:`~.data.ReportData`.
+
+For every trainer each *finished* fold's ``fold_X/validation`` folder (the ``.npz`` probabilities
+nnU-Net writes with ``--npz``) is evaluated by :func:`nnunet_calibration.evaluation.evaluate_folders`
+against ``nnUNet_preprocessed/DatasetXXX/gt_segmentations`` (the references nnU-Net validates
+against); the evaluator's summary of each fold is kept in ``evaluation/<experiment>/<row>/fold_X``.
+One more pass over the probabilities fills, per trainer:
+
+- the reliability statistics: a :class:`nnunet_calibration.metrics.CalibrationAccumulator` with the
+  evaluator's own options (so the diagram's bins are the ECE column's bins), pooled over all cases;
+- the threshold sweep counts (:func:`.posthoc.threshold_counts`);
+- per fold, a random voxel sample for the post-hoc fits (:func:`.posthoc.sample_voxels`, at most
+  ``report.max_fit_voxels`` voxels per trainer spread evenly over its cases, fixed seed 0).
+
+Post-hoc rows (``report.temperature_scaling``, ``report.vector_scaling``, both default true):
+parameters cross-fitted by :func:`.tables.crossfit`, applied per fold to a temporary copy of the
+probabilities (deleted afterwards) that the evaluator scores like any other folder.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import os
+import platform
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_calibration import __version__
+from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders, label_info
+from nnunet_calibration.evaluation.core import load_probabilities, load_reference
+from nnunet_calibration.experiments import posthoc
+from nnunet_calibration.experiments.config import Experiment, ExperimentError, TrainerSpec
+from nnunet_calibration.experiments.report import tables
+from nnunet_calibration.experiments.report.data import (CASE_KEYS, METRICS, SUFFIX, ExperimentResult, MethodResult,
+                                                        PosthocFit, ReportData)
+from nnunet_calibration.experiments.runner import FINISHED, fold_state, has_npz
+from nnunet_calibration.experiments.status import fold_statuses
+from nnunet_calibration.metrics import CalibrationAccumulator
+
+#: the accumulator's keyword options (taken from the evaluator's summary config, never re-defaulted)
+_ACC_OPTIONS = [k for k in inspect.signature(CalibrationAccumulator).parameters if k != "regions"]
+
+
+# -- machine -------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    """Date, platform, CPU, and versions of torch, nnU-Net, numpy, scipy and this package."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count()}
+    for mod, key in (("torch", "torch"), ("nnunetv2", "nnunetv2"), ("numpy", "numpy"), ("scipy", "scipy"),
+                     ("nnunet-calibration", "nnunet_calibration")):
+        try:
+            info[key] = version(mod)
+        except PackageNotFoundError:
+            pass
+    info.setdefault("nnunet_calibration", __version__)  # not installed (a checkout on PYTHONPATH)
+    try:
+        import torch  # deferred on purpose: heavy, and only for the GPU name
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    except Exception as e:  # pragma: no cover - torch is a dependency
+        info["cuda"] = f"unknown ({e})"
+    return info
+
+
+# -- reading one case ----------------------------------------------------------------------------
+class DatasetInfo:
+    """The preprocessed dataset's references and label layout (through the evaluator's ``label_info``)."""
+
+    def __init__(self, exp: Experiment):
+        pre = exp.nnunet_folder("preprocessed") / exp.dataset_name
+        self.dataset_json_path = pre / "dataset.json"
+        try:
+            self.dataset_json = json.loads(self.dataset_json_path.read_text())
+            lm, self.class_names, regions = label_info(self.dataset_json, str(self.dataset_json_path))
+        except (OSError, ValueError) as e:
+            raise ExperimentError(f"cannot read {self.dataset_json_path}: {e}") from None
+        self.gt_folder = pre / "gt_segmentations"
+        if not self.gt_folder.is_dir():
+            raise ExperimentError(f"reference folder {self.gt_folder} missing (was the dataset preprocessed?)")
+        self.file_ending = self.dataset_json["file_ending"]
+        self.regions = [tuple(r) for r in regions] if regions else None
+        self.has_regions = self.regions is not None
+        self.ignore_label = lm.ignore_label
+
+    def reference(self, case: str, shape: tuple) -> np.ndarray:
+        f = self.gt_folder / f"{case}{self.file_ending}"
+        if not f.is_file():
+            raise ExperimentError(f"no reference {f} for case {case}")
+        try:
+            arr, _ = load_reference(f)
+        except EvaluationInputError as e:
+            raise ExperimentError(str(e)) from None
+        if arr.shape != tuple(shape):
+            if arr.size != int(np.prod(shape)):
+                raise ExperimentError(f"reference {f} has shape {arr.shape}, probabilities have {tuple(shape)}")
+            arr = arr.reshape(shape)
+        return arr.astype(np.int16)
+
+
+def load_probs(npz: Path) -> np.ndarray:
+    try:
+        return load_probabilities(npz)
+    except EvaluationInputError as e:
+        raise ExperimentError(f"cannot read probabilities from {npz}: {e}") from None
+
+
+# -- evaluating one folder -----------------------------------------------------------------------
+def evaluation_options(exp: Experiment) -> tuple[int, dict]:
+    """``(num_processes, metric options)`` from the experiment's ``evaluation`` section."""
+    ev = dict(exp.evaluation)
+    nproc = int(ev.pop("num_processes", 1))
+    options = dict(ev.pop("options", {}) or {})
+    options.update(ev)
+    return nproc, options
+
+
+def evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment) -> dict:
+    """The evaluator's summary of one folder (also written to ``out_dir/summary.json``)."""
+    nproc, options = evaluation_options(exp)
+    try:
+        # write=False: the evaluator's per-class PNGs of every fold are not needed here; its summary is kept
+        summary = evaluate_folders([str(folder)], str(info.gt_folder), str(info.dataset_json_path), str(out_dir),
+                                   num_processes=nproc, progress=False, write=False, **options)
+    except (EvaluationInputError, TypeError) as e:
+        raise ExperimentError(f"evaluating {folder} failed: {e}") from e
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def fold_means(summary: dict) -> dict:
+    return {m: _float(summary["mean"].get(m)) for m in METRICS}
+
+
+def case_values(summary: dict, fold: int) -> dict:
+    return {c["case"]: dict({m: _float(c["metrics"].get(CASE_KEYS.get(m, m))) for m in METRICS}, fold=fold)
+            for c in summary["cases"]}
+
+
+def _accumulator(summary: dict, info: DatasetInfo) -> CalibrationAccumulator:
+    return CalibrationAccumulator(regions=info.regions, **{k: summary["config"][k] for k in _ACC_OPTIONS})
+
+
+def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
+    if acc.stats is not None:
+        rec.reliability = acc.stats["ece"]
+        rec.pooled = acc.compute()
+
+
+# -- one trainer ---------------------------------------------------------------------------------
+def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: Path, rng_seed: int = 0,
+                  progress: bool = True) -> list[MethodResult]:
+    """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``."""
+    rep = exp.report
+    present = [f for f in exp.folds if fold_state(exp, spec, f) == FINISHED and has_npz(exp, spec, f)]
+    missing = [f for f in exp.folds if f not in present]
+    rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
+                       missing_folds=missing)
+    if not present:
+        return [rec]
+    kinds = [k for k, opt in (("TS", "temperature_scaling"), ("VS", "vector_scaling")) if rep.get(opt, True)]
+    do_sweep = bool(rep.get("threshold_sweep", True))
+    max_vox = int(rep.get("max_fit_voxels", 200_000))
+    ev_dir = work / "evaluation" / exp.name
+    # 1) the evaluator, per fold
+    summaries = {}
+    for f in present:
+        summaries[f] = evaluate(exp.fold_folder(spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
+        rec.fold_means[f] = fold_means(summaries[f])
+        rec.cases.update(case_values(summaries[f], f))
+    # 2) one pass over the probabilities: reliability, threshold sweep, fit samples per fold
+    files = [(f, npz) for f in present for npz in sorted((exp.fold_folder(spec, f) / "validation").glob("*.npz"))]
+    rng = np.random.default_rng(rng_seed)
+    per_case = max(1, max_vox // max(1, len(files)))
+    acc = _accumulator(summaries[present[0]], info)
+    samples = {f: ([], []) for f in present}
+    n_channels = 0
+    for f, npz in tqdm(files, desc=f"{spec.label}: probabilities", disable=not progress, unit="case"):
+        p = load_probs(npz)
+        n_channels = p.shape[0]
+        y = info.reference(npz.stem, p.shape[1:])
+        acc.update(p, y)
+        if do_sweep:
+            valid = y != info.ignore_label if info.ignore_label is not None else np.ones(y.shape, bool)
+            rec.sweep_counts.append(posthoc.threshold_counts(
+                posthoc.foreground_probability(p, info.regions)[valid],
+                posthoc.foreground_reference(y, info.regions)[valid]))
+        if kinds:
+            sp, sy = posthoc.sample_voxels(p, y, per_case, rng, info.regions, info.ignore_label)
+            samples[f][0].append(tables.log_probabilities(sp))
+            samples[f][1].append(sy)
+    _finish(rec, acc)
+    out = [rec]
+    if "VS" in kinds and not tables.vector_scaling_differs(n_channels):
+        kinds.remove("VS")
+    per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()} if kinds else {}
+    # 3) post-hoc rows: cross-fitted parameters, applied fold by fold, scored by the evaluator
+    for kind in kinds:
+        scaling = tables.SCALINGS[kind]
+        params, cross = tables.crossfit(per_fold, scaling.fit, info.has_regions)
+        n_fit = {k: int(sum(len(per_fold[f][1]) for f in per_fold if f != k or not cross)) for k in params}
+        fit = PosthocFit(method=scaling.method, per_fold=params,
+                         all_folds=tables.fit_all(per_fold, scaling.fit, info.has_regions),
+                         fit_voxels=n_fit, cross_fitted=cross)
+        row = MethodResult(method=spec.label + SUFFIX[kind], trainer=spec.name, kind=kind, hparams=rec.hparams,
+                           folds=present, missing_folds=missing, fit=fit)
+        acc = _accumulator(summaries[present[0]], info)
+        scaled_root = work / ".scaled"
+        try:
+            for f in present:
+                scaled = scaled_root / spec.label / kind / f"fold_{f}"
+                scaled.mkdir(parents=True, exist_ok=True)
+                for npz in tqdm(sorted((exp.fold_folder(spec, f) / "validation").glob("*.npz")), disable=not progress,
+                                desc=f"{row.method}: fold {f}", unit="case"):
+                    q = scaling.apply(load_probs(npz), params[f], info.has_regions)
+                    np.savez(scaled / npz.name, probabilities=q)
+                    acc.update(q, info.reference(npz.stem, q.shape[1:]))
+                summ = evaluate(scaled, info, ev_dir / (spec.label + "+" + kind) / f"fold_{f}", exp)
+                row.fold_means[f] = fold_means(summ)
+                row.cases.update(case_values(summ, f))
+        finally:
+            shutil.rmtree(scaled_root, ignore_errors=True)  # the scaled copies leave nothing behind
+        _finish(row, acc)
+        out.append(row)
+    return out
+
+
+def missing_details(exp: Experiment, spec: TrainerSpec, folds: list[int]) -> list[dict]:
+    """Status and log of each missing fold (``calib-experiment status``)."""
+    if not folds:
+        return []
+    try:
+        rows = fold_statuses(exp)
+    except Exception as e:  # status must never hide the table
+        return [{"fold": f, "status": "unknown", "detail": str(e), "log": ""} for f in folds]
+    return [r for r in rows if r["label"] == spec.label and r["fold"] in folds]
+
+
+# -- everything ----------------------------------------------------------------------------------
+def gather(experiments: list[Experiment], work: Path, name: str, command: str | None = None,
+           progress: bool = True) -> ReportData:
+    """Evaluate every experiment's trainers into a :class:`ReportData` (evaluator summaries into ``work``)."""
+    rank_metrics = tuple(experiments[0].report.get("rank_metrics", METRICS))
+    bad = sorted(set(rank_metrics) - set(METRICS))
+    if bad:
+        raise ExperimentError(f"{experiments[0].path}: report.rank_metrics {bad} unknown; metrics: {list(METRICS)}")
+    results = []
+    for exp in experiments:
+        info = DatasetInfo(exp)
+        methods = []
+        for spec in exp.trainers:
+            recs = gather_method(exp, spec, info, work, progress=progress)
+            recs[0].missing_info = missing_details(exp, spec, recs[0].missing_folds)
+            methods += recs
+        results.append(ExperimentResult(
+            name=exp.name, dataset=exp.dataset_name, configuration=exp.configuration, plans=exp.plans,
+            folds=list(exp.folds), baseline=exp.baseline_label, methods=methods, path=str(exp.path),
+            training=dict(exp.training), note=str(exp.report.get("note", "") or ""), regions=info.has_regions,
+            trainers=[{"label": t.label, "trainer": t.name, "hparams": exp.hparams_for(t),
+                       "nnUNet_results": str(exp.results_root(t))} for t in exp.trainers]))
+    return ReportData(name=name, experiments=results, rank_metrics=rank_metrics, command=command,
+                      machine=machine_info())

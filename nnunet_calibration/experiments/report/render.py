@@ -1,0 +1,315 @@
+"""Rendering: the report's ``README.md``, ``table.csv``, ``wilcoxon.csv``, ``threshold_sweep.csv`` and
+``report.json`` from a :class:`~.data.ReportData` and its :class:`~.tables.Tables` (numbers are
+computed in :mod:`.tables`; nothing is computed here except formatting).
+
+Formatting: 3 decimals (HD95: 2), ``mean ± std`` over folds, ``—`` for undefined; best **bold**,
+second <u>underlined</u> (CSV: ``<block>_mark`` = ``best`` / ``second``); p-values < 0.001 in
+scientific notation. CSV numbers are ``repr(float)`` (full precision), empty when undefined; JSON
+goes through :func:`nnunet_calibration.utils.json_clean` (NaN -> null).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_calibration.experiments.report.data import METRICS, ExperimentResult, ReportData
+from nnunet_calibration.experiments.report.tables import Tables
+from nnunet_calibration.utils import json_clean
+
+DECIMALS = {"HD95": 2}
+SWEEP_SHOWN = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+# -- formatting ----------------------------------------------------------------------------------
+def fmt(v, metric: str, std=None) -> str:
+    if v is None or not math.isfinite(v):
+        return "—"
+    d = DECIMALS.get(metric, 3)
+    s = f"{v:.{d}f}"
+    if std is not None and math.isfinite(std):
+        s += f" ± {std:.{d}f}"
+    return s
+
+
+def fmt_p(p) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def fmt_params(params) -> str:
+    a = np.atleast_1d(np.asarray(params, dtype=float))
+    return ", ".join(f"{x:.3f}" for x in a) if a.size > 1 else f"{a[0]:.3f}"
+
+
+def csvnum(v) -> str:
+    if v is None:
+        return ""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "" if not math.isfinite(f) else repr(f)
+
+
+def md_table(header: list, rows: list) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _marked(text: str, mark: str) -> str:
+    if text == "—" or not mark:
+        return text
+    return f"**{text}**" if mark == "best" else f"<u>{text}</u>"
+
+
+def folds_cell(present: list, missing: list, n_expected: int) -> str:
+    s = f"{len(present)}/{n_expected}"
+    return s + (f" (missing {', '.join(map(str, missing))})" if missing else "")
+
+
+# -- CSV -----------------------------------------------------------------------------------------
+def write_csvs(data: ReportData, tab: Tables, folder: Path) -> None:
+    with open(folder / "table.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        header = ["method"]
+        for e in data.experiments:
+            header += [f"{e.name}/folds", f"{e.name}/missing_folds"]
+            for metric in METRICS:
+                header += [f"{e.name}/{metric}", f"{e.name}/{metric}_std", f"{e.name}/{metric}_mark"]
+        w.writerow(header + ["friedman_rank", "friedman_position"])
+        for meth in tab.method_order:
+            row = [meth]
+            for e in data.experiments:
+                present, missing = tab.folds[meth].get(e.name, ([], list(e.folds)))
+                row += [" ".join(map(str, present)), " ".join(map(str, missing))]
+                for metric in METRICS:
+                    b = f"{e.name}/{metric}"
+                    row += [csvnum(tab.mean[meth].get(b)), csvnum(tab.std[meth].get(b)), tab.mark(meth, b)]
+            w.writerow(row + [csvnum(tab.avg_rank.get(meth)), tab.position.get(meth, "")])
+    with open(folder / "wilcoxon.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["experiment", "baseline", "method", "metric", "n_cases", "statistic", "pvalue",
+                    "median_diff_vs_baseline", "note"])
+        for e in data.experiments:
+            for meth, per in tab.wilcoxon.get(e.name, {}).items():
+                for metric, r in per.items():
+                    w.writerow([e.name, e.baseline, meth, metric, r["n"], csvnum(r["statistic"]),
+                                csvnum(r["pvalue"]), csvnum(r["median_diff"]), r["note"]])
+    with open(folder / "threshold_sweep.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["experiment", "method", "threshold", "n_cases", "precision", "precision_std", "recall",
+                    "recall_std", "DSC", "DSC_std"])
+        for ename, per in tab.sweeps.items():
+            for meth, rows in per.items():
+                for r in rows:
+                    w.writerow([ename, meth, f"{r['threshold']:.2f}", r["n_cases"]] +
+                               [csvnum(r[k]) for k in ("precision", "precision_std", "recall", "recall_std", "DSC",
+                                                        "DSC_std")])
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+def posthoc_json(e: ExperimentResult) -> dict:
+    """Per post-hoc row: method, cross-fitted parameters per fold, in-sample parameters, voxels."""
+    out = {}
+    for m in e.methods:
+        if m.fit is None:
+            continue
+        f = m.fit
+        rec = {"method": f.method, "cross_fitted": f.cross_fitted,
+               "per_fold": {str(k): v for k, v in f.per_fold.items()},
+               "fit_voxels": {str(k): v for k, v in f.fit_voxels.items()},
+               "all_folds_in_sample": f.all_folds, "folds": m.folds}
+        if f.method == "temperature":
+            rec["temperature"] = f.all_folds  # the single temperature to apply to new predictions
+        out[m.method] = rec
+    return out
+
+
+def report_json(data: ReportData, tab: Tables) -> dict:
+    return json_clean({
+        "name": data.name, "command": data.command, "machine": data.machine, "metrics": list(METRICS),
+        "rank_metrics": list(tab.rank_metrics),
+        "experiments": [{"name": e.name, "file": e.path, "dataset": e.dataset, "configuration": e.configuration,
+                         "plans": e.plans, "folds": e.folds, "baseline": e.baseline, "training": e.training,
+                         "trainers": e.trainers} for e in data.experiments],
+        "table": {m: {"mean": tab.mean[m], "std": tab.std[m],
+                      "folds": {k: {"present": v[0], "missing": v[1]} for k, v in tab.folds[m].items()}}
+                  for m in tab.method_order},
+        "fold_means": {e.name: {m.method: {str(f): v for f, v in m.fold_means.items()} for m in e.methods}
+                       for e in data.experiments},
+        "pooled": {e.name: {m.method: m.pooled for m in e.methods if m.pooled} for e in data.experiments},
+        "friedman": {"average_rank": tab.avg_rank, "position": tab.position, "test": tab.friedman},
+        "wilcoxon": tab.wilcoxon,
+        "temperature_scaling": {e.name: posthoc_json(e) for e in data.experiments},
+        "threshold_sweep": tab.sweeps,
+        "missing": {e.name: {m.method: m.missing_info for m in e.methods if m.missing_folds and m.kind == "trainer"}
+                    for e in data.experiments},
+    })
+
+
+def write_json(data: ReportData, tab: Tables, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report_json(data, tab), indent=2, allow_nan=False))
+
+
+# -- markdown ------------------------------------------------------------------------------------
+def _md_header(data: ReportData) -> list:
+    L = [f"# Calibration report: {data.name}", "", "Made by `calib-experiment report` (nnunet-calibration).", ""]
+    for e in data.experiments:
+        if e.note:
+            L += [f"> **Note ({e.name})**: {e.note}", ""]
+    if data.command:
+        L += ["Command:", "", "```", data.command, "```", ""]
+    L += ["Machine: " + "; ".join(f"{k} {v}" for k, v in data.machine.items()), ""]
+    for e in data.experiments:
+        L.append(f"- **{e.name}**: {e.dataset}, configuration `{e.configuration}`, plans `{e.plans}`, "
+                 f"folds {list(e.folds)}, training {e.training or 'nnU-Net defaults'}, "
+                 f"baseline `{e.baseline}`, experiment file `{e.path}`")
+    return L + [""]
+
+
+def _md_results(data: ReportData, tab: Tables) -> list:
+    multi = data.multi
+    L = ["## Results (validation folds)", "",
+         "Mean over folds ± standard deviation over folds (each fold: the evaluator's mean over its cases). "
+         "DSC ↑, all other metrics ↓. **Bold**: best, <u>underlined</u>: second best per column. "
+         f"Rank: Friedman average rank over {', '.join(tab.rank_metrics)}" + (" and experiments" if multi else "")
+         + " (position in brackets). Rows `+ TS` / `+ VS`: the trainer above after temperature / vector "
+         "(per-channel temperature) scaling, **cross-fitted**: fold k is scored with the parameters fitted on "
+         "the other folds' validation cases (see \"Post-hoc scaling\").", ""]
+    header = ["Method"] if multi else ["Method", "Folds"]
+    for e in data.experiments:
+        if multi:
+            header.append(f"{e.name} folds")
+        header += [f"{e.name} {m}" if multi else m for m in METRICS]
+    header.append("Rank")
+    rows = []
+    for meth in tab.method_order:
+        row = [meth.replace("|", "/")]
+        for e in data.experiments:
+            present, missing = tab.folds[meth].get(e.name, ([], list(e.folds)))
+            row.append(folds_cell(present, missing, len(e.folds)))
+            for metric in METRICS:
+                b = f"{e.name}/{metric}"
+                row.append(_marked(fmt(tab.mean[meth].get(b), metric, tab.std[meth].get(b)), tab.mark(meth, b)))
+        r = tab.avg_rank.get(meth)
+        row.append(f"{r:.2f} ({tab.position[meth]})" if r is not None and math.isfinite(r) else "—")
+        rows.append(row)
+    L += [md_table(header, rows), ""]
+    ft = tab.friedman
+    if ft["pvalue"] is not None:
+        L += [f"Friedman test over {ft['n_methods']} methods and {ft['n_blocks']} metric columns: "
+              f"χ² = {ft['statistic']:.3f}, p = {fmt_p(ft['pvalue'])} (scipy.stats.friedmanchisquare).", ""]
+    else:
+        L += [ft["note"] + ".", ""]
+    miss = []
+    for e in data.experiments:
+        for m in e.methods:
+            for r in m.missing_info:
+                miss.append(f"- {e.name} / {m.method} fold {r['fold']}: **{r['status']}** "
+                            f"{r.get('detail', '')} " + (f"log: `{r['log']}`" if r.get("log") else ""))
+    if miss:
+        L += ["### Missing folds", "", "These folds are not in the means above:", ""] + miss + [""]
+    return L
+
+
+def _md_wilcoxon(data: ReportData, tab: Tables) -> list:
+    L = ["## Wilcoxon signed-rank tests against the baseline", "",
+         "Two-sided, paired over per-case values of all validation folds (cases both methods have); "
+         "cell: p-value (median of method − baseline, n cases).", ""]
+    for e in data.experiments:
+        per = tab.wilcoxon.get(e.name)
+        if not per:
+            L += [f"{e.name}: no baseline trainer with results in the experiment; no tests.", ""]
+            continue
+        if data.multi:
+            L += [f"**{e.name}**", ""]
+        rows = []
+        for meth, mm in per.items():
+            row = [meth]
+            for metric in METRICS:
+                r = mm[metric]
+                row.append(f"— ({r['note']}, n={r['n']})" if r["pvalue"] is None else
+                           f"{fmt_p(r['pvalue'])} ({r['median_diff']:+.3g}, n={r['n']})")
+            rows.append(row)
+        L += [f"Baseline: `{e.baseline}`", "", md_table(["Method"] + list(METRICS), rows), ""]
+    return L
+
+
+def _md_posthoc(data: ReportData) -> list:
+    L = ["## Post-hoc scaling (cross-fitted)", "",
+         "`+ TS`: one temperature T, softmax(log p / T) (regions: sigmoid(logit p / T)); `+ VS`: one temperature per "
+         "channel (shown where it can differ from TS: more than one channel). Parameters minimise the NLL on a "
+         "random voxel sample (fixed seed). **Cross-fitted**: the parameters applied to fold k are fitted on the "
+         "other folds' validation voxels only, so no fold is scored with parameters fitted on itself (with a "
+         "single fold there is nothing else to fit on: fitted on that fold, marked *in-sample*). Extra column "
+         "*all folds (in-sample)*: fitted on every fold together, the value to apply to new predictions; it is "
+         "not used for the table. T > 1: the trainer was over-confident.", ""]
+    rows = []
+    for e in data.experiments:
+        for m in e.methods:
+            if m.fit is None:
+                continue
+            f = m.fit
+            per = "; ".join(f"fold {k}: {fmt_params(v)} ({f.fit_voxels[k]} vox)" for k, v in f.per_fold.items())
+            rows.append([e.name, m.method, "cross-fitted" if f.cross_fitted else "*in-sample* (one fold)", per,
+                         fmt_params(f.all_folds)])
+    L += [md_table(["Experiment", "Row", "fit", "parameters per fold (fit voxels)", "all folds (in-sample)"], rows)
+          if rows else "(not computed)", ""]
+    return L
+
+
+def _md_sweep(data: ReportData, tab: Tables, plots: dict) -> list:
+    if not tab.sweeps:
+        return []
+    L = ["## Softmax thresholding (DSC++ paper, Fig. 4)", "",
+         "Foreground = 1 − p(background) (regions: largest region probability) ≥ threshold, against the reference "
+         "foreground; precision / recall / DSC per case, mean over cases.", ""]
+    shown = [round(x, 2) for x in SWEEP_SHOWN]
+    for e in data.experiments:
+        per = tab.sweeps.get(e.name)
+        if not per:
+            continue
+        rows = []
+        for meth, rs in per.items():
+            for k in ("precision", "recall", "DSC"):
+                rows.append([meth, k] + [fmt(r[k], k) for r in rs if round(r["threshold"], 2) in shown])
+        if data.multi:
+            L += [f"**{e.name}**", ""]
+        L += [md_table(["Method", "score"] + [f"{t:.2f}" for t in shown], rows), ""]
+        if "threshold_sweep" in plots.get(e.name, {}):
+            L += [f"![threshold sweep]({plots[e.name]['threshold_sweep']})", ""]
+        L += ["All thresholds 0.05–0.95: `threshold_sweep.csv`.", ""]
+    return L
+
+
+def _md_plots(data: ReportData, plots: dict) -> list:
+    L = ["## Plots", "",
+         "Reliability diagrams: the ECE column's bins pooled over all validation cases (foreground voxels; "
+         "empty bins are not drawn; beneath: share of voxels per bin).", ""]
+    for e in data.experiments:
+        p = plots.get(e.name, {})
+        for kind, alt in (("reliability", "reliability"), ("dsc_vs_ece", "DSC vs ECE")):
+            if kind in p:
+                L += [f"![{alt}]({p[kind]})", ""]
+    L += ["Files: `table.csv`, `wilcoxon.csv`, `threshold_sweep.csv`, `report.json` (every number), "
+          "`evaluation/` (the evaluator's summary.json per row and fold).", ""]
+    return L
+
+
+def markdown(data: ReportData, tab: Tables, plots: dict) -> str:
+    """The report's README.md; ``plots``: the files :func:`.plots.write_plots` wrote (only those are linked)."""
+    L = (_md_header(data) + _md_results(data, tab) + _md_wilcoxon(data, tab) + _md_posthoc(data)
+         + _md_sweep(data, tab, plots) + _md_plots(data, plots))
+    return "\n".join(L)
+
+
+def write_all(data: ReportData, tab: Tables, folder: Path, plots: dict) -> None:
+    write_csvs(data, tab, folder)
+    write_json(data, tab, folder)
+    (folder / "README.md").write_text(markdown(data, tab, plots))

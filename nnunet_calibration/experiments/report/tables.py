@@ -1,0 +1,196 @@
+"""The report's numbers: pure functions over a :class:`~.data.ReportData` (no files, no nnU-Net).
+
+Table (:func:`compute_tables`)
+------------------------------
+- A method's value for a metric = the mean over its folds of the fold's ``summary["mean"][metric]``
+  (the evaluator's mean over that fold's cases); its spread = the sample standard deviation over
+  folds (``ddof=1``; none with one fold); undefined (NaN) fold values are left out
+  (:func:`nnunet_calibration.utils.mean_std`). Columns: :data:`~.data.METRICS`.
+- Best and second best per column (``best`` / ``second`` marks; ties share the mark):
+  :func:`nnunet_calibration.experiments.stats.best_two`.
+- Friedman average rank and test over the blocks "(experiment, metric)" of ``rank_metrics``:
+  :mod:`nnunet_calibration.experiments.stats` (post-hoc rows are ranked as methods of their own).
+- Wilcoxon signed-rank tests of every row against the experiment's baseline, per metric, paired over
+  **per-case** values of all validation folds: :func:`.stats.wilcoxon_vs_baseline`.
+- Threshold sweep: mean/std over cases, :func:`.posthoc.summarise_sweep`.
+
+Post-hoc rows: cross-fitting (:func:`crossfit`)
+-----------------------------------------------
+A ``+ TS`` (temperature scaling) or ``+ VS`` (vector scaling, one temperature per channel) row
+applies to fold ``k``'s validation predictions the parameters fitted on the voxels of the *other*
+folds' validation cases, so no fold is scored with parameters fitted on itself (each fold's
+validation cases are unseen by its network and by its scaling). With a single fold there are no
+other folds: the parameters are then fitted on that fold itself, flagged ``cross_fitted=False``
+and said in the report. The parameters fitted on *all* folds (in-sample) are reported in an extra
+column: they are what one would apply to new predictions.
+
+How parameters are fitted and applied is chosen in ONE place, :data:`SCALINGS` (a
+:class:`Scaling` per row kind, wrapping :mod:`nnunet_calibration.experiments.posthoc`). A fit is
+``fit(log_probs, target, regions) -> params`` with ``log_probs`` (N, C) the logarithms of the
+(clipped) voxel probabilities, ``target`` (N,) class indices (softmax) or (N, C) region
+memberships (``regions=True``); an apply is ``apply(probs, params, regions) -> probs`` on a
+``(C, ...)`` probability map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from nnunet_calibration.experiments import posthoc, stats
+from nnunet_calibration.experiments.report.data import METRICS, ReportData
+from nnunet_calibration.utils import mean_std
+
+Fit = Callable[[np.ndarray, np.ndarray, bool], Any]
+Apply = Callable[[np.ndarray, Any, bool], np.ndarray]
+
+
+# -- post-hoc scaling: the one place where fitting and applying are chosen ----------------------
+@dataclass(frozen=True)
+class Scaling:
+    kind: str  # "TS" or "VS" (row suffix " + TS" / " + VS")
+    method: str  # "temperature" or "vector"
+    fit: Fit
+    apply: Apply
+
+
+def _fit_temperature(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> float:
+    return posthoc.fit_temperature(np.exp(log_probs), target, sigmoid=regions)
+
+
+def _fit_vector(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> np.ndarray:
+    return posthoc.fit_vector_temperatures(np.exp(log_probs), target, sigmoid=regions)
+
+
+def _apply(probs: np.ndarray, params, regions: bool) -> np.ndarray:
+    return posthoc.scale_probabilities(probs, params, sigmoid=regions)
+
+
+#: row kind -> how its parameters are fitted and applied (swap in other fitting functions here)
+SCALINGS = {
+    "TS": Scaling("TS", "temperature", _fit_temperature, _apply),
+    "VS": Scaling("VS", "vector", _fit_vector, _apply),
+}
+
+
+def log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """``log(clip(p, eps, 1 - eps))`` in float64 (eps: :data:`.posthoc.EPS`): the fit's input."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), posthoc.EPS, 1 - posthoc.EPS))
+
+
+def vector_scaling_differs(n_channels: int) -> bool:
+    """Whether a ``+ VS`` row can differ from ``+ TS``: not with a single channel (one sigmoid region)."""
+    return n_channels > 1
+
+
+def crossfit(per_fold: dict, fit: Fit, regions: bool) -> tuple[dict, bool]:
+    """Cross-fitted parameters: ``{k: fit(voxels of every fold except k)}`` and whether they are.
+
+    ``per_fold[k] = (log_probs (N_k, C), target)``. With one fold: ``{k: fit(fold k)}``, ``False``.
+    """
+    folds = sorted(per_fold)
+    if not folds:
+        return {}, False
+    if len(folds) == 1:
+        lp, y = per_fold[folds[0]]
+        return {folds[0]: fit(lp, y, regions)}, False
+    out = {}
+    for k in folds:
+        others = [f for f in folds if f != k]
+        lp = np.concatenate([per_fold[f][0] for f in others])
+        y = np.concatenate([per_fold[f][1] for f in others])
+        out[k] = fit(lp, y, regions)
+    return out, True
+
+
+def fit_all(per_fold: dict, fit: Fit, regions: bool):
+    """Parameters fitted on the voxels of every fold together (in-sample)."""
+    folds = sorted(per_fold)
+    return fit(np.concatenate([per_fold[f][0] for f in folds]), np.concatenate([per_fold[f][1] for f in folds]),
+               regions)
+
+
+# -- the table -----------------------------------------------------------------------------------
+@dataclass
+class Tables:
+    """The numbers of :func:`compute_tables`; ``block`` = ``"<experiment>/<metric>"``.
+
+    ``mean[method][block]``, ``std[method][block]``; ``folds[method][experiment] = (present,
+    missing)``; ``marks[block] = (best methods, second-best methods)``; ``avg_rank``/``position``
+    per method and ``friedman`` (:func:`.stats.friedman_test`); ``wilcoxon[experiment][method][metric]``
+    (:func:`.stats.wilcoxon_vs_baseline`); ``sweeps[experiment][method]`` (rows of
+    :func:`.posthoc.summarise_sweep`).
+    """
+
+    method_order: list
+    mean: dict
+    std: dict
+    folds: dict
+    marks: dict
+    avg_rank: dict
+    position: dict
+    friedman: dict
+    rank_metrics: tuple
+    wilcoxon: dict = field(default_factory=dict)
+    sweeps: dict = field(default_factory=dict)
+
+    def mark(self, method: str, block: str) -> str:
+        best, second = self.marks.get(block, (set(), set()))
+        return "best" if method in best else ("second" if method in second else "")
+
+
+def method_order(data: ReportData) -> list:
+    """Row order: first appearance over the experiments (a trainer, then its post-hoc rows)."""
+    order = []
+    for e in data.experiments:
+        for m in e.methods:
+            if m.method not in order:
+                order.append(m.method)
+    return order
+
+
+def fold_aggregate(fold_means: dict, metric: str) -> tuple[float, float]:
+    """Mean and sample std over folds of one metric (NaN folds left out)."""
+    return mean_std([fm.get(metric, float("nan")) for fm in fold_means.values()])
+
+
+def compute_tables(data: ReportData) -> Tables:
+    """Table values, marks, Friedman ranks and test, Wilcoxon tests and sweeps (see module docstring)."""
+    bad = sorted(set(data.rank_metrics) - set(METRICS))
+    if bad:
+        raise ValueError(f"rank metrics {bad} unknown; metrics: {list(METRICS)}")
+    order = method_order(data)
+    mean, std, folds = {m: {} for m in order}, {m: {} for m in order}, {m: {} for m in order}
+    for e in data.experiments:
+        for m in e.methods:
+            for metric in METRICS:
+                mean[m.method][f"{e.name}/{metric}"], std[m.method][f"{e.name}/{metric}"] = \
+                    fold_aggregate(m.fold_means, metric)
+            folds[m.method][e.name] = (list(m.folds), list(m.missing_folds))
+    marks = {}
+    for e in data.experiments:
+        for metric in METRICS:
+            b = f"{e.name}/{metric}"
+            marks[b] = stats.best_two({k: mean[k].get(b) for k in order}, metric)
+    rank_values = {m: {b: v for b, v in mean[m].items() if b.rsplit("/", 1)[-1] in data.rank_metrics}
+                   for m in order}
+    avg_rank, position, _ = stats.friedman_ranks(rank_values)
+    ftest = stats.friedman_test(rank_values)
+    wilcoxon, sweeps = {}, {}
+    for e in data.experiments:
+        if e.baseline is not None and any(m.method == e.baseline for m in e.methods):
+            for metric in METRICS:
+                per_case = {m.method: {c: v[metric] for c, v in m.cases.items()} for m in e.methods}
+                for meth, r in stats.wilcoxon_vs_baseline(per_case, e.baseline, metric).items():
+                    wilcoxon.setdefault(e.name, {}).setdefault(meth, {})[metric] = r
+        for m in e.methods:
+            if m.sweep_counts:
+                sweeps.setdefault(e.name, {})[m.method] = posthoc.summarise_sweep(m.sweep_counts)
+    return Tables(order, mean, std, folds, marks, avg_rank, position, ftest, tuple(data.rank_metrics),
+                  wilcoxon, sweeps)
+
+
+def has_results(data: ReportData) -> bool:
+    """Whether any row has at least one finished fold (an empty report is an error)."""
+    return any(m.fold_means for e in data.experiments for m in e.methods)

@@ -1,0 +1,45 @@
+"""calib-demo keeps its hands off os.environ: environments are passed explicitly."""
+import ast
+import os
+from pathlib import Path
+
+from nnunet_calibration.experiments import demo
+
+DEMO_SRC = Path(demo.__file__)
+
+
+def test_demo_environment_is_explicit(tmp_path):
+    before = dict(os.environ)
+    base = {"PATH": "/usr/bin", "nnUNet_results": "/elsewhere"}
+    base_copy = dict(base)
+    folders, env = demo.demo_environment(tmp_path / "work", base=base)
+    assert dict(os.environ) == before
+    assert base == base_copy  # the given base is not modified either
+    for k in ("raw", "preprocessed", "results"):
+        assert folders[k] == tmp_path / "work" / f"nnUNet_{k}" and folders[k].is_dir()
+        assert env[f"nnUNet_{k}"] == str(folders[k])
+    assert env["PATH"] == "/usr/bin" and env["nnUNet_compile"] == "f"
+    folders, env = demo.demo_environment(tmp_path / "work2")  # default base: a copy of os.environ
+    assert dict(os.environ) == before
+    assert env["nnUNet_raw"] == str(folders["raw"])
+
+
+def test_demo_main_leaves_environment_unchanged(tmp_path, capsys):
+    """The demo's set-up (work folders, environment) up to a failing conversion: os.environ unchanged."""
+    before = dict(os.environ)
+    rc = demo.main([str(tmp_path / "no_such_acdc"), "--work", str(tmp_path / "work"), "--quiet",
+                    "--output-root", str(tmp_path / "results")])
+    assert rc == 2
+    assert "calib-demo: error" in capsys.readouterr().err
+    assert (tmp_path / "work" / "nnUNet_raw").is_dir()
+    assert dict(os.environ) == before
+
+
+def test_demo_source_writes_nothing_to_os_environ():
+    """No assignment, update, pop, clear or setdefault on os.environ anywhere in demo.py."""
+    tree = ast.parse(DEMO_SRC.read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "environ":
+            bad.append(node.lineno)  # any use of os.environ (reading included) would go through nnunet_env
+    assert bad == [], f"demo.py uses os.environ at lines {bad}"

@@ -1,0 +1,44 @@
+"""nnunet_calibration.utils: NaN-aware means, JSON cleaning, atomic folder replacement."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunet_calibration.utils import atomic_dir, json_clean, mean_std, nanmean, replace_dir
+
+
+def test_nanmean_and_mean_std():
+    assert nanmean([1.0, None, float("nan"), 3.0, float("inf")]) == 2.0
+    assert math.isnan(nanmean([None, float("nan")])) and math.isnan(nanmean([]))
+    m, s = mean_std([1.0, 2.0, 4.0, float("nan")])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(np.std([1, 2, 4], ddof=1))
+    m, s = mean_std([5.0])
+    assert m == 5.0 and math.isnan(s)
+
+
+def test_json_clean():
+    obj = {1: np.float32(0.5), "a": [np.int64(3), float("nan"), np.array([1.0, np.inf])], "p": Path("/x"),
+           "b": np.bool_(True), "t": (1, 2)}
+    out = json_clean(obj)
+    assert out == {"1": 0.5, "a": [3, None, [1.0, None]], "p": "/x", "b": True, "t": [1, 2]}
+    json.dumps(out, allow_nan=False)
+
+
+def test_atomic_dir_replaces_or_leaves_untouched(tmp_path):
+    target = tmp_path / "rep"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folder left
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "b.txt").write_text("b")
+    replace_dir(new, target)
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
