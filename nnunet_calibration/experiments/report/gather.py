@@ -208,7 +208,7 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
                 posthoc.foreground_reference(y, info.regions)[valid]))
         if kinds:
             sp, sy = posthoc.sample_voxels(p, y, per_case, rng, info.regions, info.ignore_label)
-            samples[f][0].append(tables.log_probabilities(sp))
+            samples[f][0].append(tables.log_probabilities(sp, bool(info.regions)))
             samples[f][1].append(sy)
     _finish(rec, acc)
     out = [rec]

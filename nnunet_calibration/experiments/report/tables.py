@@ -25,7 +25,7 @@ and said in the report. The parameters fitted on *all* folds (in-sample) are rep
 column: they are what one would apply to new predictions.
 
 How parameters are fitted and applied is chosen in ONE place, :data:`SCALINGS` (a
-:class:`Scaling` per row kind, wrapping :mod:`nnunet_calibration.experiments.posthoc`). A fit is
+:class:`Scaling` per row kind, wrapping :mod:`nnunet_calibration.posthoc.scaling`). A fit is
 ``fit(log_probs, target, regions) -> params`` with ``log_probs`` (N, C) the logarithms of the
 (clipped) voxel probabilities, ``target`` (N,) class indices (softmax) or (N, C) region
 memberships (``regions=True``); an apply is ``apply(probs, params, regions) -> probs`` on a
@@ -40,6 +40,7 @@ import numpy as np
 
 from nnunet_calibration.experiments import posthoc, stats
 from nnunet_calibration.experiments.report.data import METRICS, ReportData
+from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.utils import mean_std
 
 Fit = Callable[[np.ndarray, np.ndarray, bool], Any]
@@ -56,15 +57,15 @@ class Scaling:
 
 
 def _fit_temperature(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> float:
-    return posthoc.fit_temperature(np.exp(log_probs), target, sigmoid=regions)
+    return scaling.fit_temperature(log_probs, target, regions)
 
 
 def _fit_vector(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> np.ndarray:
-    return posthoc.fit_vector_temperatures(np.exp(log_probs), target, sigmoid=regions)
+    return scaling.fit_vector_scaling(log_probs, target, regions)
 
 
 def _apply(probs: np.ndarray, params, regions: bool) -> np.ndarray:
-    return posthoc.scale_probabilities(probs, params, sigmoid=regions)
+    return scaling.apply_scaling(probs, params, regions)
 
 
 #: row kind -> how its parameters are fitted and applied (swap in other fitting functions here)
@@ -74,9 +75,10 @@ SCALINGS = {
 }
 
 
-def log_probabilities(probs: np.ndarray) -> np.ndarray:
-    """``log(clip(p, eps, 1 - eps))`` in float64 (eps: :data:`.posthoc.EPS`): the fit's input."""
-    return np.log(np.clip(np.asarray(probs, dtype=np.float64), posthoc.EPS, 1 - posthoc.EPS))
+def log_probabilities(probs: np.ndarray, regions: bool = False) -> np.ndarray:
+    """The fit's input: ``log p`` floored as :func:`nnunet_calibration.posthoc.scaling.log_probabilities`
+    does (``p`` clipped to ``[1e-7, 1]``, or ``[1e-7, 1 - 1e-7]`` for regions), float64."""
+    return scaling.log_probabilities(probs, regions)
 
 
 def vector_scaling_differs(n_channels: int) -> bool:
