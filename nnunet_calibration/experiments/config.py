@@ -637,12 +637,14 @@ def validate(exp: Experiment, check_trainers: bool = True) -> Experiment:
 
 def _check_preprocessed(exp: Experiment, plans_file: Path) -> None:
     """The configuration's preprocessed data (its ``data_identifier`` folder) must exist and hold cases."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    try:
-        ident = PlansManager(str(plans_file)).get_configuration(exp.configuration).data_identifier
-    except Exception as e:  # a broken plans file: say which
-        raise _err(exp.path, f"cannot read configuration {exp.configuration!r} from {plans_file}: {e}") from None
+    configs = json.loads(plans_file.read_text()).get("configurations", {})
+    name, seen, ident = exp.configuration, set(), None
+    while ident is None and name in configs and name not in seen:  # nnU-Net's 'inherits_from' chain
+        seen.add(name)
+        ident = configs[name].get("data_identifier")
+        name = configs[name].get("inherits_from")
+    if not ident:
+        raise _err(exp.path, f"configuration {exp.configuration!r} in {plans_file} has no data_identifier")
     folder = plans_file.parent / ident
     if not folder.is_dir() or not any(folder.iterdir()):
         raise _err(exp.path, f"configuration {exp.configuration!r} of {exp.dataset_name} is not preprocessed "
