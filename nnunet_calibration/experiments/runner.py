@@ -237,7 +237,7 @@ def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: di
             print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
                   flush=True)
         else:
-            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}); run calib-experiment run again "
+            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run calib-experiment run again "
                   f"to continue", flush=True)
     else:
         print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "

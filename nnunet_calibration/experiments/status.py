@@ -139,6 +139,10 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
             elif st == FINISHED:
                 if not has_npz(exp, spec, fold):
                     rec["detail"] = "validation without --npz probabilities (run again to add them)"
+            elif key in submitted and st == INTERRUPTED and _stopped_at_time_limit(log):
+                rec["detail"] = (f"SLURM job {submitted[key]} stopped at its time limit with a checkpoint, not "
+                                 f"requeued; run again to continue (--c)")
+                rec["log"] = str(log)
             elif key in submitted:
                 rec["status"] = "failed"
                 rec["detail"] = f"SLURM job {submitted[key]} ended without a finished fold ({st})"
@@ -156,6 +160,18 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
                 rec["detail"] = slurm_note
             out.append(rec)
     return out
+
+
+def _stopped_at_time_limit(log: Path) -> bool:
+    """The task's last lines say it was stopped by the time-limit signal and not requeued."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 4000))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "stopped by the time limit" in tail and "not requeued" in tail.rsplit("stopped by the time limit", 1)[1]
 
 
 def report_job_status(exp: Experiment) -> dict | None:
