@@ -29,7 +29,7 @@ Example (every key except ``name``, ``dataset`` and ``trainers`` is optional)::
       gpus: 1                         # --gres=gpu:N (0: none); > 1: nnU-Net's multi-GPU mode (-num_gpus N)
       cpus: 8                         # --cpus-per-task
       mem: 32G                        # SLURM's --mem (a number of MB, or with K/M/G/T)
-      time: "24:00:00"                # quoted: YAML reads 24:00:00 as a number (SLURM formats: MM, HH:MM:SS, D-HH:MM...)
+      time: "24:00:00"                # quoted (YAML reads 24:00:00 as a number); MM, HH:MM:SS, D-HH:MM:SS
       partition: gpu
       extra_args: ["--account=myproj"]
       signal_seconds: 600             # SIGUSR1 this long before the time limit (--signal=B:USR1@600); 0: none

@@ -215,8 +215,11 @@ def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: di
 
     previous = signal.signal(sig, forward)
     try:
-        # its own process group, so that the signal reaches nnU-Net's DDP workers too
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
+        # its own process group, so that the signal reaches nnU-Net's DDP workers too; the training
+        # starts with the signal ignored: nnU-Net's multi-GPU parent process (mp.spawn) has no trainer
+        # and would otherwise be killed by it, while every trainer installs its own handler
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
         while True:
             try:
                 rc = proc.wait()
@@ -237,8 +240,8 @@ def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: di
             print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
                   flush=True)
         else:
-            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run calib-experiment run again "
-                  f"to continue", flush=True)
+            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run "
+                  f"calib-experiment run again to continue", flush=True)
     else:
         print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "
               f"run again to continue with --c", flush=True)
