@@ -32,7 +32,8 @@ Example (every key except ``name``, ``dataset`` and ``trainers`` is optional)::
       time: "24:00:00"                # quoted (YAML reads 24:00:00 as a number); MM, HH:MM:SS, D-HH:MM:SS
       partition: gpu
       extra_args: ["--account=myproj"]
-      signal_seconds: 600             # SIGUSR1 this long before the time limit (--signal=B:USR1@600); 0: none
+      signal_seconds: 600             # SIGUSR1 this long before the limit (--signal=B:USR1@600); 0: none;
+                                      #   default 600, at most half of time
       requeue: true                   # on that signal: finish the epoch, checkpoint, requeue the task (--c)
       max_parallel: 4                 # at most this many folds of a trainer at once (--array=...%4); null: no limit
       report_cpus: 4
@@ -112,7 +113,8 @@ class SlurmSettings:
     report_mem: str | None = "8G"
     report_time: str | None = "04:00:00"
     report_partition: str | None = None
-    #: seconds before the time limit at which SLURM sends SIGUSR1 (``--signal=B:USR1@N``); 0: no signal
+    #: seconds before the time limit at which SLURM sends SIGUSR1 (``--signal=B:USR1@N``); 0: no signal.
+    #: Default 600, at most half of ``time``
     signal_seconds: int = 600
     #: on that signal the fold stops after its epoch with a checkpoint and the task requeues itself
     requeue: bool = True
@@ -504,6 +506,8 @@ def _slurm_settings(path, slurm_raw: dict) -> SlurmSettings:
         if _is_int(getattr(slurm, k)):
             setattr(slurm, k, str(getattr(slurm, k)))
     limit = slurm_time_seconds(slurm.time) if slurm.time else None
+    if "signal_seconds" not in slurm_raw and limit is not None:
+        slurm.signal_seconds = min(slurm.signal_seconds, limit // 2)  # default: 600 s, at most half the limit
     if slurm.signal_seconds and limit is not None and slurm.signal_seconds >= limit:
         raise _err(path, f"slurm.signal_seconds ({slurm.signal_seconds} s) must be shorter than slurm.time "
                          f"({slurm.time!r} = {limit} s)")

@@ -127,6 +127,9 @@ def test_good_file_and_defaults(tmp_path):
     assert exp.slurm.extra_args == ["--account=x", "--qos=y"] and exp.slurm.requeue is True
     d = SlurmSettings()
     assert (d.signal_seconds, d.requeue, d.max_parallel) == (600, True, None)
+    # the default warning is at most half of a short limit; an explicit one must be shorter than the limit
+    short = write_experiment(tmp_path / "short.yaml", **dict(BASE, slurm={"time": "00:10:00"}))
+    assert load_experiment(short).slurm.signal_seconds == 300
 
 
 @pytest.mark.parametrize("text, seconds", [
