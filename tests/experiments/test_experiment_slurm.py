@@ -191,7 +191,7 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     from nnunet_calibration.trainers.timelimit import TIMELIMIT_EXIT_CODE
 
     ds = synthetic_labels
-    epochs = 6
+    epochs = 4
     training = {"num_epochs": epochs, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
                 "save_every": 1000}  # no periodic checkpoint: only the time-limit one
     f = write_experiment(tmp_path / "rq.yaml", name="slurm-requeue", dataset=ds.dataset_id, configuration="2d",
