@@ -1,7 +1,7 @@
 """``calib-experiment``: run an experiment file's trainers x folds locally or on SLURM, show status, report.
 
     calib-experiment run EXPERIMENT.yaml [--backend local|slurm] [--output-root results] [--no-report]
-    calib-experiment status EXPERIMENT.yaml
+    calib-experiment status EXPERIMENT.yaml [--watch [SECONDS]]
     calib-experiment report EXPERIMENT.yaml [MORE.yaml ...] [--output-root results] [--name NAME]
     calib-experiment check EXPERIMENT.yaml        # validate only
 
@@ -9,6 +9,10 @@
 continue with ``--c``), then writes the report. ``run --backend slurm`` submits one job array per
 trainer and a report job that runs when every fold succeeded (cancelled by SLURM otherwise), and
 returns. Running again resumes: finished folds are skipped, nothing is trained twice.
+``status`` shows per fold the state, epoch / total, last validation pseudo-Dice, mean epoch time,
+estimated time left and log (``--watch`` refreshes it). Exit status of ``train-fold`` (one SLURM
+task): the training's, or 75 when it was stopped by the time-limit signal (see
+:mod:`nnunet_calibration.experiments.slurm`).
 See :mod:`nnunet_calibration.experiments.config` for the file format.
 """
 from __future__ import annotations
@@ -30,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output-root", default=None, help="report goes to OUTPUT_ROOT/<name>/ (default: results)")
     r.add_argument("--no-report", action="store_true", help="local: train only")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    s = sub.add_parser("status", help="per trainer and fold: finished, running/pending, failed (with log)")
+    s = sub.add_parser("status", help="per trainer and fold: state, epoch/total, pseudo-Dice, s/epoch, ETA, log")
     s.add_argument("experiment")
+    s.add_argument("--watch", nargs="?", type=float, const=60.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 60) until every fold is finished or failed")
     rep = sub.add_parser("report", help="evaluate every finished fold and write results/<name>/")
     rep.add_argument("experiments", nargs="+")
     rep.add_argument("--output-root", default=None)
@@ -104,6 +110,16 @@ def main(argv=None) -> int:
             from nnunet_calibration.experiments.status import fold_statuses, format_statuses, report_job_status
 
             exp = _load(args.experiment, check_trainers=False)
+            if args.watch is not None:
+                from nnunet_calibration.experiments.status import watch
+
+                if args.watch <= 0:
+                    raise ExperimentError(f"--watch needs a positive number of seconds, got {args.watch}")
+                try:
+                    rows = watch(exp, args.watch)
+                except KeyboardInterrupt:
+                    return 0
+                return 1 if any(r["status"] == "failed" for r in rows) else 0
             rows = fold_statuses(exp)
             print(format_statuses(rows))
             rep = report_job_status(exp)

@@ -18,12 +18,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from nnunet_calibration.experiments.config import (Experiment, ExperimentError, TrainerSpec, hparams_env_value,
                                                    recorded_hparams)
+from nnunet_calibration.nnunet_utils import nnunet_command, training_env
+from nnunet_calibration.trainers.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
 
 FINISHED, INTERRUPTED, NOT_STARTED = "finished", "interrupted", "not started"
 
@@ -61,13 +65,17 @@ def check_recorded_hparams(exp: Experiment) -> None:
                     f"'hparams' (own results folder), use other nnunet_paths.results, or remove that folder.")
 
 
-def train_command(exp: Experiment, spec: TrainerSpec, fold: int, device: str) -> list[str] | None:
-    """The ``nnUNetv2_train`` argv for this fold's state, or None when it is finished."""
-    from nnunet_calibration.nnunet_utils import nnunet_command
+def train_command(exp: Experiment, spec: TrainerSpec, fold: int, device: str,
+                  num_gpus: int = 1) -> list[str] | None:
+    """The ``nnUNetv2_train`` argv for this fold's state, or None when it is finished.
 
+    ``num_gpus > 1`` (CUDA only) adds nnU-Net's multi-GPU mode ``-num_gpus N`` (DDP, one process per GPU).
+    """
     state = fold_state(exp, spec, fold)
     base = nnunet_command("nnUNetv2_train") + [exp.dataset_name, exp.configuration, str(fold), "-tr", spec.name,
                                                 "-p", exp.plans, "--npz", "-device", device]
+    if num_gpus > 1 and device == "cuda":
+        base += ["-num_gpus", str(num_gpus)]
     if state == FINISHED:
         return None if has_npz(exp, spec, fold) else base + ["--val"]
     if state == INTERRUPTED:
@@ -76,8 +84,6 @@ def train_command(exp: Experiment, spec: TrainerSpec, fold: int, device: str) ->
 
 
 def fold_env(exp: Experiment, spec: TrainerSpec, base: dict | None = None) -> dict:
-    from nnunet_calibration.nnunet_utils import training_env
-
     env = training_env(exp.nnunet_env(base))
     env["nnUNet_results"] = str(exp.results_root(spec))
     value = hparams_env_value(exp.hparams_for(spec))
@@ -157,14 +163,86 @@ def run_local(exp: Experiment, progress: bool = True) -> dict:
     return done
 
 
-def train_fold_main(exp: Experiment, label: str, fold: int, device: str) -> int:
-    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout)."""
+def fold_num_gpus(exp: Experiment, device: str) -> int:
+    """GPUs one fold trains on: ``slurm.gpus`` on CUDA (nnU-Net's ``-num_gpus``), else 1."""
+    return max(1, int(exp.slurm.gpus)) if device == "cuda" else 1
+
+
+def _requeue(job_id: str) -> tuple[bool, str]:
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return False, "scontrol not found on PATH"
+    try:
+        proc = subprocess.run([scontrol, "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    return proc.returncode == 0, proc.stdout.strip()
+
+
+def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: dict | None = None) -> int:
+    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout).
+
+    Time limits (``slurm.signal_seconds``): SLURM sends the warning signal (``SIGUSR1``) to this
+    process (the batch step, ``--signal=B:USR1@N``); it is forwarded to the training's process group,
+    whose trainer finishes its epoch, writes ``checkpoint_latest.pth`` and exits with
+    :data:`~nnunet_calibration.trainers.timelimit.TIMELIMIT_EXIT_CODE`. Then, if ``slurm.requeue``,
+    the task requeues itself (``scontrol requeue $SLURM_JOB_ID``): it runs again later, finds the
+    checkpoint and continues with ``--c``. Returns the training's exit status, or
+    ``TIMELIMIT_EXIT_CODE`` when the fold was stopped by the signal (requeued or not).
+    """
+    env = dict(os.environ if env is None else env)
     spec = exp.trainer(label)
-    cmd = train_command(exp, spec, fold, device)
+    cmd = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
     if cmd is None:
         print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
         return 0
     print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
-    env = fold_env(exp, spec)
-    sys.stdout.flush()
-    return subprocess.run(cmd, env=env).returncode
+    child_env = fold_env(exp, spec, env)
+    sig = stop_signal(env)
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):  # noqa: ARG001
+        received.append(signum)
+        print(f"{label} fold {fold}: received {signal.Signals(signum).name} (time limit near): the training "
+              f"stops after its current epoch with a checkpoint", flush=True)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signum)  # the training and, under DDP, its worker processes
+            except ProcessLookupError:
+                pass
+
+    previous = signal.signal(sig, forward)
+    try:
+        # its own process group, so that the signal reaches nnU-Net's DDP workers too; the training
+        # starts with the signal ignored: nnU-Net's multi-GPU parent process (mp.spawn) has no trainer
+        # and would otherwise be killed by it, while every trainer installs its own handler
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(sig, previous)
+    stopped = rc == TIMELIMIT_EXIT_CODE or (received and rc != 0)
+    if not stopped or fold_state(exp, spec, fold) == FINISHED:
+        return rc
+    state = fold_state(exp, spec, fold)
+    print(f"{label} fold {fold}: stopped by the time limit (exit {rc}); fold {state}", flush=True)
+    job = env.get("SLURM_JOB_ID")
+    if exp.slurm.requeue and job and state == INTERRUPTED:
+        ok, out = _requeue(job)
+        if ok:
+            print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
+                  flush=True)
+        else:
+            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run "
+                  f"calib-experiment run again to continue", flush=True)
+    else:
+        print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "
+              f"run again to continue with --c", flush=True)
+    return TIMELIMIT_EXIT_CODE

@@ -14,6 +14,16 @@ cluster is found the usual way (``slurm.conf`` or ``SLURM_CONF``).
   nnU-Net's speed settings (if set) and the trainer's ``NNUNET_CALIB_HPARAMS``.
 - Submitted ids are recorded in ``<state>/slurm_jobs.json``; ``run`` again skips folds that are
   finished or still pending/running in SLURM.
+- Time limits: with ``slurm.signal_seconds: N`` (default 600) the arrays get
+  ``--signal=B:USR1@N``. The task (``train-fold``) forwards the signal to the training, whose
+  trainer (every trainer of this package) finishes the current epoch, writes
+  ``checkpoint_latest.pth`` and exits with status 75; with ``slurm.requeue: true`` (default, and
+  ``--requeue``) the task then requeues itself with ``scontrol requeue``; it starts again later and
+  continues with ``--c``. A requeued task keeps its job id and appends to the same log; the report
+  job still waits for it. Without requeue the task ends with 75 (failed for SLURM; the report job
+  is cancelled) and ``calib-experiment run`` continues it.
+- ``slurm.max_parallel: N`` throttles each array to N tasks at once (``--array=0,1,2,3,4%N``);
+  ``slurm.gpus: N > 1`` trains each fold with nnU-Net's multi-GPU mode (``-num_gpus N``, DDP).
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ import sys
 from pathlib import Path
 
 from nnunet_calibration.experiments.config import Experiment, ExperimentError, hparams_env_value
-from nnunet_calibration.experiments.runner import log_path, train_command
+from nnunet_calibration.experiments.runner import fold_num_gpus, log_path, train_command
+from nnunet_calibration.trainers.timelimit import stop_signal
 
 _PASS_ENV = ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_npp", "nnUNet_nps",
              "nnUNet_n_proc_DA", "OMP_NUM_THREADS", "SLURM_CONF")
@@ -124,6 +135,22 @@ def _resource_opts(s, gpus: int, cpus: int, mem, time, partition) -> list[str]:
     return opts
 
 
+def array_spec(folds, max_parallel: int | None = None) -> str:
+    """``--array`` value: the folds, throttled to ``max_parallel`` tasks at once (``0,1,2%2``)."""
+    text = ",".join(str(f) for f in folds)
+    return f"{text}%{int(max_parallel)}" if max_parallel else text
+
+
+def timelimit_opts(s) -> list[str]:
+    """sbatch options of the time-limit handling (see the module docstring)."""
+    opts = []
+    if s.signal_seconds:
+        # B: the signal goes to the batch step (train-fold, which forwards it to the training)
+        opts.append(f"--signal=B:{stop_signal().name[3:]}@{int(s.signal_seconds)}")
+    opts.append("--requeue" if s.requeue else "--no-requeue")
+    return opts
+
+
 def _sbatch(script: Path, extra: list[str] | None = None) -> str:
     cmd = [_need("sbatch"), "--parsable", *(extra or []), str(script)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
@@ -168,7 +195,7 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
         for fold in exp.folds:
             if (spec.label, fold) in active:
                 skipped[fold] = f"already {active[(spec.label, fold)][1].lower()} as job {active[(spec.label, fold)][0]}"
-            elif train_command(exp, spec, fold, device) is None:
+            elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:
                 skipped[fold] = "finished"
             else:
                 folds.append(fold)
@@ -180,9 +207,10 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
         hp = hparams_env_value(exp.hparams_for(spec))
         if hp:
             env["NNUNET_CALIB_HPARAMS"] = hp
-        opts = [f"--job-name=calib_{exp.name}_{spec.label}", f"--array={','.join(map(str, folds))}",
+        opts = [f"--job-name=calib_{exp.name}_{spec.label}", f"--array={array_spec(folds, s.max_parallel)}",
                 f"--output={log_path(exp, spec.label, '%a')}", "--open-mode=append"]
         opts += _resource_opts(s, s.gpus, s.cpus, s.mem, s.time, s.partition)
+        opts += timelimit_opts(s)
         command = [py, "-m", "nnunet_calibration.experiments.cli", "train-fold", str(exp.path), "--trainer",
                    spec.label, "--fold", "${SLURM_ARRAY_TASK_ID}", "--device", device]
         text = _script(exp, opts, env, command).replace("'${SLURM_ARRAY_TASK_ID}'", "\"${SLURM_ARRAY_TASK_ID}\"")

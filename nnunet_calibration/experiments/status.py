@@ -1,13 +1,105 @@
-"""What every (trainer, fold) of an experiment is doing: finished, running/pending, failed, ..."""
+"""What every (trainer, fold) of an experiment is doing: state, epoch, last pseudo-Dice, time left.
+
+:func:`fold_statuses` combines the fold's files (:func:`~nnunet_calibration.experiments.runner.fold_state`),
+SLURM's queue and the last local run with the progress read from nnU-Net's own training logs
+(:func:`training_progress`); :func:`format_statuses` prints the table of ``calib-experiment status``
+and :func:`watch` refreshes it (``--watch``).
+"""
 from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
 
 from nnunet_calibration.experiments.config import Experiment, ExperimentError
 from nnunet_calibration.experiments.runner import (FINISHED, INTERRUPTED, NOT_STARTED, fold_state, has_npz, log_path,
                                                    read_local_state)
 
 
+#: nnU-Net's default number of epochs (when neither the experiment nor the fold records one)
+NNUNET_DEFAULT_EPOCHS = 1000
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?: (.*)$")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan")
+
+
+def _log_sort_key(p: Path):
+    # nnU-Net's names hold an unpadded date (training_log_2024_1_9_...): order by the numbers
+    nums = [int(x) for x in re.findall(r"\d+", p.name)]
+    return nums, p.name
+
+
+def training_progress(fold_folder: str | Path, total_epochs: int | None = None) -> dict:
+    """Progress of one fold read from nnU-Net's ``training_log_*.txt`` files (all runs, oldest first).
+
+    Conventions: an epoch counts as *done* when nnU-Net logged its ``Epoch time`` line; a resumed
+    run (``--c``) that repeats an epoch number overwrites that epoch's values. ``epoch`` is the
+    number of epochs done; ``current`` the epoch in progress (None when the last one logged is done).
+    ``pseudo_dice`` is the mean over classes (ignoring NaN, as nnU-Net's ``mean_fg_dice``) of the
+    last logged ``Pseudo dice`` list, ``pseudo_dice_per_class`` that list. ``epoch_time`` is the mean
+    of all logged epoch times (s); ``eta`` = ``(total - epoch) * epoch_time`` seconds (0 when done,
+    None without a timing). ``total``: ``total_epochs``, else ``num_epochs`` of the fold's
+    ``calibration_hparams.json``, else nnU-Net's 1000. ``log``: the newest training log (None if none).
+    """
+    folder = Path(fold_folder)
+    logs = sorted(folder.glob("training_log_*.txt"), key=_log_sort_key) if folder.is_dir() else []
+    times: dict[int, float] = {}
+    dice: dict[int, list] = {}
+    current = None
+    for log in logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            m = _LOG_LINE.match(line)
+            if not m:
+                continue
+            msg = m.group(1).strip()
+            if msg.startswith("Epoch time:"):
+                if current is not None:
+                    nums = _NUMBER.findall(msg[len("Epoch time:"):])
+                    if nums:
+                        times[current] = float(nums[0])
+            elif msg.startswith("Epoch ") and msg[6:].strip().isdigit():
+                current = int(msg[6:].strip())
+                times.pop(current, None)
+                dice.pop(current, None)
+            elif msg.startswith("Pseudo dice") and current is not None:
+                body = re.sub(r"np\.float\d*\(", "", msg[len("Pseudo dice"):])
+                dice[current] = [float(x) for x in _NUMBER.findall(body)]
+    if total_epochs is None:
+        try:
+            total_epochs = int(json.loads((folder / "calibration_hparams.json").read_text())["training"]["num_epochs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            total_epochs = NNUNET_DEFAULT_EPOCHS
+    done = len(times)
+    last_done = max(times) if times else None
+    in_progress = current if current is not None and current not in times else None
+    last_dice = dice[max(dice)] if dice else None
+    finite = [d for d in (last_dice or []) if not math.isnan(d)]
+    mean_time = sum(times.values()) / len(times) if times else None
+    remaining = max(total_epochs - done, 0)
+    eta = 0.0 if remaining == 0 else (remaining * mean_time if mean_time is not None else None)
+    return {"epoch": done, "total": total_epochs, "current": in_progress, "last_epoch": last_done,
+            "pseudo_dice": (sum(finite) / len(finite)) if finite else None,
+            "pseudo_dice_per_class": last_dice, "epoch_time": mean_time, "eta": eta,
+            "log": str(logs[-1]) if logs else None}
+
+
+def _total_epochs(exp: Experiment, spec) -> int | None:
+    n = exp.hparams_for(spec).get("num_epochs")
+    return int(n) if n is not None else None
+
+
 def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
-    """One dict per (trainer, fold): label, trainer, fold, status, detail, log, folder.
+    """One dict per (trainer, fold): label, trainer, fold, status, detail, log, folder, progress.
+
+    ``progress`` is :func:`training_progress` of the fold (epoch / total, last pseudo-Dice, mean
+    epoch time, estimated time left, nnU-Net's training log).
 
     status: ``finished``; ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
@@ -37,7 +129,8 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
             st = fold_state(exp, spec, fold)
             log = log_path(exp, spec.label, fold)
             rec = {"label": spec.label, "trainer": spec.name, "fold": fold, "status": st, "detail": "",
-                   "log": str(log) if log.exists() else "", "folder": str(exp.fold_folder(spec, fold))}
+                   "log": str(log) if log.exists() else "", "folder": str(exp.fold_folder(spec, fold)),
+                   "progress": training_progress(exp.fold_folder(spec, fold), _total_epochs(exp, spec))}
             key = (spec.label, fold)
             if key in active:
                 jid, state = active[key]
@@ -46,6 +139,10 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
             elif st == FINISHED:
                 if not has_npz(exp, spec, fold):
                     rec["detail"] = "validation without --npz probabilities (run again to add them)"
+            elif key in submitted and st == INTERRUPTED and _stopped_at_time_limit(log):
+                rec["detail"] = (f"SLURM job {submitted[key]} stopped at its time limit with a checkpoint, not "
+                                 f"requeued; run again to continue (--c)")
+                rec["log"] = str(log)
             elif key in submitted:
                 rec["status"] = "failed"
                 rec["detail"] = f"SLURM job {submitted[key]} ended without a finished fold ({st})"
@@ -63,6 +160,18 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
                 rec["detail"] = slurm_note
             out.append(rec)
     return out
+
+
+def _stopped_at_time_limit(log: Path) -> bool:
+    """The task's last lines say it was stopped by the time-limit signal and not requeued."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 4000))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "stopped by the time limit" in tail and "not requeued" in tail.rsplit("stopped by the time limit", 1)[1]
 
 
 def report_job_status(exp: Experiment) -> dict | None:
@@ -86,11 +195,59 @@ def report_job_status(exp: Experiment) -> dict | None:
     return {"job_id": jid, "state": state, "log": str(exp.state_dir / "logs" / "report.log")}
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 def format_statuses(rows: list[dict]) -> str:
+    """The status table: trainer, fold, state, epoch/total, last pseudo-Dice, mean epoch time, ETA, log."""
     w = max([len(r["label"]) for r in rows] + [7])
-    lines = [f"{'trainer':<{w}}  fold  {'status':<12}  detail / log"]
+    lines = [f"{'trainer':<{w}}  fold  {'status':<12}  {'epoch':>11}  {'pseudoDice':>10}  {'s/epoch':>8}  "
+             f"{'ETA':>7}  log / detail"]
     for r in rows:
-        tail = " ".join(x for x in (r["detail"], f"log: {r['log']}" if r["status"] == "failed" or
-                                    (r["log"] and r["status"] not in ("finished", "not started")) else "") if x)
-        lines.append(f"{r['label']:<{w}}  {r['fold']:>4}  {r['status']:<12}  {tail}")
+        p = r.get("progress") or {}
+        epoch = f"{p.get('epoch', 0)}/{p.get('total', '?')}" if p else "-"
+        pdice = f"{p['pseudo_dice']:.4f}" if p.get("pseudo_dice") is not None else "-"
+        etime = f"{p['epoch_time']:.1f}" if p.get("epoch_time") is not None else "-"
+        eta = _duration(p.get("eta")) if p.get("epoch") else "-"
+        log = r["log"] or p.get("log") or ""
+        tail = " ".join(x for x in (log, r["detail"]) if x)
+        lines.append(f"{r['label']:<{w}}  {r['fold']:>4}  {r['status']:<12}  {epoch:>11}  {pdice:>10}  {etime:>8}  "
+                     f"{eta:>7}  {tail}")
     return "\n".join(lines)
+
+
+_DONE_STATES = ("finished", "failed")
+
+
+def watch(exp: Experiment, interval: float = 60.0, rounds: int | None = None, stream=None,
+          use_slurm: bool = True) -> list[dict]:
+    """Print the status table every ``interval`` seconds (clearing a terminal) until every fold is
+    finished or failed, or ``rounds`` tables were printed. Returns the last rows."""
+    stream = sys.stdout if stream is None else stream
+    n = 0
+    while True:
+        rows = fold_statuses(exp, use_slurm=use_slurm)
+        if stream.isatty():
+            stream.write("\033[2J\033[H")
+        stream.write(f"{exp.name}  {_dt.datetime.now().isoformat(timespec='seconds')}  "
+                     f"(every {interval:g} s; Ctrl-C to stop)\n")
+        stream.write(format_statuses(rows) + "\n")
+        rep = report_job_status(exp) if use_slurm else None
+        if rep:
+            stream.write(f"report job {rep['job_id']}: {rep['state']} (log: {rep['log']})\n")
+        stream.flush()
+        n += 1
+        if all(r["status"] in _DONE_STATES for r in rows) or (rounds is not None and n >= rounds):
+            return rows
+        time.sleep(interval)

@@ -38,6 +38,8 @@ import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_calibration.trainers.timelimit import TimeLimitMixin
+
 HPARAMS_ENV = "NNUNET_CALIB_HPARAMS"
 TRAINING_KEYS = {
     "num_epochs": int,
@@ -83,8 +85,11 @@ def parse_hparams(text: str | None) -> dict:
     return out
 
 
-class nnUNetTrainerCalibBase(nnUNetTrainer):
+class nnUNetTrainerCalibBase(TimeLimitMixin, nnUNetTrainer):
     """nnU-Net's trainer plus per-run hyperparameters (see the module docstring).
+
+    Also survives cluster time limits (:class:`~nnunet_calibration.trainers.timelimit.TimeLimitMixin`:
+    on SLURM's warning signal, stop after the current epoch with ``checkpoint_latest.pth``, exit 75).
 
     Its loss is nnU-Net's default (Dice + CE, or Dice + BCE for regions), so this class — under
     the name :class:`nnUNetTrainerDiceCE` — is the DiceCE baseline of the papers' tables with the

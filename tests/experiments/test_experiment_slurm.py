@@ -8,9 +8,15 @@ Two experiments are submitted at once:
 - ``slurm-ok``: nnUNetTrainerDiceCE, folds 0 and 1, short training, in its own nnUNet_results: one job
   array of two tasks, then the report job (afterok) writes the report, whose numbers are checked
   against the evaluator;
-- ``slurm-broken``: a trainer whose hyperparameter value makes nnU-Net fail at start-up: its task
-  fails, SLURM cancels its report job (``--kill-on-invalid-dep=yes``), and ``status`` reports the
-  fold as failed with its log.
+- ``slurm-broken``: a fold whose ``checkpoint_latest.pth`` is corrupt, so nnU-Net's ``--c`` fails at
+  start-up (the file passes ``calib-experiment check``, which refuses bad settings before
+  submitting): its task fails, SLURM cancels its report job (``--kill-on-invalid-dep=yes``), and
+  ``status`` reports the fold as failed with its log.
+
+The time-limit test (``test_slurm_requeue_on_time_limit_signal``) trains one fold under SLURM,
+sends the warning signal to the running task (``scancel --signal=USR1 --batch``), and checks that
+the training stops after its epoch with ``checkpoint_latest.pth``, the task requeues itself,
+continues with ``--c`` and ends with exactly the planned epochs, each trained once.
 Every wait has a timeout.
 """
 import os
@@ -82,13 +88,15 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
                           slurm={"cpus": 1, "mem": "2G", "time": "00:20:00", "report_cpus": 1, "report_mem": "2G"},
                           report={"max_fit_voxels": 50000})
     broken = write_experiment(tmp_path / "broken.yaml", name="slurm-broken", dataset=ds.dataset_id,
-                              configuration="2d", folds=[0], device="cpu",
-                              training=dict(SHORT, num_epochs="not-a-number"),
+                              configuration="2d", folds=[0], device="cpu", training=SHORT,
                               trainers=["nnUNetTrainerDiceCE"], state_dir=str(tmp_path / "state_broken"),
                               nnunet_paths={"results": str(tmp_path / "results_broken")},
                               slurm={"cpus": 1, "mem": "1G", "time": "00:10:00", "report_cpus": 1, "report_mem": "1G"})
     (tmp_path / "results_ok").mkdir()
-    (tmp_path / "results_broken").mkdir()
+    corrupt = (tmp_path / "results_broken" / ds.name / "nnUNetTrainerDiceCE__nnUNetPlans__2d" / "fold_0"
+               / "checkpoint_latest.pth")
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a checkpoint")
     out_root = tmp_path / "reports"
     t0 = time.monotonic()
     assert cli.main(["run", str(broken), "--backend", "slurm", "--output-root", str(out_root)]) == 0
@@ -138,9 +146,117 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     # the broken fold: failed with its log, its report job cancelled by SLURM, no report written
     assert rows_b[0]["status"] == "failed", (rows_b, _logs(exp_b))
     assert rows_b[0]["log"].endswith("nnUNetTrainerDiceCE_fold0.log") and Path(rows_b[0]["log"]).is_file()
-    assert "num_epochs must be int" in Path(rows_b[0]["log"]).read_text()
+    assert "--c" in Path(rows_b[0]["log"]).read_text() and "Traceback" in Path(rows_b[0]["log"]).read_text()
     assert rep_b is not None and "CANCEL" in rep_b["state"], rep_b
     assert not (out_root / "slurm-broken").exists()
     rc = cli.main(["status", str(broken)])
     out = capsys.readouterr().out
     assert rc == 1 and "failed" in out and "nnUNetTrainerDiceCE_fold0.log" in out
+
+
+def _wait_for(what: str, predicate, timeout: float, diagnose, interval: float = 2.0):
+    """Poll ``predicate`` until it returns a true value; fail with ``diagnose()`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnose()}")
+
+
+def _epoch_lines(fold: Path) -> list[int]:
+    """Every ``Epoch N`` line of nnU-Net's training logs of ``fold`` (all runs), in file order."""
+    import re
+
+    out = []
+    for log in sorted(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime):
+        out += [int(m) for m in re.findall(r"^\S+ \S+: Epoch (\d+)\s*$", log.read_text(), flags=re.M)]
+    return out
+
+
+def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, capsys):
+    """SLURM's time-limit warning mid-training: checkpoint at the end of the epoch, exit 75, requeue,
+    ``--c``; the fold ends with exactly ``num_epochs`` epochs, each trained once (checked in nnU-Net's
+    logs and in its final checkpoint); the report job (afterok) still runs afterwards."""
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.runner import FINISHED, fold_state
+    from nnunet_calibration.experiments.slurm import read_jobs
+    from nnunet_calibration.experiments.status import training_progress
+    from nnunet_calibration.trainers.timelimit import TIMELIMIT_EXIT_CODE
+
+    ds = synthetic_labels
+    epochs = 4
+    training = {"num_epochs": epochs, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+                "save_every": 1000}  # no periodic checkpoint: only the time-limit one
+    f = write_experiment(tmp_path / "rq.yaml", name="slurm-requeue", dataset=ds.dataset_id, configuration="2d",
+                         folds=[0], device="cpu", training=training, trainers=["nnUNetTrainerDiceCE"],
+                         state_dir=str(tmp_path / "state_rq"), nnunet_paths={"results": str(tmp_path / "results_rq")},
+                         slurm={"cpus": 1, "mem": "2G", "time": "00:20:00", "signal_seconds": 60, "requeue": True,
+                                "max_parallel": 1, "report_cpus": 1, "report_mem": "2G"},
+                         report={"max_fit_voxels": 20000, "temperature_scaling": False, "threshold_sweep": False})
+    (tmp_path / "results_rq").mkdir()
+    out_root = tmp_path / "reports"
+    assert cli.main(["run", str(f), "--backend", "slurm", "--output-root", str(out_root)]) == 0
+    capsys.readouterr()
+    exp = validate(load_experiment(f))
+    spec = exp.trainers[0]
+    fold = exp.fold_folder(spec, 0)
+    sub = read_jobs(exp)["submissions"][0]["trainers"]["nnUNetTrainerDiceCE"]
+    task = f"{sub['job_id']}_0"
+    script = Path(sub["script"]).read_text()
+    assert "--signal=B:USR1@60" in script and "--requeue" in script and "--array=0%1" in script
+    log = exp.state_dir / "logs" / "nnUNetTrainerDiceCE_fold0.log"
+    text = lambda: log.read_text() if log.is_file() else ""  # noqa: E731
+    diag = lambda: f"log {log}:\n{text()[-3000:]}\n{_logs(exp)}"  # noqa: E731
+
+    # the trainer announces its handler in on_train_start: the signal now lands in epoch 0 or soon after
+    _wait_for("the training to start", lambda: "time limit: on SIGUSR1" in text(), 300, diag)
+    proc = subprocess.run(["scancel", "--signal=USR1", "--batch", task], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    _wait_for("the requeue", lambda: "requeued SLURM job" in text(), 240, diag)
+    log_first = text()
+    assert f"exit status {TIMELIMIT_EXIT_CODE}" in log_first
+    stopped = int(__import__("re").search(r"stopped after epoch (\d+)", log_first).group(1))
+    assert 0 <= stopped < epochs - 1
+    # between the runs: the checkpoint records the next epoch; status shows the progress so far
+    ckpt = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == stopped + 1
+    prog = training_progress(fold, epochs)
+    assert prog["epoch"] == stopped + 1 and prog["total"] == epochs
+    # SLURM holds a requeued job for a while (BeginTime, about 2 minutes) before it may start again:
+    # release it now so that the test stays short (a real cluster just waits)
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=60)
+
+    report = out_root / "slurm-requeue" / "README.md"
+    _wait_for("the fold and the report", lambda: fold_state(exp, spec, 0) == FINISHED and report.is_file(), 420,
+              diag, interval=3)
+    # the second run continued from the checkpoint (--c) in the same SLURM task
+    assert "resumed" in text() or "--c" in text().split("requeued SLURM job", 1)[1]
+    show = subprocess.run(["scontrol", "show", "job", "-o", task], capture_output=True, text=True, timeout=60).stdout
+    assert "Restarts=1" in show, show
+    # every epoch trained exactly once, in order, over the two runs; none lost
+    assert _epoch_lines(fold) == list(range(epochs)), _epoch_lines(fold)
+    assert len(list(fold.glob("training_log_*.txt"))) == 2
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == epochs
+    logging = final["logging"]
+    assert len(logging["epoch_end_timestamps"]) == epochs and len(logging["train_losses"]) == epochs
+    assert not (fold / "checkpoint_latest.pth").exists()
+
+    # status against nnU-Net's own record of the run (its checkpoint's logger), not the log text
+    prog = training_progress(fold, epochs)
+    assert prog["epoch"] == epochs and prog["current"] is None and prog["eta"] == 0
+    last = np.asarray(logging["dice_per_class_or_region"][-1], dtype=float)
+    assert prog["pseudo_dice"] == pytest.approx(float(np.nanmean(last)), abs=1e-4)
+    assert prog["pseudo_dice_per_class"] == pytest.approx(list(last), abs=1e-4)
+    durations = np.array(logging["epoch_end_timestamps"]) - np.array(logging["epoch_start_timestamps"])
+    assert prog["epoch_time"] == pytest.approx(float(durations.mean()), abs=0.01)
+    assert cli.main(["status", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"{epochs}/{epochs}" in out and "finished" in out and f"{prog['pseudo_dice']:.4f}" in out

@@ -1,0 +1,86 @@
+"""``calib-experiment status``: per fold state, epoch / total, last pseudo-Dice, mean epoch time, ETA, log.
+
+Checked against a real nnU-Net training (the session's ``synthetic_prediction`` fold): the values
+read from nnU-Net's training log must equal those nnU-Net recorded in its own final checkpoint
+(``logging``: per-class pseudo-Dice, epoch start/end timestamps), up to the log's rounding
+(4 decimals for the Dice, 2 for the epoch time). The requeue test in ``test_experiment_slurm.py``
+checks a fold interrupted and continued under SLURM the same way.
+"""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from exp_testlib import SHORT, write_experiment
+from nnunet_calibration.experiments import cli
+from nnunet_calibration.experiments.config import load_experiment, validate
+from nnunet_calibration.experiments.status import (NNUNET_DEFAULT_EPOCHS, fold_statuses, format_statuses,
+                                                   training_progress, watch)
+
+
+@pytest.mark.nnunet
+def test_status_against_a_real_training_log(synthetic_prediction, tmp_path, capsys):
+    pred = synthetic_prediction
+    fold = pred.model_folder / "fold_0"
+    f = write_experiment(tmp_path / "st.yaml", name="status-real", dataset=pred.dataset.dataset_id,
+                         configuration="2d", folds=[0, 1], device="cpu", training=SHORT,
+                         trainers=[pred.trainer], state_dir=str(tmp_path / "state"),
+                         nnunet_paths={"results": os.environ["nnUNet_results"]})
+    exp = validate(load_experiment(f), check_trainers=False)
+    rows = fold_statuses(exp, use_slurm=False)
+    assert [(r["fold"], r["status"]) for r in rows] == [(0, "finished"), (1, "not started")]
+    p = rows[0]["progress"]
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    n = len(ckpt["epoch_end_timestamps"])
+    assert n == SHORT["num_epochs"]
+    assert (p["epoch"], p["total"], p["current"], p["eta"]) == (n, SHORT["num_epochs"], None, 0)
+    last = np.asarray(ckpt["dice_per_class_or_region"][-1], dtype=float)
+    assert p["pseudo_dice_per_class"] == pytest.approx(list(last), abs=1e-4)
+    assert p["pseudo_dice"] == pytest.approx(float(np.nanmean(last)), abs=1e-4)
+    durations = np.array(ckpt["epoch_end_timestamps"]) - np.array(ckpt["epoch_start_timestamps"])
+    assert p["epoch_time"] == pytest.approx(float(durations.mean()), abs=0.01)
+    assert p["log"] and os.path.dirname(p["log"]) == str(fold) and "training_log_" in p["log"]
+    assert rows[1]["progress"]["epoch"] == 0 and rows[1]["progress"]["log"] is None
+
+    table = format_statuses(rows)
+    line0 = next(l for l in table.splitlines() if " finished " in l)
+    assert f"{n}/{n}" in line0 and f"{p['pseudo_dice']:.4f}" in line0 and p["log"] in line0
+    assert f"{p['epoch_time']:.1f}" in line0
+
+    # --watch: one table per round; stops by itself once every fold is finished or failed
+    buf = io.StringIO()
+    watch(exp, interval=0.01, rounds=2, stream=buf, use_slurm=False)
+    assert buf.getvalue().count("trainer ") == 2 and "status-real" in buf.getvalue()
+    assert cli.main(["status", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"{n}/{n}" in out and "not started" in out
+
+
+def _write_log(path, lines):
+    path.write_text("\n".join(f"2026-01-{d:02d} 10:00:{s:02d}.123456: {m} " for d, s, m in lines) + "\n")
+
+
+def test_progress_of_a_resumed_fold(tmp_path):
+    """Two runs (the first stopped inside epoch 2, the second continued from epoch 2 with --c):
+    epochs done, epoch in progress, ETA = remaining epochs x mean epoch time; names with an unpadded
+    date are ordered by their numbers (nnU-Net's ``training_log_%d_%d_%d_...``)."""
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    _write_log(fold / "training_log_2026_1_9_10_00_00.txt", [
+        (9, 0, "Epoch 0"), (9, 1, "Pseudo dice [np.float32(0.5), np.float32(0.7)]"), (9, 2, "Epoch time: 10.0 s"),
+        (9, 3, "Epoch 1"), (9, 4, "Pseudo dice [np.float32(0.6), np.float32(nan)]"), (9, 5, "Epoch time: 12.0 s"),
+        (9, 6, "Epoch 2")])
+    _write_log(fold / "training_log_2026_1_10_9_00_00.txt", [
+        (10, 0, "Epoch 2"), (10, 1, "Pseudo dice [0.8, 0.9]"), (10, 2, "Epoch time: 14.0 s"), (10, 3, "Epoch 3")])
+    p = training_progress(fold, total_epochs=10)
+    assert (p["epoch"], p["current"], p["last_epoch"]) == (3, 3, 2)
+    assert p["pseudo_dice_per_class"] == [0.8, 0.9] and p["pseudo_dice"] == pytest.approx(0.85)
+    assert p["epoch_time"] == pytest.approx(12.0) and p["eta"] == pytest.approx(7 * 12.0)
+    assert p["log"].endswith("training_log_2026_1_10_9_00_00.txt")
+    # a NaN class (no foreground in the validation batches) is left out of the mean, as nnU-Net's mean_fg_dice
+    (fold / "training_log_2026_1_10_9_00_00.txt").unlink()
+    p = training_progress(fold)
+    assert p["pseudo_dice"] == pytest.approx(0.6) and p["total"] == NNUNET_DEFAULT_EPOCHS
+    assert p["current"] == 2 and p["epoch"] == 2
