@@ -22,7 +22,8 @@ Example (every key except ``name``, ``dataset`` and ``trainers`` is optional)::
       options: {}
     report:
       output_root: results            # the report goes to <output_root>/<name>/
-      temperature_scaling: true
+      temperature_scaling: true       # cross-fitted + TS rows
+      vector_scaling: true            # cross-fitted + VS rows (one temperature per channel)
       threshold_sweep: true
       max_fit_voxels: 200000          # voxels sampled per trainer to fit the temperature
     slurm:
@@ -253,7 +254,7 @@ _TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "device", "tr
 _TRAINER_KEYS = {"name", "label", "hparams"}
 _EVALUATION_KEYS = {"num_processes", "options"}
 #: ``report:`` keys (read by :mod:`nnunet_calibration.experiments.report`) and their checks
-_REPORT_KEYS = {"output_root", "temperature_scaling", "threshold_sweep", "max_fit_voxels", "reliability_bins",
+_REPORT_KEYS = {"output_root", "temperature_scaling", "threshold_sweep", "max_fit_voxels", "vector_scaling",
                 "rank_metrics", "note"}
 _NNUNET_PATH_KEYS = {"raw", "preprocessed", "results"}
 
@@ -299,7 +300,7 @@ _REPORT_RULES = {
     "temperature_scaling": (lambda v: isinstance(v, bool), "true or false"),
     "threshold_sweep": (lambda v: isinstance(v, bool), "true or false"),
     "max_fit_voxels": (_positive_int, "a positive integer"),
-    "reliability_bins": (_positive_int, "a positive integer"),
+    "vector_scaling": (lambda v: isinstance(v, bool), "true or false"),
     "rank_metrics": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
                      "a non-empty list of metric names"),
     "note": (lambda v: isinstance(v, str), "a text"),
@@ -547,31 +548,31 @@ def known_trainer_names() -> list[str]:
     return sorted(names)
 
 
-def find_trainer_class(name: str):
-    """nnU-Net's own by-name lookup; ``None`` if it cannot find ``name``."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+def find_trainer_class(name: str, env: dict | None = None):
+    """nnU-Net's own by-name lookup; ``None`` if it cannot find ``name``.
 
+    Searches nnU-Net's trainer folder, then the folders of ``nnUNet_extTrainer`` as given in ``env``
+    (default: ``os.environ``), with nnU-Net's ``recursive_find_python_class`` in the order
+    ``recursive_find_trainer_class_by_name`` uses, without changing the process environment.
+    """
+    import nnunetv2
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    env = os.environ if env is None else env
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            return recursive_find_trainer_class_by_name(name)
-        except (RuntimeError, AssertionError):
+            cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
+                                              name, "nnunetv2.training.nnUNetTrainer", nnunetv2.__path__[0])
+            for path in ([] if cls is not None else (env.get("nnUNet_extTrainer") or "").split(os.pathsep)):
+                if path.strip() and os.path.exists(path):
+                    cls = recursive_find_python_class(path, name, None, base_folder=path, verbose=False,
+                                                      cleanup_imports_from_base_folder=True)
+                    if cls is not None:
+                        break
+        except (RuntimeError, AssertionError, ImportError):
             return None
-
-
-def _with_env(env: dict):
-    @contextlib.contextmanager
-    def cm():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update({k: v for k, v in env.items() if v is not None})
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return cm()
+    return cls if isinstance(cls, type) and issubclass(cls, nnUNetTrainer) else None
 
 
 def validate(exp: Experiment, check_trainers: bool = True) -> Experiment:
@@ -614,27 +615,27 @@ def validate(exp: Experiment, check_trainers: bool = True) -> Experiment:
     if check_trainers:
         from nnunet_calibration.trainers.base import TRAINING_KEYS, nnUNetTrainerCalibBase
 
-        with _with_env(exp.nnunet_env()):
-            unknown = []
-            for t in exp.trainers:
-                cls = find_trainer_class(t.name)
-                if cls is None:
-                    unknown.append(t.name)
-                    continue
-                hp = exp.hparams_for(t)
-                if hp and not issubclass(cls, nnUNetTrainerCalibBase):
-                    raise _err(exp.path, f"trainer {t.name} does not read NNUNET_CALIB_HPARAMS, so the "
-                                         f"hyperparameters {hp} would be ignored; use an nnunet-calibration trainer "
-                                         f"(e.g. nnUNetTrainerDiceCE instead of nnUNetTrainer) or drop them")
-                if hp:
-                    valid = set(TRAINING_KEYS) | set(cls.loss_hparams)
-                    bad = sorted(set(hp) - valid)
-                    if bad:
-                        raise _err(exp.path, f"trainer {t.label}: unknown hyperparameter(s) {bad}; "
-                                             f"valid for {t.name}: {sorted(valid)}")
-                    _check_loss_values(exp, t, cls.loss_hparams, hp)
-            if unknown:
-                raise _err(exp.path, f"unknown trainer(s) {unknown}; known trainers: {', '.join(known_trainer_names())}")
+        env = exp.nnunet_env()
+        unknown = []
+        for t in exp.trainers:
+            cls = find_trainer_class(t.name, env)
+            if cls is None:
+                unknown.append(t.name)
+                continue
+            hp = exp.hparams_for(t)
+            if hp and not issubclass(cls, nnUNetTrainerCalibBase):
+                raise _err(exp.path, f"trainer {t.name} does not read NNUNET_CALIB_HPARAMS, so the "
+                                     f"hyperparameters {hp} would be ignored; use an nnunet-calibration trainer "
+                                     f"(e.g. nnUNetTrainerDiceCE instead of nnUNetTrainer) or drop them")
+            if hp:
+                valid = set(TRAINING_KEYS) | set(cls.loss_hparams)
+                bad = sorted(set(hp) - valid)
+                if bad:
+                    raise _err(exp.path, f"trainer {t.label}: unknown hyperparameter(s) {bad}; "
+                                         f"valid for {t.name}: {sorted(valid)}")
+                _check_loss_values(exp, t, cls.loss_hparams, hp)
+        if unknown:
+            raise _err(exp.path, f"unknown trainer(s) {unknown}; known trainers: {', '.join(known_trainer_names())}")
     check_report_settings(exp)
     return exp
 
