@@ -134,16 +134,24 @@ def load_probs(npz: Path) -> np.ndarray:
 
 # -- gathering ---------------------------------------------------------------------------------
 def _evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment, progress: bool = False) -> dict:
-    from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders
+    from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders, validation_cases
 
     ev = dict(exp.evaluation)
+    # the evaluator requires a prediction for every expected case: here the fold's validation cases
+    fold_dir = folder.parent if folder.name == "validation" else folder
+    splits = info.gt_folder.parent / "splits_final.json"
+    try:
+        cases = validation_cases(splits, int(fold_dir.name.split("_")[-1])) if splits.is_file() else None
+    except (EvaluationInputError, ValueError) as e:
+        raise ExperimentError(f"evaluating {folder} failed: {e}") from e
     nproc = int(ev.pop("num_processes", 1))
     options = dict(ev.pop("options", {}) or {})
     options.update(ev)
     try:
         # write=False: the evaluator's per-class PNGs of every fold are not needed here; its summary is kept
         summary = evaluate_folders([str(folder)], str(info.gt_folder), str(info.dataset_json_path), str(out_dir),
-                                   num_processes=nproc, progress=progress, write=False, **options)
+                                   num_processes=nproc, progress=progress, write=False, cases=cases,
+                                   allow_missing=cases is None, **options)
     except (EvaluationInputError, TypeError) as e:
         raise ExperimentError(f"evaluating {folder} failed: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
