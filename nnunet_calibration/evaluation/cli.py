@@ -62,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="skip cases without prediction or without reference (listed in summary.json "
                         "under 'missing') instead of stopping with an error")
-    p.add_argument("--n-bins-ece", type=int, default=d["n_bins_ece"], help="bins of ECE (default %(default)s)")
+    p.add_argument("--convention", choices=["default", "sdc-code"], default="default",
+                   help="'default': the metrics as documented (per-class DSC/HD95 in mm, foreground ECE of Eq. 6, "
+                        "CECE over the foreground classes); 'sdc-code': as the SDC authors' evaluation code "
+                        "(EagleAdelaide/SDC-Loss src/sdc/metrics.py), for numbers next to the paper's tables: ECE = "
+                        "binary ECE of 1-p_background vs label!=0 over all voxels (10 bins), CECE over all classes "
+                        "incl. background, DSC/HD95 of the foreground union (HD95 in voxels)")
+    p.add_argument("--n-bins-ece", type=int, default=None,
+                   help=f"bins of ECE (default {d['n_bins_ece']}; 10 with --convention sdc-code)")
     p.add_argument("--n-bins-cece", type=int, default=d["n_bins_cece"], help="bins of CECE (default %(default)s)")
     p.add_argument("--n-bins-pece", type=int, default=d["n_bins_pece"], help="bins of pECE (default %(default)s)")
     p.add_argument("--n-bins-ace", type=int, default=d["n_bins_ace"],
@@ -93,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
             num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
             allow_missing=args.allow_missing,
-            n_bins_ece=args.n_bins_ece, n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
+            convention=args.convention, **({} if args.n_bins_ece is None else {"n_bins_ece": args.n_bins_ece}),
+            n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
             n_bins_ace=args.n_bins_ace, fp_weight=args.fp_weight, cece_threshold=args.cece_threshold,
             include_background=args.include_background, nll_eps=args.nll_eps)
     except EvaluationInputError as e:

@@ -71,7 +71,10 @@ from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dic
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_OPTIONS = dict(n_bins_ece=15, n_bins_cece=10, n_bins_pece=10, n_bins_ace=20, fp_weight=2.0,
-                       cece_threshold=1e-3, include_background=False, nll_eps=1e-7)
+                       cece_threshold=1e-3, include_background=False, nll_eps=1e-7, convention="default")
+#: ``convention="sdc-code"``: the SDC authors' code uses 10 ECE bins (used unless n_bins_ece is given)
+SDC_CODE_N_BINS_ECE = 10
+SDC_CODE_CLASS = "foreground"
 OUR_OUTPUTS = ("summary.json", "per_case.csv")
 
 #: Geometry tolerances between a prediction (nnU-Net's CASE.pkl / segmentation) and its reference:
@@ -338,15 +341,27 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
     del probs
     valid = None if lm.ignore_label is None else ref != lm.ignore_label
     dsc, hd = {}, {}
-    for name, key in zip(class_names, _masks_keys(lm)):
-        pm, rm = region_or_label_to_mask(seg, key), region_or_label_to_mask(ref, key)
+    sdc = options.get("convention", "default") == "sdc-code"
+    if sdc:  # the SDC authors' code: one foreground-union mask, HD95 in voxels, full connectivity
+        fg_ref = (ref != 0) if valid is None else (ref != 0) & valid
+        pairs = [(SDC_CODE_CLASS, seg != 0, fg_ref)]
+    else:
+        pairs = [(name, region_or_label_to_mask(seg, key), region_or_label_to_mask(ref, key))
+                 for name, key in zip(class_names, _masks_keys(lm))]
+    for name, pm, rm in pairs:
         if valid is not None:
             pm &= valid  # nnU-Net: predictions on ignored voxels do not count
-        dsc[name] = dice(pm, rm)
-        hd[name], worst = hd95(pm, rm, spacing, return_flag=True)
+        if sdc:
+            inter, denom = int(np.count_nonzero(pm & rm)), int(np.count_nonzero(pm)) + int(np.count_nonzero(rm))
+            dsc[name] = (2 * inter + 1e-6) / (denom + 1e-6)
+            hd[name], worst = hd95(pm, rm, None, return_flag=True, connectivity=pm.ndim)
+        else:
+            dsc[name] = dice(pm, rm)
+            hd[name], worst = hd95(pm, rm, spacing, return_flag=True)
         if worst:
             which = "prediction" if not pm.any() else "reference"
-            flags.append(f"{name}: empty {which}, HD95 set to the image diagonal ({hd[name]:.4g} mm)")
+            flags.append(f"{name}: empty {which}, HD95 set to the image diagonal ({hd[name]:.4g} "
+                         f"{'voxels' if sdc else 'mm'})")
     metrics = {"DSC": dsc, "HD95": hd, "DSC_mean": float(np.mean(list(dsc.values()))),
                "HD95_mean": float(np.mean(list(hd.values())))}
     metrics.update(acc.compute())
@@ -651,6 +666,8 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     if unknown:
         raise TypeError(f"unknown metric options {sorted(unknown)}")
     options = dict(DEFAULT_OPTIONS, **metric_options)
+    if options["convention"] == "sdc-code" and "n_bins_ece" not in metric_options:
+        options["n_bins_ece"] = SDC_CODE_N_BINS_ECE
     if isinstance(num_processes, bool) or not isinstance(num_processes, (int, np.integer)) or num_processes < 1:
         raise EvaluationInputError(f"num_processes (-np) must be an integer >= 1, got {num_processes!r}")
     if isinstance(pred_folders, (str, os.PathLike)):
@@ -668,6 +685,7 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     except Exception as e:
         raise EvaluationInputError(f"{dj_path}: cannot read dataset.json ({e})") from e
     lm, class_names, regions = label_info(dj, str(dj_path))
+    seg_names = [SDC_CODE_CLASS] if options["convention"] == "sdc-code" else class_names
     file_ending = dj.get("file_ending", ".nii.gz")
     jobs, missing = collect_jobs(pred_folders, gt_folder, file_ending, cases, allow_missing)
     reader = reader_writer(dict(dj, file_ending=file_ending), jobs[0]["reference"])
@@ -697,9 +715,10 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
                        "geometry_tolerance": {"spacing_rtol": SPACING_RTOL, "origin_atol_mm": ORIGIN_ATOL,
                                               "origin_rtol": ORIGIN_RTOL, "direction_atol": DIRECTION_ATOL},
                        "n_cases": len(cases_out), **options},
-            "classes": class_names,
+            "classes": seg_names,
+            "calibration_classes": class_names,
             "cases": cases_out,
-            "mean": dataset_means(cases_out, class_names),
+            "mean": dataset_means(cases_out, seg_names),
             "pooled": pooled_acc.compute(),
             "missing": missing,
         }
@@ -720,7 +739,7 @@ def _write_outputs(out_dir: Path, tmp: Path, summary: dict, class_names, pooled_
     summary["config"]["out_dir"] = str(out_dir)
     with open(tmp / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
-    write_per_case_csv(tmp / "per_case.csv", summary["cases"], class_names)
+    write_per_case_csv(tmp / "per_case.csv", summary["cases"], summary["classes"])
     edges, n, conf, freq = pooled_acc.reliability()
     for k, name in enumerate(class_names):
         plot_reliability_diagram(tmp / f"reliability_{_safe_name(name)}.png", edges, n[k], conf[k], freq[k],

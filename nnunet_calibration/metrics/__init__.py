@@ -6,14 +6,14 @@ Public API: :func:`ece`, :func:`cece`, :func:`pece`, :func:`marginal_calibration
 Conventions are documented in :mod:`.calibration`, :mod:`.segmentation` and :mod:`._binning`.
 """
 from ._binning import BinStats, SumStats, bin_edges, bin_index
-from .calibration import (METRIC_KEYS, CalibrationAccumulator, brier, cece, ece,
+from .calibration import (CONVENTIONS, METRIC_KEYS, CalibrationAccumulator, brier, cece, ece,
                           marginal_calibration_errors, nll, normalize_regions, pece, resolve_region_labels, validate_inputs,
                           validate_labels, validate_probabilities)
-from .segmentation import dice, hd95, image_diagonal
+from .segmentation import dice, hd95, image_diagonal, surface_distances
 
 __all__ = [
     "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier", "dice", "hd95",
-    "image_diagonal", "CalibrationAccumulator", "BinStats", "SumStats", "bin_edges", "bin_index",
+    "image_diagonal", "surface_distances", "CalibrationAccumulator", "BinStats", "SumStats", "bin_edges", "bin_index",
     "validate_inputs", "validate_probabilities", "validate_labels", "normalize_regions", "resolve_region_labels",
-    "METRIC_KEYS",
+    "METRIC_KEYS", "CONVENTIONS",
 ]

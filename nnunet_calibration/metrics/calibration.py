@@ -267,8 +267,9 @@ def _class_channels(n_channels: int, regions, include_background: bool) -> List[
     return list(range(0 if include_background else 1, n_channels))
 
 
-def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float) -> None:
-    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, False)):
+def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float,
+                 include_background: bool = False) -> None:
+    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, include_background)):
         pc = ch.p[c]
         keep = pc > threshold
         if not keep.any():
@@ -284,6 +285,25 @@ def _marginal_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, include_bac
 def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
     p = 1 - ch.p[0] if ch.regions is None else ch.p.max(0)
     stats.add_values_(0, p, ch.fg, edges, zero_in_first=False)
+
+
+#: Names of the metric conventions (see :class:`CalibrationAccumulator`).
+CONVENTIONS = ("default", "sdc-code")
+
+
+def _sdc_ece_compute(stats: BinStats) -> float:
+    """SDC code's binary ECE: ``sum_b |sum p_b - sum y_b| / N`` with N = *all* voxels (``p = 0`` in no bin)."""
+    total = int(stats.total[0])
+    if total == 0:
+        return float("nan")
+    return float(np.abs(stats.confidence_sum[0] - stats.outcome_sum[0]).sum() / total)
+
+
+def _sdc_cece_compute(stats: BinStats) -> float:
+    """SDC code's CECE: mean over the classes that kept a voxel of their count-weighted binary ECE; 0 if none."""
+    per = _weighted_ece_per_task(stats)
+    per = per[~np.isnan(per)]
+    return float(per.mean()) if per.size else 0.0
 
 
 def _label_prob(ch: _Chunk) -> np.ndarray:
@@ -620,6 +640,20 @@ class CalibrationAccumulator:
     public functions; ``include_background`` applies to the marginal errors only; ``regions`` /
     ``region_labels`` as in :func:`resolve_region_labels`.
 
+    Conventions (``convention``):
+
+    * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`.
+    * ``"sdc-code"``: ECE and CECE as the SDC authors' published evaluation code computes them
+      (EagleAdelaide/SDC-Loss ``src/sdc/metrics.py``, so that numbers can be put next to the paper's
+      tables): ECE = binary ECE of the foreground probability ``1 - p_background`` (regions: the
+      largest region probability) against ``label != 0`` over *all* voxels, bins ``(lo, hi]``
+      literally (``p = 0`` falls into no bin but counts in the denominator N = number of voxels),
+      ``sum_b n_b/N |mean p_b - mean y_b|``; CECE = for every class *including the background*
+      (softmax; every region for regions) the binary ECE of ``p_c`` against ``[label == c]`` over the
+      voxels with ``p_c > cece_threshold``, averaged over the classes that kept a voxel (0.0 if none).
+      Use 10 bins for both (``n_bins_ece=10``; the evaluator does that by itself). pECE, the
+      marginal errors, NLL and Brier are the same in both conventions.
+
     Ignore label: with ``ignore_index`` (nnU-Net's ``ignore`` label value), every voxel whose
     reference label equals ``ignore_index`` is removed before anything is counted, i.e. every metric
     is the metric of the remaining voxels only (as if the ignored voxels did not exist; this is how
@@ -629,16 +663,19 @@ class CalibrationAccumulator:
     def __init__(self, n_bins_ece: int = 15, n_bins_cece: int = 10, n_bins_pece: int = 10,
                  n_bins_ace: int = 20, fp_weight: float = 2.0, cece_threshold: float = 1e-3,
                  include_background: bool = False, nll_eps: float = 1e-7, regions: bool = False,
-                 region_labels: Regions = None, ignore_index: Optional[int] = None):
+                 region_labels: Regions = None, ignore_index: Optional[int] = None, convention: str = "default"):
         for n in (n_bins_ece, n_bins_cece, n_bins_pece, n_bins_ace):
             bin_edges(n)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         rl = resolve_region_labels(regions, region_labels)
         self.options = dict(n_bins_ece=int(n_bins_ece), n_bins_cece=int(n_bins_cece),
                             n_bins_pece=int(n_bins_pece), n_bins_ace=int(n_bins_ace),
                             fp_weight=float(fp_weight), cece_threshold=float(cece_threshold),
                             include_background=bool(include_background), nll_eps=float(nll_eps),
                             regions=bool(regions), region_labels=rl,
-                            ignore_index=None if ignore_index is None else int(ignore_index))
+                            ignore_index=None if ignore_index is None else int(ignore_index),
+                            convention=convention)
         self.n_cases = 0
         self.n_channels: Optional[int] = None
         self.stats: Optional[Dict[str, Union[BinStats, SumStats]]] = None
@@ -648,9 +685,10 @@ class CalibrationAccumulator:
         o = self.options
         regions = o["region_labels"]
         self.n_channels = n_channels
+        sdc = o["convention"] == "sdc-code"
         self.stats = {
-            "ece": BinStats.zeros(_ece_tasks(n_channels, regions), o["n_bins_ece"]),
-            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, False)), o["n_bins_cece"]),
+            "ece": BinStats.zeros(1 if sdc else _ece_tasks(n_channels, regions), o["n_bins_ece"]),
+            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, sdc)), o["n_bins_cece"]),
             "pece": BinStats.zeros(1, o["n_bins_pece"]),
             "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o["include_background"])),
                                        o["n_bins_ace"]),
@@ -677,6 +715,7 @@ class CalibrationAccumulator:
         e_ece, e_cece = bin_edges(o["n_bins_ece"], dt), bin_edges(o["n_bins_cece"], dt)
         e_pece, e_ace = bin_edges(o["n_bins_pece"], dt), bin_edges(o["n_bins_ace"], dt)
         s = self.stats
+        sdc = o["convention"] == "sdc-code"
         for pc, lc in _chunks(probs, labels):
             if ignore is not None:
                 keep = lc != ignore
@@ -685,8 +724,11 @@ class CalibrationAccumulator:
                 if lc.size == 0:
                     continue
             ch = _Chunk(pc, lc, regions)
-            _ece_kernel(ch, s["ece"], e_ece)
-            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"])
+            if sdc:
+                _pece_kernel(ch, s["ece"], e_ece)  # same statistics: foreground probability, y = fg, 0 in no bin
+            else:
+                _ece_kernel(ch, s["ece"], e_ece)
+            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"], sdc)
             _pece_kernel(ch, s["pece"], e_pece)
             _marginal_kernel(ch, s["marginal"], e_ace, o["include_background"])
             _nll_kernel(ch, s["nll"], o["nll_eps"])
@@ -722,8 +764,11 @@ class CalibrationAccumulator:
         if self.stats is None:
             return {k: float("nan") for k in METRIC_KEYS}
         s = self.stats
-        out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"]),
-               "pECE": _pece_compute(s["pece"], self.options["fp_weight"])}
+        if self.options["convention"] == "sdc-code":
+            out = {"ECE": _sdc_ece_compute(s["ece"]), "CECE": _sdc_cece_compute(s["cece"])}
+        else:
+            out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"])}
+        out["pECE"] = _pece_compute(s["pece"], self.options["fp_weight"])
         out.update(_marginal_compute(s["marginal"]))
         out["NLL"] = _nll_compute(s["nll"])
         out["Brier"] = _brier_compute(s["brier"])

@@ -353,3 +353,33 @@ def test_png_2d_dataset_read_with_nnunet_reader(tmp_path):
         assert entry["metrics"]["ECE"] == pytest.approx(ece(probs, lab), rel=1e-9)
         assert entry["metrics"]["DSC"]["a"] == pytest.approx(dice(probs.argmax(0) == 1, lab == 1))
         assert entry["metrics"]["HD95"]["a"] == pytest.approx(hd95(probs.argmax(0) == 1, lab == 1, (1.0, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------- 7
+def test_sdc_code_convention_in_the_evaluator(tmp_path, capsys):
+    from scipy import ndimage
+
+    labels = {"background": 0, "a": 1, "b": 2}
+    pred, gt, data = build(tmp_path, n_cases=2, shape=(6, 24, 22), labels=labels, n_classes=3, seed=7)
+    out = tmp_path / "out"
+    rc, err = run_main(capsys, pred, "--gt", gt, "-o", out, "--convention", "sdc-code")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["classes"] == ["foreground"] and s["config"]["n_bins_ece"] == 10
+    for entry in s["cases"]:
+        probs, lab = data[entry["case"]]
+        m = entry["metrics"]
+        # ECE: binary, 1 - p_background vs label != 0, all voxels, 10 bins (lo, hi]
+        conf, y = (1.0 - probs[0]).ravel().astype(np.float64), (lab != 0).ravel()
+        edges = np.linspace(0, 1, 11)
+        e = sum((((conf > lo) & (conf <= hi)).sum() / conf.size)
+                * abs(conf[(conf > lo) & (conf <= hi)].mean() - y[(conf > lo) & (conf <= hi)].mean())
+                for lo, hi in zip(edges[:-1], edges[1:]) if ((conf > lo) & (conf <= hi)).any())
+        assert m["ECE"] == pytest.approx(e, rel=1e-9)
+        # DSC and HD95 of the foreground union; HD95 in voxels with all-neighbour surfaces
+        pf, rf = probs.argmax(0) != 0, lab != 0
+        assert m["DSC"]["foreground"] == pytest.approx((2 * np.sum(pf & rf) + 1e-6) / (pf.sum() + rf.sum() + 1e-6))
+        st = np.ones((3, 3, 3), bool)
+        sp_, sr_ = pf ^ ndimage.binary_erosion(pf, st, border_value=0), rf ^ ndimage.binary_erosion(rf, st, border_value=0)
+        d = np.hstack([ndimage.distance_transform_edt(~sr_)[sp_], ndimage.distance_transform_edt(~sp_)[sr_]])
+        assert m["HD95"]["foreground"] == pytest.approx(float(np.percentile(d, 95)), rel=1e-9)

@@ -479,3 +479,62 @@ def test_validation_errors():
     # region input need not sum to 1
     rp, rl = region_case((4, 5), 0)
     validate_inputs(rp, rl, **rk(BRATS_REGIONS))
+
+
+# ----------------------------------------------------------------------------------------------
+# convention="sdc-code": the SDC authors' evaluation code, transcribed here from its formulas
+# ----------------------------------------------------------------------------------------------
+def sdc_binary_ece(conf, y, n_bins):
+    """sum over bins (lo, hi] of n_b / N * |mean conf_b - mean y_b|, N = all values (0 in no bin)."""
+    conf = conf.reshape(-1).astype(np.float64)
+    y = y.reshape(-1).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.sum() / conf.size * abs(conf[m].mean() - y[m].mean())
+    return total
+
+
+def sdc_code_metrics(probs, labels, thr=1e-3, n_bins=10):
+    fg_p = 1.0 - probs[0]
+    ece_ = sdc_binary_ece(fg_p, labels != 0, n_bins)
+    per_class = []
+    for c in range(probs.shape[0]):  # background included
+        keep = probs[c] > thr
+        if keep.any():
+            per_class.append(sdc_binary_ece(probs[c][keep], (labels == c)[keep], n_bins))
+    return ece_, (float(np.mean(per_class)) if per_class else 0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sdc_code_convention_matches_transcription(seed):
+    probs, labels = softmax_case((7, 9, 11), 4, seed)
+    probs[:, 0, 0, :4] = np.array([1, 0, 0, 0], np.float32)[:, None]  # p_fg = 0: in no bin, counted in N
+    acc = CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels).compute()
+    e, c = sdc_code_metrics(probs, labels)
+    assert acc["ECE"] == pytest.approx(e, rel=1e-9)
+    assert acc["CECE"] == pytest.approx(c, rel=1e-9)
+    default = CalibrationAccumulator().update(probs, labels).compute()
+    assert acc["pECE"] == default["pECE"] and acc["NLL"] == default["NLL"]  # the rest is unchanged
+    assert acc["ECE"] != pytest.approx(default["ECE"])
+    # pooled over two cases = the transcription on the concatenated voxels
+    p2, l2 = softmax_case((5, 9, 11), 4, seed + 10)
+    both = (CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels)
+            + CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(p2, l2)).compute()
+    e, c = sdc_code_metrics(np.concatenate([probs.reshape(4, -1), p2.reshape(4, -1)], 1),
+                            np.concatenate([labels.reshape(-1), l2.reshape(-1)]))
+    assert both["ECE"] == pytest.approx(e, rel=1e-9) and both["CECE"] == pytest.approx(c, rel=1e-9)
+    with pytest.raises(ValueError, match="convention"):
+        CalibrationAccumulator(convention="paper")
+
+
+def test_ignore_index_removes_voxels():
+    probs, labels = softmax_case((6, 7, 8), 3, 4)
+    labels = labels.copy()
+    labels[np.random.default_rng(1).random(labels.shape) < 0.3] = 7
+    keep = labels != 7
+    acc = CalibrationAccumulator(ignore_index=7).update(probs, labels, validate_args=True).compute()
+    direct = CalibrationAccumulator().update(probs[:, keep], labels[keep]).compute()
+    _assert_same(acc, direct, rel=1e-12)
