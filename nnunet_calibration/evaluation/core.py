@@ -65,8 +65,8 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_calibration.io import CorruptFileError, quiet_itk, verify_image_file
-from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, validate_labels,
-                                        validate_probabilities)
+from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, image_diagonal,
+                                        validate_labels, validate_probabilities)
 
 PathLike = Union[str, os.PathLike]
 
@@ -287,6 +287,63 @@ def probabilities_to_segmentation(probs: np.ndarray, lm) -> np.ndarray:
     return seg
 
 
+def segmentation_metrics(seg: np.ndarray, ref: np.ndarray, lm, class_names: List[str], spacing,
+                         convention: str = "default") -> Tuple[Dict[str, float], Dict[str, float], List[str]]:
+    """DSC and HD95 per class / region (``convention="default"``) or of the foreground union
+    (``"sdc-code"``: DSC ``(2|P&R| + 1e-6) / (|P| + |R| + 1e-6)``, HD95 in voxels with all-neighbour
+    surfaces, as the SDC authors' code), conventions of :mod:`nnunet_calibration.metrics.segmentation`.
+
+    Ignore label (``lm.ignore_label``): predicted voxels where the reference is the ignore label are
+    removed from the predicted masks (nnU-Net's DSC convention), for DSC and HD95 alike.
+    Speed: everything after one pass over the volume is done on the bounding box of the foreground
+    of ``seg`` and ``ref`` plus a 1-voxel margin, which contains every class mask and its surface,
+    so the values are those of the full volume; the worst-case HD95 uses the full image diagonal.
+    Returns ``(dsc, hd95, flags)``.
+    """
+    sdc = convention == "sdc-code"
+    ign = lm.ignore_label
+    ref_fg = ref != 0 if ign is None else (ref != 0) & (ref != ign)
+    union = ref_fg | (seg != 0)
+    full_shape = seg.shape
+    if union.any():
+        other = [tuple(i for i in range(union.ndim) if i != ax) for ax in range(union.ndim)]
+        sl = []
+        for ax in range(union.ndim):
+            nz = np.flatnonzero(union.any(axis=other[ax]) if other[ax] else union)
+            sl.append(slice(max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, union.shape[ax])))
+        sl = tuple(sl)
+    else:
+        sl = tuple(slice(0, 1) for _ in full_shape)  # nothing anywhere: every mask is empty
+    seg_c, ref_c, fg_c = seg[sl], ref[sl], ref_fg[sl]
+    valid = None if ign is None else ref_c != ign
+    if sdc:
+        pairs = [(SDC_CODE_CLASS, seg_c != 0, fg_c)]
+    else:
+        pairs = [(name, region_or_label_to_mask(seg_c, key), region_or_label_to_mask(ref_c, key))
+                 for name, key in zip(class_names, _masks_keys(lm))]
+    sp = None if sdc else spacing
+    dsc, hd, flags = {}, {}, []
+    for name, pm, rm in pairs:
+        if valid is not None:
+            pm &= valid  # nnU-Net: predictions on ignored voxels do not count
+        n_p, n_r = int(np.count_nonzero(pm)), int(np.count_nonzero(rm))
+        inter = int(np.count_nonzero(pm & rm))
+        if sdc:
+            dsc[name] = (2 * inter + 1e-6) / (n_p + n_r + 1e-6)
+        else:
+            dsc[name] = dice(pm, rm)
+        if n_p and n_r:
+            hd[name] = hd95(pm, rm, sp, connectivity=pm.ndim if sdc else 1)
+        elif not n_p and not n_r:
+            hd[name] = 0.0
+        else:
+            hd[name] = image_diagonal(full_shape, sp)
+            which = "prediction" if not n_p else "reference"
+            flags.append(f"{name}: empty {which}, HD95 set to the image diagonal ({hd[name]:.4g} "
+                         f"{'voxels' if sdc else 'mm'})")
+    return dsc, hd, flags
+
+
 # --------------------------------------------------------------------------------------------------
 # one case (runs in a worker process)
 # --------------------------------------------------------------------------------------------------
@@ -339,29 +396,9 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
                                  **options).update(probs, ref)
     seg = probabilities_to_segmentation(probs, lm)
     del probs
-    valid = None if lm.ignore_label is None else ref != lm.ignore_label
-    dsc, hd = {}, {}
-    sdc = options.get("convention", "default") == "sdc-code"
-    if sdc:  # the SDC authors' code: one foreground-union mask, HD95 in voxels, full connectivity
-        fg_ref = (ref != 0) if valid is None else (ref != 0) & valid
-        pairs = [(SDC_CODE_CLASS, seg != 0, fg_ref)]
-    else:
-        pairs = [(name, region_or_label_to_mask(seg, key), region_or_label_to_mask(ref, key))
-                 for name, key in zip(class_names, _masks_keys(lm))]
-    for name, pm, rm in pairs:
-        if valid is not None:
-            pm &= valid  # nnU-Net: predictions on ignored voxels do not count
-        if sdc:
-            inter, denom = int(np.count_nonzero(pm & rm)), int(np.count_nonzero(pm)) + int(np.count_nonzero(rm))
-            dsc[name] = (2 * inter + 1e-6) / (denom + 1e-6)
-            hd[name], worst = hd95(pm, rm, None, return_flag=True, connectivity=pm.ndim)
-        else:
-            dsc[name] = dice(pm, rm)
-            hd[name], worst = hd95(pm, rm, spacing, return_flag=True)
-        if worst:
-            which = "prediction" if not pm.any() else "reference"
-            flags.append(f"{name}: empty {which}, HD95 set to the image diagonal ({hd[name]:.4g} "
-                         f"{'voxels' if sdc else 'mm'})")
+    dsc, hd, seg_flags = segmentation_metrics(seg, ref, lm, class_names, spacing,
+                                              options.get("convention", "default"))
+    flags += seg_flags
     metrics = {"DSC": dsc, "HD95": hd, "DSC_mean": float(np.mean(list(dsc.values()))),
                "HD95_mean": float(np.mean(list(hd.values())))}
     metrics.update(acc.compute())

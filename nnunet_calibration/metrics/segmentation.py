@@ -119,11 +119,19 @@ def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[n
     sp = _spacing(spacing, pred.ndim)
     sl = _bbox(pred | ref, 1)
     s_pred, s_ref = _surface(pred[sl], connectivity), _surface(ref[sl], connectivity)
-    xp = np.argwhere(s_pred) * sp
-    xr = np.argwhere(s_ref) * sp
-    d_to_ref = cKDTree(xr).query(xp, k=1)[0]
-    d_to_pred = cKDTree(xp).query(xr, k=1)[0]
-    return d_to_ref, d_to_pred
+    return _nearest(s_pred, s_ref, sp), _nearest(s_ref, s_pred, sp)
+
+
+def _nearest(src: np.ndarray, dst: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Distance of every ``src`` voxel (in ``np.argwhere`` order) to the nearest ``dst`` voxel, in mm."""
+    both = src & dst  # distance 0, no search needed
+    out = np.zeros(int(np.count_nonzero(src)))
+    rest = src[src] & ~both[src]
+    if rest.any():
+        x_src = np.argwhere(src & ~both) * sp
+        tree = cKDTree(np.argwhere(dst) * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
+        out[rest] = tree.query(x_src, k=1)[0]
+    return out
 
 
 def hd95(pred, ref, spacing=None, return_flag: bool = False, connectivity: int = 1
