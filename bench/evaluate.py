@@ -234,6 +234,7 @@ def measure_memory(npz, ref, regions):
 def run(mode: str, n_cases: int, tmp: Path, loop_cases: int):
     import SimpleITK as sitk
     import nnunetv2.evaluation.evaluate_predictions  # noqa: F401  (import time is not metric time)
+    import nnunet_calibration.evaluation.core  # noqa: F401
 
     regions = None if mode == "softmax" else BRATS_REGIONS
     print(f"\n=== {mode}: {n_cases} case(s) of shape ({4 if regions is None else 3}, {', '.join(map(str, SHAPE))}) "

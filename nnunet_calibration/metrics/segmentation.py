@@ -19,8 +19,9 @@ Conventions
   exact Euclidean distance transform with ``sampling=spacing``).
 * Speed: both masks are cropped to the bounding box of their union (plus a 1-voxel margin) first;
   this does not change the result because every surface voxel lies inside that box. Surfaces by
-  shifted ANDs; nearest surface voxels by a k-d tree of the surface voxels' coordinates in mm
-  instead of two distance transforms of the volume (same values, see :func:`surface_distances`).
+  shifted ANDs; nearest surface voxels by trying the offsets of a small ball in order of length,
+  then a k-d tree for the rest, instead of two distance transforms of the volume (same values,
+  tested against the full-volume transform; see :func:`surface_distances`).
 """
 from __future__ import annotations
 
@@ -109,11 +110,10 @@ def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[n
     voxel centre to the nearest surface voxel centre of the other mask. Both masks must be non-empty.
 
     Computation: masks cropped to the bounding box of their union plus a 1-voxel margin (every
-    surface voxel lies inside, so nothing changes), surfaces by :func:`_surface`, then nearest
-    neighbours among the surface voxels' physical coordinates with a k-d tree
-    (``scipy.spatial.cKDTree``), which gives the same distances as a Euclidean distance transform of
-    the other surface with ``sampling=spacing`` (tested against the full-volume transform) without
-    transforming the volume.
+    surface voxel lies inside, so nothing changes), surfaces by :func:`_surface`, then the nearest
+    voxel of the other surface by :func:`_nearest` (ball offsets, then ``scipy.spatial.cKDTree``),
+    which gives the same distances as a Euclidean distance transform of the other surface with
+    ``sampling=spacing`` (tested against the full-volume transform) without transforming the volume.
     """
     pred, ref = _as_masks(pred, ref)
     sp = _spacing(spacing, pred.ndim)
@@ -122,15 +122,51 @@ def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[n
     return _nearest(s_pred, s_ref, sp), _nearest(s_ref, s_pred, sp)
 
 
+#: Nearest-surface search: offsets up to this many times the smallest spacing are tried directly.
+NEAR_RADIUS_VOXELS = 4
+
+
+def _ball_offsets(sp: np.ndarray, radius_mm: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All integer offsets with length <= ``radius_mm`` (in mm), sorted by length; and the lengths."""
+    ext = [int(np.floor(radius_mm / s)) for s in sp]
+    grids = np.meshgrid(*[np.arange(-e, e + 1) for e in ext], indexing="ij")
+    off = np.stack([g.ravel() for g in grids], 1)
+    dist = np.sqrt(((off * sp) ** 2).sum(1))
+    keep = dist <= radius_mm
+    order = np.argsort(dist[keep], kind="stable")
+    return off[keep][order], dist[keep][order], np.asarray(ext)
+
+
 def _nearest(src: np.ndarray, dst: np.ndarray, sp: np.ndarray) -> np.ndarray:
-    """Distance of every ``src`` voxel (in ``np.argwhere`` order) to the nearest ``dst`` voxel, in mm."""
-    both = src & dst  # distance 0, no search needed
-    out = np.zeros(int(np.count_nonzero(src)))
-    rest = src[src] & ~both[src]
-    if rest.any():
-        x_src = np.argwhere(src & ~both) * sp
+    """Exact distance (mm) of every ``src`` voxel (``np.argwhere`` order) to the nearest ``dst`` voxel.
+
+    Two stages with the same result as a Euclidean distance transform of ``~dst``: (1) the integer
+    offsets of a ball of radius ``NEAR_RADIUS_VOXELS x min(spacing)`` are tried in order of length;
+    the first offset at which a ``dst`` voxel lies gives the exact distance (every closer offset has
+    been tried); (2) the voxels with nothing inside the ball get their nearest ``dst`` voxel from a
+    k-d tree of the ``dst`` coordinates in mm.
+    """
+    pts = np.argwhere(src)
+    out = np.empty(len(pts))
+    offsets, lengths, ext = _ball_offsets(sp, NEAR_RADIUS_VOXELS * float(sp.min()))
+    dpad = np.zeros(tuple(int(n + 2 * e) for n, e in zip(dst.shape, ext)), bool)
+    dpad[tuple(slice(int(e), int(e) + n) for n, e in zip(dst.shape, ext))] = dst
+    strides = np.array(dpad.strides, dtype=np.int64) // dpad.itemsize
+    flat = dpad.reshape(-1)
+    idx = (pts + ext) @ strides
+    off_flat = offsets @ strides
+    remaining = np.arange(len(pts))
+    for o, length in zip(off_flat.tolist(), lengths.tolist()):
+        hit = flat[idx + o]
+        if hit.any():
+            out[remaining[hit]] = length
+            keep = ~hit
+            remaining, idx = remaining[keep], idx[keep]
+            if remaining.size == 0:
+                break
+    if remaining.size:
         tree = cKDTree(np.argwhere(dst) * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
-        out[rest] = tree.query(x_src, k=1)[0]
+        out[remaining] = tree.query(pts[remaining] * sp, k=1)[0]
     return out
 
 
