@@ -14,8 +14,10 @@ What :func:`verify_image_file` checks (raising :class:`CorruptFileError` naming 
   truncated plain ``.nii`` files too.
 
 Other formats (``.png``, ``.tif``, ``.mha``, ``.nrrd`` ...) are left to their reader, which reports
-truncation itself. Cost: one extra decompression of every ``.gz`` image; measured on the ACDC subset
-(README, "Converting the official datasets").
+truncation itself. Cost: one extra decompression of every ``.gz`` image. Measured on the ACDC subset
+(80 ED/ES images and labels, 22 MB of ``.nii.gz``; best of 3, warm page cache, shared machine with
+load ~27): SimpleITK reads 2.36 s, the gzip verification 1.21 s (51% of the read), checked reads
+3.97 s (+68%).
 
 This module is public on purpose: both the converters and the evaluator use it.
 """
