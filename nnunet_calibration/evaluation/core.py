@@ -6,20 +6,29 @@ Inputs
   ``(C, z, y, x)``) as written by ``nnUNetv2_predict --save_probabilities`` or by
   ``nnUNetv2_train --npz`` (``fold_X/validation``). All ``*.npz`` files of a folder are cases.
 * ``gt_folder``: the references ``CASE{file_ending}`` (``file_ending`` from dataset.json), read
-  with SimpleITK; the spacing comes from the reference (SimpleITK's (x, y, z) reversed to the
-  array's (z, y, x) order). A 2D reference (y, x) matches probabilities of shape (C, 1, y, x),
-  which is how nnU-Net stores 2D images.
+  with the reader/writer nnU-Net picks for the dataset (``determine_reader_writer_from_dataset_json``,
+  so ``.nii.gz``, ``.png``, ``.tif``, ... all work) after :func:`nnunet_calibration.io.verify_image_file`
+  (truncated / corrupt ``.gz`` streams are errors). The spacing comes from the reader's properties
+  (nnU-Net's (z, y, x) order). A 2D image (nnU-Net's convention: one slice, first spacing 999 x the
+  others) is evaluated in 2D, with probabilities of shape (C, 1, y, x) as nnU-Net stores them.
+* expected cases: every reference in ``gt_folder`` (or ``cases=``); missing predictions /
+  references and duplicate case ids are errors unless ``allow_missing`` (see :func:`collect_jobs`).
+* geometry: spacing, shape, origin and direction of nnU-Net's ``CASE.pkl`` (or segmentation
+  ``CASE{file_ending}``) in the prediction folder must match the reference within
+  ``SPACING_RTOL`` / ``ORIGIN_ATOL`` + ``ORIGIN_RTOL`` / ``DIRECTION_ATOL`` (see :func:`geometry_problems`).
 * ``dataset_json``: default: ``dataset.json`` in the first prediction folder (nnU-Net copies it
   there), else in its parent or grand-parent (the model folder, for ``fold_X/validation``).
   Its ``labels`` and ``regions_class_order`` decide, through nnU-Net's ``LabelManager``, whether the
-  channels are softmax classes (channel c = label c, background included) or sigmoid regions.
+  channels are softmax classes (channel c = label c, background included) or sigmoid regions. An
+  ``ignore`` label is supported as nnU-Net does it: its voxels are left out of every metric.
 
 Per case
 --------
 * segmentation exactly as nnU-Net makes it from the probabilities (the result of
   ``LabelManager.convert_probabilities_to_segmentation``: argmax, or region thresholds at 0.5 in
   ``regions_class_order``; computed channel by channel to avoid a full-size copy, see
-  :func:`probabilities_to_segmentation`); DSC and HD95 per foreground class / region
+  :func:`probabilities_to_segmentation`); DSC and HD95 (:func:`segmentation_metrics`) per
+  foreground class / region
   (``nnunetv2.evaluation.evaluate_predictions.region_or_label_to_mask``) with the conventions of
   :mod:`nnunet_calibration.metrics.segmentation` (both empty: DSC 1, HD95 0; one empty: DSC 0, HD95
   = image diagonal in mm, and the case gets a flag); ``DSC_mean``/``HD95_mean`` = mean over classes.
@@ -37,7 +46,13 @@ reliability diagram per class, from the accumulator's marginal per-bin statistic
 bins) and ``dataset_reliability_histogram.png`` (the ACE paper's dataset reliability histogram:
 per class, for every case and probability bin the case's observed frequency; the colour is the
 number of cases). Everything is first written to a temporary folder next to ``out_dir`` that is
-renamed at the end, so nothing appears unless every case was evaluated.
+renamed at the end, so nothing appears unless every case was evaluated. That folder
+(``.OUT.tmp-<pid>-*``) is created before any case is computed (an unwritable location fails at
+once), removed on any error or interrupt, and removed by a later run if its process is dead.
+Parallel cases run in a ``ProcessPoolExecutor``; a worker that dies is an error naming its case(s).
+
+Conventions: ``convention="default"`` as above; ``"sdc-code"`` as the SDC authors' evaluation code
+(see :class:`nnunet_calibration.metrics.CalibrationAccumulator` and :func:`segmentation_metrics`).
 """
 from __future__ import annotations
 
