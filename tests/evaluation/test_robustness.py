@@ -383,3 +383,29 @@ def test_sdc_code_convention_in_the_evaluator(tmp_path, capsys):
         sp_, sr_ = pf ^ ndimage.binary_erosion(pf, st, border_value=0), rf ^ ndimage.binary_erosion(rf, st, border_value=0)
         d = np.hstack([ndimage.distance_transform_edt(~sr_)[sp_], ndimage.distance_transform_edt(~sp_)[sr_]])
         assert m["HD95"]["foreground"] == pytest.approx(float(np.percentile(d, 95)), rel=1e-9)
+
+
+def test_tif_dataset_uses_spacing_from_nnunet_reader(tmp_path):
+    """nnU-Net's Tiff3DIO (chosen by dataset.json's overwrite_image_reader_writer, as nnU-Net does)
+    keeps the spacing in CASE.json next to CASE.tif; HD95 must use it."""
+    from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
+
+    rng = np.random.default_rng(4)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    (pred / "dataset.json").write_text(json.dumps({"channel_names": {"0": "x"}, "labels": {"background": 0, "a": 1},
+                                                   "numTraining": 1, "file_ending": ".tif",
+                                                   "overwrite_image_reader_writer": "Tiff3DIO"}))
+    spacing = (2.0, 0.5, 0.75)
+    lab, _ = smooth_case((6, 20, 18), rng)
+    p1 = np.where(np.roll(lab, 2, axis=1) == 1, 0.9, 0.1).astype(np.float32)  # a shifted prediction
+    probs = np.stack([1 - p1, p1])
+    Tiff3DIO().write_seg(lab, str(gt / "c_000.tif"), {"spacing": spacing})
+    np.savez_compressed(pred / "c_000.npz", probabilities=probs)
+    save_pickle({"spacing": spacing, "shape_before_cropping": lab.shape}, str(pred / "c_000.pkl"))
+    s = evaluate_folders([pred], gt, write=False, progress=False)
+    assert s["config"]["reader_writer"] == "Tiff3DIO"
+    m = s["cases"][0]["metrics"]
+    assert m["HD95"]["a"] == pytest.approx(hd95(probs.argmax(0) == 1, lab == 1, spacing))
+    assert m["HD95"]["a"] != pytest.approx(hd95(probs.argmax(0) == 1, lab == 1, (1, 1, 1)))
