@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_calibration.metrics import CalibrationAccumulator, dice, hd95, validate_probabilities
+from nnunet_calibration.metrics import CalibrationAccumulator, validate_probabilities
 
 SHAPE = (155, 240, 240)
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
@@ -172,7 +172,7 @@ def loop_metrics(probs, labels, regions):
 # ours
 # --------------------------------------------------------------------------------------------------
 def our_calibration(probs, labels, regions):
-    return CalibrationAccumulator(regions=regions, **OPTS).update(probs, labels).compute()
+    return CalibrationAccumulator(regions=regions is not None, region_labels=regions, **OPTS).update(probs, labels).compute()
 
 
 def label_setup(regions):
@@ -184,19 +184,12 @@ def label_setup(regions):
 
 
 def our_segmentation(probs, labels, regions, spacing=(1.0, 1.0, 1.0)):
-    """What calib-evaluate does per case for DSC/HD95 (the same functions as evaluation.core)."""
-    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    """What calib-evaluate does per case for DSC/HD95 (evaluation.core's own functions)."""
+    from nnunet_calibration.evaluation.core import probabilities_to_segmentation, segmentation_metrics
 
-    from nnunet_calibration.evaluation.core import probabilities_to_segmentation
-
-    lm, _ = label_setup(regions)
+    lm, names = label_setup(regions)
     seg = probabilities_to_segmentation(probs, lm)
-    keys = lm.foreground_regions if regions else lm.foreground_labels
-    out = []
-    for k in keys:
-        pm, rm = region_or_label_to_mask(seg, k), region_or_label_to_mask(labels, k)
-        out.append((dice(pm, rm), hd95(pm, rm, spacing)))
-    return out
+    return segmentation_metrics(seg, labels, lm, names, spacing)
 
 
 def _vm_kb(field):
@@ -241,6 +234,7 @@ def measure_memory(npz, ref, regions):
 def run(mode: str, n_cases: int, tmp: Path, loop_cases: int):
     import SimpleITK as sitk
     import nnunetv2.evaluation.evaluate_predictions  # noqa: F401  (import time is not metric time)
+    import nnunet_calibration.evaluation.core  # noqa: F401
 
     regions = None if mode == "softmax" else BRATS_REGIONS
     print(f"\n=== {mode}: {n_cases} case(s) of shape ({4 if regions is None else 3}, {', '.join(map(str, SHAPE))}) "
@@ -259,7 +253,7 @@ def run(mode: str, n_cases: int, tmp: Path, loop_cases: int):
             probs = z["probabilities"]
         t_load.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        validate_probabilities(probs, regions)
+        validate_probabilities(probs, regions is not None)
         t_val.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ours = our_calibration(probs, labels, regions)

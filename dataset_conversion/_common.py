@@ -4,7 +4,8 @@ Everything a converter needs besides its own layout parsing lives here:
 
 - :class:`ConversionError`: the one exception every converter raises for bad input. Its message
   names the offending file or folder and what is wrong.
-- Reading: :func:`read_image` (SimpleITK, errors wrapped, ITK's NIfTI warnings silenced),
+- Reading: :func:`read_image` (SimpleITK through :mod:`nnunet_calibration.io`: truncated / corrupt
+  files are detected, errors wrapped, ITK's NIfTI warnings silenced),
   :func:`check_same_geometry`, :func:`check_label_values`, :func:`pair_by_case_id`,
   :func:`check_case_id`.
 - Writing: :func:`copy_nifti` keeps the original bytes (a ``.nii`` source is gzip-compressed, which
@@ -20,7 +21,6 @@ and direction mismatches; here all four are errors.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -33,6 +33,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from nnunet_calibration.io import CorruptFileError, read_sitk_image
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL = 1e-3
@@ -104,32 +106,16 @@ def pair_by_case_id(images: Mapping[str, Sequence[Path] | Path], labels: Mapping
 
 
 # ---------------------------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def _quiet_itk():
-    """Silence ITK warnings such as ACDC's 'unexpected scales in sform' (the spacing comes from pixdim)."""
-    old = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(old)
-
-
 def read_image(path: Path) -> sitk.Image:
-    """Read an image with SimpleITK (nnU-Net's reader for NIfTI), raising :class:`ConversionError`
-    naming the file if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"file not found: {path}")
+    """Read an image with SimpleITK (nnU-Net's reader for NIfTI) through the shared checked reader
+    :func:`nnunet_calibration.io.read_sitk_image`: a ``.gz`` stream is fully decompressed first
+    (truncation, CRC and deflate errors are detected, which SimpleITK alone zero-fills silently) and a
+    NIfTI file must hold as many bytes as its header says. Raises :class:`ConversionError` naming the
+    file if it cannot be read."""
     try:
-        with _quiet_itk():
-            return sitk.ReadImage(str(path))
-    except Exception as e:  # SimpleITK raises RuntimeError with a long ITK trace
-        lines = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
-        detail = next((m for m in reversed(lines) if "ERROR" in m), lines[-1] if lines else type(e).__name__)
-        detail = re.sub(r"^.*?ERROR:\s*", "", detail)
-        raise ConversionError(f"cannot read {path}: not a readable image (corrupt or truncated file?): "
-                              f"{detail}") from e
+        return read_sitk_image(path)
+    except CorruptFileError as e:
+        raise ConversionError(f"cannot read {e}") from e
 
 
 def geometry(img: sitk.Image) -> tuple:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -15,8 +16,27 @@ Algorithm 1), mL1-ACE/mL1-ECE/mL1-MCE (ACE paper), NLL and Brier (DSC++ paper); 
 mean over cases and the exact pooled values.
 
 Writes OUT/summary.json, OUT/per_case.csv, OUT/reliability_<class>.png and
-OUT/dataset_reliability_histogram.png. Nothing is written unless every case was evaluated.
-Exit status 2 on bad input (the message names the file)."""
+OUT/dataset_reliability_histogram.png. Nothing is written unless every case was evaluated
+(SIGINT and SIGTERM remove the staging folder; one left by a killed run is removed by the next).
+Every reference must have a prediction and vice versa (else an error listing the cases) unless
+--allow-missing, or --cases names the cases to evaluate (e.g. one fold's validation cases).
+Corrupt/truncated files, geometry mismatches (spacing, origin, direction, shape from nnU-Net's
+CASE.pkl or segmentation vs the reference) and dead worker processes are errors.
+Exit status 2 on bad input (the message names the file), 130 when interrupted."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", dest="out_dir", default=None,
                    help="output folder (default: PRED_FOLDER/calibration_evaluation; replaced if it only "
                         "holds earlier calib-evaluate output)")
-    p.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+    p.add_argument("-np", "--num-processes", dest="num_processes", type=_positive_int, default=1,
                    help="cases evaluated in parallel processes (one case in memory per process; default 1)")
-    p.add_argument("--n-bins-ece", type=int, default=d["n_bins_ece"], help="bins of ECE (default %(default)s)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                   help="the cases to evaluate (default: every reference in GT_FOLDER)")
+    p.add_argument("--cases-from-split", nargs=2, default=None, metavar=("SPLITS_JSON", "FOLD"),
+                   help="evaluate the validation cases of FOLD in nnU-Net's splits_final.json")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip cases without prediction or without reference (listed in summary.json "
+                        "under 'missing') instead of stopping with an error")
+    p.add_argument("--convention", choices=["default", "sdc-code"], default="default",
+                   help="'default': the metrics as documented (per-class DSC/HD95 in mm, foreground ECE of Eq. 6, "
+                        "CECE over the foreground classes); 'sdc-code': as the SDC authors' evaluation code "
+                        "(EagleAdelaide/SDC-Loss src/sdc/metrics.py), for numbers next to the paper's tables: ECE = "
+                        "binary ECE of 1-p_background vs label!=0 over all voxels (10 bins), CECE over all classes "
+                        "incl. background, DSC/HD95 of the foreground union (HD95 in voxels)")
+    p.add_argument("--n-bins-ece", type=int, default=None,
+                   help=f"bins of ECE (default {d['n_bins_ece']}; 10 with --convention sdc-code)")
     p.add_argument("--n-bins-cece", type=int, default=d["n_bins_cece"], help="bins of CECE (default %(default)s)")
     p.add_argument("--n-bins-pece", type=int, default=d["n_bins_pece"], help="bins of pECE (default %(default)s)")
     p.add_argument("--n-bins-ace", type=int, default=d["n_bins_ace"],
@@ -54,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, SLURM, timeout) is handled like Ctrl-C: the staging folder is removed
+    old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        cases = args.cases
+        if args.cases_from_split is not None:
+            from .core import validation_cases
+
+            cases = (cases or []) + validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
         summary = evaluate_folders(
             args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
-            num_processes=args.num_processes, progress=not args.no_progress,
-            n_bins_ece=args.n_bins_ece, n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
+            num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
+            allow_missing=args.allow_missing,
+            convention=args.convention, **({} if args.n_bins_ece is None else {"n_bins_ece": args.n_bins_ece}),
+            n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
             n_bins_ace=args.n_bins_ace, fp_weight=args.fp_weight, cece_threshold=args.cece_threshold,
             include_background=args.include_background, nll_eps=args.nll_eps)
     except EvaluationInputError as e:
@@ -67,6 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # bad option values (bins, ...)
         print(f"calib-evaluate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("calib-evaluate: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     m, pooled = summary["mean"], summary["pooled"]
 
     def fmt(v):
@@ -80,7 +128,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{k:<9} {fmt(m[k]):>8} {fmt(pooled[k]):>8}")
     n_flagged = sum(1 for c in summary["cases"] if c["flags"])
     if n_flagged:
-        print(f"{n_flagged} case(s) flagged (empty masks, HD95 = image diagonal): see summary.json")
+        print(f"{n_flagged} case(s) flagged (empty masks, HD95 = image diagonal; geometry not checked): "
+              "see summary.json")
+    miss = summary.get("missing") or {}
+    if miss.get("predictions") or miss.get("references"):
+        print(f"skipped (--allow-missing): {len(miss.get('predictions') or [])} case(s) without prediction, "
+              f"{len(miss.get('references') or [])} without reference: see summary.json 'missing'")
     return 0
 
 

@@ -83,6 +83,8 @@ from typing import Any
 
 import yaml
 
+from nnunet_calibration.metrics import CONVENTIONS
+
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -293,6 +295,7 @@ EVALUATION_OPTION_RULES = {
     "cece_threshold": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "include_background": (lambda v: isinstance(v, bool), "true or false"),
     "nll_eps": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "convention": (lambda v: v in CONVENTIONS, f"one of {list(CONVENTIONS)}"),
 }
 
 _REPORT_RULES = {

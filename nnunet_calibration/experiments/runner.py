@@ -27,7 +27,7 @@ from pathlib import Path
 from nnunet_calibration.experiments.config import (Experiment, ExperimentError, TrainerSpec, hparams_env_value,
                                                    recorded_hparams)
 from nnunet_calibration.nnunet_utils import nnunet_command, training_env
-from nnunet_calibration.trainers.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
+from nnunet_calibration.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
 
 FINISHED, INTERRUPTED, NOT_STARTED = "finished", "interrupted", "not started"
 

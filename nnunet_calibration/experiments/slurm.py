@@ -38,7 +38,7 @@ from pathlib import Path
 
 from nnunet_calibration.experiments.config import Experiment, ExperimentError, hparams_env_value
 from nnunet_calibration.experiments.runner import fold_num_gpus, log_path, train_command
-from nnunet_calibration.trainers.timelimit import stop_signal
+from nnunet_calibration.timelimit import stop_signal
 
 _PASS_ENV = ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_npp", "nnUNet_nps",
              "nnUNet_n_proc_DA", "OMP_NUM_THREADS", "SLURM_CONF")

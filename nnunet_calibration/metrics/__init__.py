@@ -1,18 +1,19 @@
 """Calibration and segmentation metrics (numpy/scipy only, nothing from nnU-Net or torch).
 
 Public API: :func:`ece`, :func:`cece`, :func:`pece`, :func:`marginal_calibration_errors`,
-:func:`nll`, :func:`brier` (calibration; all take ``regions=None``), :func:`dice`, :func:`hd95`
+:func:`nll`, :func:`brier` (calibration; all take ``regions=False`` and, for sigmoid regions, ``regions=True, region_labels=[...]``), :func:`dice`, :func:`hd95`
 (per binary mask), and :class:`CalibrationAccumulator` for exact pooled (dataset-wide) values.
 Conventions are documented in :mod:`.calibration`, :mod:`.segmentation` and :mod:`._binning`.
 """
 from ._binning import BinStats, SumStats, bin_edges, bin_index
-from .calibration import (METRIC_KEYS, CalibrationAccumulator, brier, cece, ece,
-                          marginal_calibration_errors, nll, normalize_regions, pece, validate_inputs,
+from .calibration import (CONVENTIONS, METRIC_KEYS, CalibrationAccumulator, brier, cece, ece,
+                          marginal_calibration_errors, nll, normalize_regions, pece, resolve_region_labels, validate_inputs,
                           validate_labels, validate_probabilities)
-from .segmentation import dice, hd95, image_diagonal
+from .segmentation import dice, hd95, image_diagonal, surface_distances
 
 __all__ = [
     "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier", "dice", "hd95",
-    "image_diagonal", "CalibrationAccumulator", "BinStats", "SumStats", "bin_edges", "bin_index",
-    "validate_inputs", "validate_probabilities", "validate_labels", "normalize_regions", "METRIC_KEYS",
+    "image_diagonal", "surface_distances", "CalibrationAccumulator", "BinStats", "SumStats", "bin_edges", "bin_index",
+    "validate_inputs", "validate_probabilities", "validate_labels", "normalize_regions", "resolve_region_labels",
+    "METRIC_KEYS", "CONVENTIONS",
 ]

@@ -88,18 +88,19 @@ class BinStats:
         return self.count.shape[1]
 
     @property
-    def n(self) -> np.ndarray:
-        """Values per bin, ``(T, n_bins)``."""
+    def bin_count(self) -> np.ndarray:
+        """Number of values per bin, ``(T, n_bins)``."""
         return self.count.sum(-1)
 
     @property
-    def positives(self) -> np.ndarray:
-        """Positive (or correct) values per bin, ``(T, n_bins)``: the sum of the outcome."""
+    def outcome_sum(self) -> np.ndarray:
+        """Per-bin sum of the 0/1 outcome, ``(T, n_bins)``: the number of positive (or correct) values."""
         return self.count[..., 1]
 
     @property
-    def confidence(self) -> np.ndarray:
-        """Sum of the binned values per bin, ``(T, n_bins)``."""
+    def confidence_sum(self) -> np.ndarray:
+        """Per-bin sum of the binned values (confidences), ``(T, n_bins)``; divide by
+        :attr:`bin_count` for the mean confidence."""
         return self.conf_sum.sum(-1)
 
     def add_(self, task: int, idx: np.ndarray, outcome: np.ndarray, values: np.ndarray, n_offered: int):
@@ -168,9 +169,9 @@ class BinStats:
 
     def reliability(self):
         """Per task and bin: ``(n, mean confidence, observed frequency)``, NaN for empty bins."""
-        n = self.n
+        n = self.bin_count
         with np.errstate(invalid="ignore", divide="ignore"):
-            return n, self.confidence / n, self.positives / n
+            return n, self.confidence_sum / n, self.outcome_sum / n
 
 
 @dataclass

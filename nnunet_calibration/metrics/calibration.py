@@ -3,13 +3,15 @@
 Inputs (all functions)
 ----------------------
 ``probs``: floating array ``(C, *spatial)`` exactly as nnU-Net writes it (2D or 3D, any spatial
-rank): either softmax probabilities *including* the background channel 0 (``regions=None``; channel
-``c`` belongs to label ``c``), or, for region-based datasets, sigmoid probabilities of the regions
-*without* a background channel (``regions`` = the label tuples of dataset.json in channel order,
-e.g. ``[(1, 2, 3), (2, 3), (3,)]`` for BraTS whole tumour, tumour core, enhancing tumour).
+rank): either softmax probabilities *including* the background channel 0 (``regions=False``, the
+default; channel ``c`` belongs to label ``c``), or, for region-based datasets, sigmoid probabilities
+of the regions *without* a background channel (``regions=True``, meaning the same as in
+:mod:`nnunet_calibration.losses`: the channels are independent sigmoid regions; the regions' label
+tuples of dataset.json are then passed in channel order as ``region_labels``, e.g.
+``[(1, 2, 3), (2, 3), (3,)]`` for BraTS whole tumour, tumour core, enhancing tumour).
 ``labels``: integer array ``(*spatial)``, the reference label map (label values, not regions).
 
-Region semantics: with ``regions``, channel ``r`` is the binary task "voxel is in region r"
+Region semantics: with ``regions=True``, channel ``r`` is the binary task "voxel is in region r"
 (``label in regions[r]``) with predicted probability ``p_r``; it is treated exactly like a two-class
 softmax ``(1 - p_r, p_r)``. ``ece``, ``cece`` and the marginal errors are computed per region and
 averaged over regions; ``pece`` uses the largest region probability ``max_r p_r`` as foreground
@@ -49,7 +51,7 @@ SOFTMAX_SUM_TOLERANCE = 1e-3
 __all__ = [
     "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier",
     "CalibrationAccumulator", "validate_inputs", "validate_probabilities", "validate_labels",
-    "normalize_regions",
+    "normalize_regions", "resolve_region_labels",
 ]
 
 
@@ -69,6 +71,26 @@ def normalize_regions(regions: Regions) -> Optional[List[Tuple[int, ...]]]:
     if not out:
         raise ValueError("regions must not be empty")
     return out
+
+
+def resolve_region_labels(regions: bool, region_labels: Regions) -> Optional[List[Tuple[int, ...]]]:
+    """The label tuples of the regions (``regions=True``) or ``None`` (softmax, ``regions=False``).
+
+    ``regions`` means the same as in :mod:`nnunet_calibration.losses`: the channels are independent
+    sigmoid regions. The regions' label tuples (needed to build each region's reference from the
+    label map) are passed as ``region_labels``; it is required with ``regions=True`` and not allowed
+    without it.
+    """
+    if not isinstance(regions, (bool, np.bool_)):
+        raise TypeError(f"regions must be a bool (channels are independent sigmoid regions); pass the label "
+                        f"tuples as region_labels=..., got regions={regions!r}")
+    if regions:
+        if region_labels is None:
+            raise ValueError("regions=True needs region_labels (the label tuples of the regions, in channel order)")
+        return normalize_regions(region_labels)
+    if region_labels is not None:
+        raise ValueError("region_labels given but regions=False; pass regions=True for sigmoid region outputs")
+    return None
 
 
 def _check_types_and_shapes(probs, labels, regions) -> Tuple[np.ndarray, np.ndarray, Optional[list]]:
@@ -91,9 +113,9 @@ def _check_types_and_shapes(probs, labels, regions) -> Tuple[np.ndarray, np.ndar
     return probs, labels, regions
 
 
-def validate_probabilities(probs: np.ndarray, regions: Regions = None,
+def validate_probabilities(probs: np.ndarray, regions: bool = False,
                            softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
-    """Raise ``ValueError`` if ``probs`` has NaN, values outside [0, 1], or (softmax, ``regions=None``)
+    """Raise ``ValueError`` if ``probs`` has NaN, values outside [0, 1], or (softmax, ``regions=False``)
     a voxel whose channel probabilities do not sum to 1 within ``softmax_tolerance``.
 
     Memory: no full-size temporary (min/max reductions, chunked sums).
@@ -104,7 +126,7 @@ def validate_probabilities(probs: np.ndarray, regions: Regions = None,
         raise ValueError("probabilities contain NaN")
     if lo < 0 or hi > 1:
         raise ValueError(f"probabilities outside [0, 1] (min {float(lo):.6g}, max {float(hi):.6g})")
-    if regions is None:
+    if not regions:
         worst = 0.0
         dummy = np.zeros(probs.shape[1:], np.uint8)
         for pc, _ in _chunks(probs, dummy):
@@ -128,7 +150,7 @@ def validate_labels(labels: np.ndarray, allowed_labels: Sequence[int]) -> None:
         raise ValueError(f"label values {bad} are not among the allowed labels {allowed}")
 
 
-def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = None,
+def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: bool = False, region_labels: Regions = None,
                     allowed_labels: Optional[Sequence[int]] = None,
                     softmax_tolerance: float = SOFTMAX_SUM_TOLERANCE) -> None:
     """Check shapes, types and values; raise ``ValueError`` saying what is wrong.
@@ -137,8 +159,12 @@ def validate_inputs(probs: np.ndarray, labels: np.ndarray, regions: Regions = No
     ``softmax_tolerance``) and :func:`validate_labels` with ``allowed_labels`` (default:
     ``0..C-1`` for softmax, ``0`` and the labels of the regions for regions).
     """
-    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
-    validate_probabilities(probs, regions, softmax_tolerance)
+    probs, labels, regions = _check_types_and_shapes(probs, labels, resolve_region_labels(regions, region_labels))
+    _validate(probs, labels, regions, allowed_labels, softmax_tolerance)
+
+
+def _validate(probs, labels, regions, allowed_labels=None, softmax_tolerance=SOFTMAX_SUM_TOLERANCE) -> None:
+    validate_probabilities(probs, regions is not None, softmax_tolerance)
     if allowed_labels is None:
         if regions is None:
             allowed_labels = range(probs.shape[0])
@@ -241,8 +267,9 @@ def _class_channels(n_channels: int, regions, include_background: bool) -> List[
     return list(range(0 if include_background else 1, n_channels))
 
 
-def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float) -> None:
-    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, False)):
+def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float,
+                 include_background: bool = False) -> None:
+    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, include_background)):
         pc = ch.p[c]
         keep = pc > threshold
         if not keep.any():
@@ -258,6 +285,25 @@ def _marginal_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, include_bac
 def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
     p = 1 - ch.p[0] if ch.regions is None else ch.p.max(0)
     stats.add_values_(0, p, ch.fg, edges, zero_in_first=False)
+
+
+#: Names of the metric conventions (see :class:`CalibrationAccumulator`).
+CONVENTIONS = ("default", "sdc-code")
+
+
+def _sdc_ece_compute(stats: BinStats) -> float:
+    """SDC code's binary ECE: ``sum_b |sum p_b - sum y_b| / N`` with N = *all* voxels (``p = 0`` in no bin)."""
+    total = int(stats.total[0])
+    if total == 0:
+        return float("nan")
+    return float(np.abs(stats.confidence_sum[0] - stats.outcome_sum[0]).sum() / total)
+
+
+def _sdc_cece_compute(stats: BinStats) -> float:
+    """SDC code's CECE: mean over the classes that kept a voxel of their count-weighted binary ECE; 0 if none."""
+    per = _weighted_ece_per_task(stats)
+    per = per[~np.isnan(per)]
+    return float(per.mean()) if per.size else 0.0
 
 
 def _label_prob(ch: _Chunk) -> np.ndarray:
@@ -316,8 +362,8 @@ def _run(probs, labels, regions, kernel, *args) -> None:
 # --------------------------------------------------------------------------------------------------
 def _weighted_ece_per_task(stats: BinStats) -> np.ndarray:
     """Count-weighted ECE of every task: ``sum_b n_b/N |conf_b - acc_b|``; NaN where N = 0."""
-    n = stats.n.sum(-1)
-    gap_sum = np.abs(stats.confidence - stats.positives).sum(-1)  # = sum_b n_b |mean conf - mean acc|
+    n = stats.bin_count.sum(-1)
+    gap_sum = np.abs(stats.confidence_sum - stats.outcome_sum).sum(-1)  # = sum_b n_b |mean conf - mean acc|
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, gap_sum / np.maximum(n, 1), np.nan)
 
@@ -335,7 +381,7 @@ def _ece_arg_validation(probs, labels, n_bins, regions, validate_args):
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
     bin_edges(n_bins)
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return probs, labels, regions
 
 
@@ -350,7 +396,8 @@ def _ece_compute(stats: BinStats) -> float:
     return _nanmean_or_nan(_weighted_ece_per_task(stats))
 
 
-def ece(probs, labels, n_bins: int = 15, regions: Regions = None, validate_args: bool = True) -> float:
+def ece(probs, labels, n_bins: int = 15, regions: bool = False, region_labels: Regions = None,
+        validate_args: bool = True) -> float:
     """Foreground ECE, Eq. 6 of the SDC paper (appendix A.1), as the NACL code computes it.
 
     Softmax: only voxels whose *reference* label is foreground (``label != 0``) are used;
@@ -362,6 +409,7 @@ def ece(probs, labels, n_bins: int = 15, regions: Regions = None, validate_args:
     ``p_r > 0.5`` (nnU-Net's region threshold); mean over regions that have voxels.
     Returns NaN if there are no foreground voxels.
     """
+    regions = resolve_region_labels(regions, region_labels)
     probs, labels, regions = _ece_arg_validation(probs, labels, n_bins, regions, validate_args)
     return _ece_compute(_ece_update(probs, labels, n_bins, regions))
 
@@ -375,7 +423,7 @@ def _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_arg
     if not (0 <= float(threshold) < 1):
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return probs, labels, regions
 
 
@@ -390,8 +438,8 @@ def _cece_compute(stats: BinStats) -> float:
     return _nanmean_or_nan(_weighted_ece_per_task(stats))
 
 
-def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regions = None,
-         validate_args: bool = True) -> float:
+def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: bool = False,
+         region_labels: Regions = None, validate_args: bool = True) -> float:
     """Class-wise ECE (SDC paper Eq. 7, threshold as in Kull et al.).
 
     For every *foreground* class c (softmax channels 1..C-1, or every region): keep the voxels with
@@ -400,6 +448,7 @@ def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regi
     number of kept voxels of that class). CECE = mean over the classes that kept at least one voxel
     (NaN if none did). Whether a class is present in the reference does not matter.
     """
+    regions = resolve_region_labels(regions, region_labels)
     probs, labels, regions = _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args)
     return _cece_compute(_cece_update(probs, labels, n_bins, threshold, regions))
 
@@ -413,7 +462,7 @@ def _pece_arg_validation(probs, labels, n_bins, fp_weight, regions, validate_arg
     if not np.isfinite(fp_weight):
         raise ValueError(f"fp_weight must be finite, got {fp_weight}")
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return probs, labels, regions
 
 
@@ -428,17 +477,17 @@ def _pece_compute(stats: BinStats, fp_weight: float = 2.0) -> float:
     total = int(stats.total[0])
     if total == 0:
         return float("nan")
-    n = stats.n[0].astype(np.float64)
+    n = stats.bin_count[0].astype(np.float64)
     ne = n > 0
-    mean_p = stats.confidence[0][ne] / n[ne]
-    mean_a = stats.positives[0][ne] / n[ne]
+    mean_p = stats.confidence_sum[0][ne] / n[ne]
+    mean_a = stats.outcome_sum[0][ne] / n[ne]
     fp_n = stats.count[0, :, 0][ne]
     fp_mean = np.where(fp_n > 0, stats.conf_sum[0, :, 0][ne] / np.maximum(fp_n, 1), 0.0)
     return float((n[ne] / total * np.abs(mean_p - mean_a + fp_weight * fp_mean)).sum())
 
 
-def pece(probs, labels, n_bins: int = 10, fp_weight: float = 2.0, regions: Regions = None,
-         validate_args: bool = True) -> float:
+def pece(probs, labels, n_bins: int = 10, fp_weight: float = 2.0, regions: bool = False,
+         region_labels: Regions = None, validate_args: bool = True) -> float:
     """Pixel-wise ECE with false-positive offset, Algorithm 1 of the SDC paper, exactly.
 
     ``p`` = foreground probability, ``1 - p_background`` (computed in the dtype of ``probs``) for
@@ -453,6 +502,7 @@ def pece(probs, labels, n_bins: int = 10, fp_weight: float = 2.0, regions: Regio
     ``|0 + 2 * 0.5| = 1``). It is zero only if the predicted foreground probability is 0 on every
     background voxel and matches the foreground frequency in every bin.
     """
+    regions = resolve_region_labels(regions, region_labels)
     probs, labels, regions = _pece_arg_validation(probs, labels, n_bins, fp_weight, regions, validate_args)
     return _pece_compute(_pece_update(probs, labels, n_bins, regions), fp_weight)
 
@@ -464,7 +514,7 @@ def _marginal_arg_validation(probs, labels, n_bins, regions, validate_args):
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
     bin_edges(n_bins)
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return probs, labels, regions
 
 
@@ -479,10 +529,10 @@ def _marginal_update(probs, labels, n_bins: int = 20, include_background: bool =
 
 def _marginal_per_class(stats: BinStats) -> Dict[str, np.ndarray]:
     """Per class: ACE (mean |gap| over non-empty bins), ECE (count-weighted), MCE (max); NaN if empty."""
-    n = stats.n.astype(np.float64)
+    n = stats.bin_count.astype(np.float64)
     ne = n > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        gap = np.abs(stats.confidence - stats.positives) / n
+        gap = np.abs(stats.confidence_sum - stats.outcome_sum) / n
     gap_ne = np.where(ne, gap, 0.0)
     n_ne = ne.sum(-1)
     n_tot = n.sum(-1)
@@ -498,7 +548,8 @@ def _marginal_compute(stats: BinStats) -> Dict[str, float]:
 
 
 def marginal_calibration_errors(probs, labels, n_bins: int = 20, include_background: bool = False,
-                                regions: Regions = None, validate_args: bool = True) -> Dict[str, float]:
+                                regions: bool = False, region_labels: Regions = None,
+                                validate_args: bool = True) -> Dict[str, float]:
     """Marginal L1 calibration errors of the ACE paper (Eqs. 1, 3, 4): mL1-ACE, mL1-ECE, mL1-MCE.
 
     Per class c (softmax channels 1..C-1, or 0..C-1 with ``include_background``; every region for
@@ -510,6 +561,7 @@ def marginal_calibration_errors(probs, labels, n_bins: int = 20, include_backgro
     in every bin, so its gaps are its mean probabilities).
     Returns ``{"mL1-ACE": .., "mL1-ECE": .., "mL1-MCE": ..}``.
     """
+    regions = resolve_region_labels(regions, region_labels)
     probs, labels, regions = _marginal_arg_validation(probs, labels, n_bins, regions, validate_args)
     return _marginal_compute(_marginal_update(probs, labels, n_bins, include_background, regions))
 
@@ -528,7 +580,8 @@ def _nll_compute(stats: SumStats) -> float:
     return stats.mean()
 
 
-def nll(probs, labels, eps: float = 1e-7, regions: Regions = None, validate_args: bool = True) -> float:
+def nll(probs, labels, eps: float = 1e-7, regions: bool = False, region_labels: Regions = None,
+        validate_args: bool = True) -> float:
     """Negative log-likelihood (the DSC++ paper's NLL = cross-entropy), mean over voxels.
 
     Softmax: ``mean_i -log(max(p_{label_i}, eps))`` over all voxels (background included).
@@ -538,11 +591,11 @@ def nll(probs, labels, eps: float = 1e-7, regions: Regions = None, validate_args
     the logarithm are computed in the dtype of ``probs`` (float32 for nnU-Net output, relative
     error ~1e-7), the sum over voxels in float64.
     """
-    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    probs, labels, regions = _check_types_and_shapes(probs, labels, resolve_region_labels(regions, region_labels))
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return _nll_compute(_nll_update(probs, labels, eps, regions))
 
 
@@ -557,15 +610,15 @@ def _brier_compute(stats: SumStats) -> float:
     return stats.mean()
 
 
-def brier(probs, labels, regions: Regions = None, validate_args: bool = True) -> float:
+def brier(probs, labels, regions: bool = False, region_labels: Regions = None, validate_args: bool = True) -> float:
     """Brier score of the DSC++ paper (Eq. 11): ``mean_i (1/C) sum_c (p_{c,i} - onehot_{c,i})^2``.
 
     Softmax: C channels including background, one-hot of the label. Regions: ``(1/R) sum_r
     (p_r - [label in region r])^2`` (equal to the two-class Brier of ``(1 - p_r, p_r)``).
     """
-    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    probs, labels, regions = _check_types_and_shapes(probs, labels, resolve_region_labels(regions, region_labels))
     if validate_args:
-        validate_inputs(probs, labels, regions)
+        _validate(probs, labels, regions)
     return _brier_compute(_brier_update(probs, labels, regions))
 
 
@@ -584,19 +637,45 @@ class CalibrationAccumulator:
     voxels of all cases into one big case ("pooled"). With a single case it equals the public
     functions (``ece``, ``cece``, ...) on that case. ``a + b`` / ``a.merge(b)`` combine accumulators
     filled in different processes (same options required). Options and conventions are those of the
-    public functions; ``include_background`` applies to the marginal errors only.
+    public functions; ``include_background`` applies to the marginal errors only; ``regions`` /
+    ``region_labels`` as in :func:`resolve_region_labels`.
+
+    Conventions (``convention``):
+
+    * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`.
+    * ``"sdc-code"``: ECE and CECE as the SDC authors' published evaluation code computes them
+      (EagleAdelaide/SDC-Loss ``src/sdc/metrics.py``, so that numbers can be put next to the paper's
+      tables): ECE = binary ECE of the foreground probability ``1 - p_background`` (regions: the
+      largest region probability) against ``label != 0`` over *all* voxels, bins ``(lo, hi]``
+      literally (``p = 0`` falls into no bin but counts in the denominator N = number of voxels),
+      ``sum_b n_b/N |mean p_b - mean y_b|``; CECE = for every class *including the background*
+      (softmax; every region for regions) the binary ECE of ``p_c`` against ``[label == c]`` over the
+      voxels with ``p_c > cece_threshold``, averaged over the classes that kept a voxel (0.0 if none).
+      Use 10 bins for both (``n_bins_ece=10``; the evaluator does that by itself). pECE, the
+      marginal errors, NLL and Brier are the same in both conventions.
+
+    Ignore label: with ``ignore_index`` (nnU-Net's ``ignore`` label value), every voxel whose
+    reference label equals ``ignore_index`` is removed before anything is counted, i.e. every metric
+    is the metric of the remaining voxels only (as if the ignored voxels did not exist; this is how
+    nnU-Net excludes them from its loss and its DSC). ``None``: no voxel is ignored.
     """
 
     def __init__(self, n_bins_ece: int = 15, n_bins_cece: int = 10, n_bins_pece: int = 10,
                  n_bins_ace: int = 20, fp_weight: float = 2.0, cece_threshold: float = 1e-3,
-                 include_background: bool = False, nll_eps: float = 1e-7, regions: Regions = None):
+                 include_background: bool = False, nll_eps: float = 1e-7, regions: bool = False,
+                 region_labels: Regions = None, ignore_index: Optional[int] = None, convention: str = "default"):
         for n in (n_bins_ece, n_bins_cece, n_bins_pece, n_bins_ace):
             bin_edges(n)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        rl = resolve_region_labels(regions, region_labels)
         self.options = dict(n_bins_ece=int(n_bins_ece), n_bins_cece=int(n_bins_cece),
                             n_bins_pece=int(n_bins_pece), n_bins_ace=int(n_bins_ace),
                             fp_weight=float(fp_weight), cece_threshold=float(cece_threshold),
                             include_background=bool(include_background), nll_eps=float(nll_eps),
-                            regions=normalize_regions(regions))
+                            regions=bool(regions), region_labels=rl,
+                            ignore_index=None if ignore_index is None else int(ignore_index),
+                            convention=convention)
         self.n_cases = 0
         self.n_channels: Optional[int] = None
         self.stats: Optional[Dict[str, Union[BinStats, SumStats]]] = None
@@ -604,11 +683,12 @@ class CalibrationAccumulator:
     # -- filling ---------------------------------------------------------------------------------
     def _init_stats(self, n_channels: int):
         o = self.options
-        regions = o["regions"]
+        regions = o["region_labels"]
         self.n_channels = n_channels
+        sdc = o["convention"] == "sdc-code"
         self.stats = {
-            "ece": BinStats.zeros(_ece_tasks(n_channels, regions), o["n_bins_ece"]),
-            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, False)), o["n_bins_cece"]),
+            "ece": BinStats.zeros(1 if sdc else _ece_tasks(n_channels, regions), o["n_bins_ece"]),
+            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, sdc)), o["n_bins_cece"]),
             "pece": BinStats.zeros(1, o["n_bins_pece"]),
             "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o["include_background"])),
                                        o["n_bins_ace"]),
@@ -619,9 +699,14 @@ class CalibrationAccumulator:
     def update(self, probs, labels, validate_args: bool = False) -> "CalibrationAccumulator":
         """Add one case. ``validate_args=True`` also checks the values (see :func:`validate_inputs`)."""
         o = self.options
-        probs, labels, regions = _check_types_and_shapes(probs, labels, o["regions"])
+        probs, labels, regions = _check_types_and_shapes(probs, labels, o["region_labels"])
+        ignore = o["ignore_index"]
         if validate_args:
-            validate_inputs(probs, labels, regions)
+            allowed = None
+            if ignore is not None:
+                allowed = (list(range(probs.shape[0])) if regions is None
+                           else sorted({0, *[i for r in regions for i in r]})) + [ignore]
+            _validate(probs, labels, regions, allowed)
         if self.stats is None:
             self._init_stats(probs.shape[0])
         elif probs.shape[0] != self.n_channels:
@@ -630,10 +715,20 @@ class CalibrationAccumulator:
         e_ece, e_cece = bin_edges(o["n_bins_ece"], dt), bin_edges(o["n_bins_cece"], dt)
         e_pece, e_ace = bin_edges(o["n_bins_pece"], dt), bin_edges(o["n_bins_ace"], dt)
         s = self.stats
+        sdc = o["convention"] == "sdc-code"
         for pc, lc in _chunks(probs, labels):
+            if ignore is not None:
+                keep = lc != ignore
+                if not keep.all():
+                    pc, lc = pc[:, keep], lc[keep]
+                if lc.size == 0:
+                    continue
             ch = _Chunk(pc, lc, regions)
-            _ece_kernel(ch, s["ece"], e_ece)
-            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"])
+            if sdc:
+                _pece_kernel(ch, s["ece"], e_ece)  # same statistics: foreground probability, y = fg, 0 in no bin
+            else:
+                _ece_kernel(ch, s["ece"], e_ece)
+            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"], sdc)
             _pece_kernel(ch, s["pece"], e_pece)
             _marginal_kernel(ch, s["marginal"], e_ace, o["include_background"])
             _nll_kernel(ch, s["nll"], o["nll_eps"])
@@ -669,8 +764,11 @@ class CalibrationAccumulator:
         if self.stats is None:
             return {k: float("nan") for k in METRIC_KEYS}
         s = self.stats
-        out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"]),
-               "pECE": _pece_compute(s["pece"], self.options["fp_weight"])}
+        if self.options["convention"] == "sdc-code":
+            out = {"ECE": _sdc_ece_compute(s["ece"]), "CECE": _sdc_cece_compute(s["cece"])}
+        else:
+            out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"])}
+        out["pECE"] = _pece_compute(s["pece"], self.options["fp_weight"])
         out.update(_marginal_compute(s["marginal"]))
         out["NLL"] = _nll_compute(s["nll"])
         out["Brier"] = _brier_compute(s["brier"])

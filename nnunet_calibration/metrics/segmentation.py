@@ -15,10 +15,13 @@ Conventions
 * HD95 = 95th percentile (``np.percentile``, linear interpolation) of the *pooled* set of both
   directed surface distances: the distance of every prediction surface voxel to the nearest
   reference surface voxel together with that of every reference surface voxel to the nearest
-  prediction surface voxel. Distances are Euclidean in mm between voxel centres (exact Euclidean
-  distance transform with ``sampling=spacing``).
+  prediction surface voxel. Distances are Euclidean in mm between voxel centres (the values of an
+  exact Euclidean distance transform with ``sampling=spacing``).
 * Speed: both masks are cropped to the bounding box of their union (plus a 1-voxel margin) first;
-  this does not change the result because every surface voxel lies inside that box.
+  this does not change the result because every surface voxel lies inside that box. Surfaces by
+  shifted ANDs; nearest surface voxels by trying the offsets of a small ball in order of length,
+  then a k-d tree for the rest, instead of two distance transforms of the volume (same values,
+  tested against the full-volume transform; see :func:`surface_distances`).
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
-__all__ = ["dice", "hd95", "image_diagonal"]
+__all__ = ["dice", "hd95", "image_diagonal", "surface_distances"]
 
 
 def _as_masks(pred, ref) -> Tuple[np.ndarray, np.ndarray]:
@@ -62,16 +66,118 @@ def image_diagonal(shape: Sequence[int], spacing=None) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * sp) ** 2)))
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    struct = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=struct, border_value=0)
+def _surface(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Mask voxels with at least one background neighbour (outside the image counts as background).
+
+    ``connectivity=1``: face neighbours, computed with shifted logical ANDs (the same result as
+    ``mask & ~binary_erosion(mask, generate_binary_structure(ndim, 1), border_value=0)``, tested,
+    several times faster); otherwise ``scipy.ndimage`` erosion with ``generate_binary_structure(ndim,
+    connectivity)``.
+    """
+    if connectivity != 1:
+        struct = ndimage.generate_binary_structure(mask.ndim, connectivity)
+        return mask & ~ndimage.binary_erosion(mask, structure=struct, border_value=0)
+    interior = mask.copy()
+    for ax in range(mask.ndim):
+        if mask.shape[ax] < 3:
+            interior[...] = False
+            break
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
+        interior[tuple(hi)] &= mask[tuple(lo)]
+        interior[tuple(lo)] &= mask[tuple(hi)]
+        edge = [slice(None)] * mask.ndim
+        edge[ax] = 0
+        interior[tuple(edge)] = False
+        edge[ax] = -1
+        interior[tuple(edge)] = False
+    return mask & ~interior
 
 
-def hd95(pred, ref, spacing=None, return_flag: bool = False) -> Union[float, Tuple[float, bool]]:
+def _bbox(union: np.ndarray, margin: int) -> tuple:
+    sl = []
+    for ax in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != ax)
+        nz = np.flatnonzero(union.any(axis=other)) if other else np.flatnonzero(union)
+        sl.append(slice(max(int(nz[0]) - margin, 0), min(int(nz[-1]) + 1 + margin, union.shape[ax])))
+    return tuple(sl)
+
+
+def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Both directed surface distances in mm: ``(d(prediction surface -> reference surface),
+    d(reference surface -> prediction surface))``, each the exact Euclidean distance from a surface
+    voxel centre to the nearest surface voxel centre of the other mask. Both masks must be non-empty.
+
+    Computation: masks cropped to the bounding box of their union plus a 1-voxel margin (every
+    surface voxel lies inside, so nothing changes), surfaces by :func:`_surface`, then the nearest
+    voxel of the other surface by :func:`_nearest` (ball offsets, then ``scipy.spatial.cKDTree``),
+    which gives the same distances as a Euclidean distance transform of the other surface with
+    ``sampling=spacing`` (tested against the full-volume transform) without transforming the volume.
+    """
+    pred, ref = _as_masks(pred, ref)
+    sp = _spacing(spacing, pred.ndim)
+    sl = _bbox(pred | ref, 1)
+    s_pred, s_ref = _surface(pred[sl], connectivity), _surface(ref[sl], connectivity)
+    return _nearest(s_pred, s_ref, sp), _nearest(s_ref, s_pred, sp)
+
+
+#: Nearest-surface search: offsets up to this many times the smallest spacing are tried directly.
+NEAR_RADIUS_VOXELS = 4
+
+
+def _ball_offsets(sp: np.ndarray, radius_mm: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All integer offsets with length <= ``radius_mm`` (in mm), sorted by length; and the lengths."""
+    ext = [int(np.floor(radius_mm / s)) for s in sp]
+    grids = np.meshgrid(*[np.arange(-e, e + 1) for e in ext], indexing="ij")
+    off = np.stack([g.ravel() for g in grids], 1)
+    dist = np.sqrt(((off * sp) ** 2).sum(1))
+    keep = dist <= radius_mm
+    order = np.argsort(dist[keep], kind="stable")
+    return off[keep][order], dist[keep][order], np.asarray(ext)
+
+
+def _nearest(src: np.ndarray, dst: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Exact distance (mm) of every ``src`` voxel (``np.argwhere`` order) to the nearest ``dst`` voxel.
+
+    Two stages with the same result as a Euclidean distance transform of ``~dst``: (1) the integer
+    offsets of a ball of radius ``NEAR_RADIUS_VOXELS x min(spacing)`` are tried in order of length;
+    the first offset at which a ``dst`` voxel lies gives the exact distance (every closer offset has
+    been tried); (2) the voxels with nothing inside the ball get their nearest ``dst`` voxel from a
+    k-d tree of the ``dst`` coordinates in mm.
+    """
+    pts = np.argwhere(src)
+    out = np.empty(len(pts))
+    offsets, lengths, ext = _ball_offsets(sp, NEAR_RADIUS_VOXELS * float(sp.min()))
+    dpad = np.zeros(tuple(int(n + 2 * e) for n, e in zip(dst.shape, ext)), bool)
+    dpad[tuple(slice(int(e), int(e) + n) for n, e in zip(dst.shape, ext))] = dst
+    strides = np.array(dpad.strides, dtype=np.int64) // dpad.itemsize
+    flat = dpad.reshape(-1)
+    idx = (pts + ext) @ strides
+    off_flat = offsets @ strides
+    remaining = np.arange(len(pts))
+    for o, length in zip(off_flat.tolist(), lengths.tolist()):
+        hit = flat[idx + o]
+        if hit.any():
+            out[remaining[hit]] = length
+            keep = ~hit
+            remaining, idx = remaining[keep], idx[keep]
+            if remaining.size == 0:
+                break
+    if remaining.size:
+        tree = cKDTree(np.argwhere(dst) * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
+        out[remaining] = tree.query(pts[remaining] * sp, k=1)[0]
+    return out
+
+
+def hd95(pred, ref, spacing=None, return_flag: bool = False, connectivity: int = 1
+         ) -> Union[float, Tuple[float, bool]]:
     """95th percentile Hausdorff distance in mm (conventions in the module docstring).
 
     ``return_flag=True`` returns ``(value, flagged)`` where ``flagged`` is True exactly when one mask
-    is empty and the value is the worst case (image diagonal).
+    is empty and the value is the worst case (image diagonal). ``connectivity``: neighbourhood of the
+    surface definition (1 = face neighbours, the default; ``ndim`` = all neighbours, as the SDC
+    authors' code).
     """
     pred, ref = _as_masks(pred, ref)
     sp = _spacing(spacing, pred.ndim)
@@ -81,16 +187,6 @@ def hd95(pred, ref, spacing=None, return_flag: bool = False) -> Union[float, Tup
     if has_p != has_r:
         v = image_diagonal(pred.shape, sp)
         return (v, True) if return_flag else v
-    union = pred | ref
-    sl = []
-    for ax in range(pred.ndim):
-        other = tuple(i for i in range(pred.ndim) if i != ax)
-        nz = np.flatnonzero(union.any(axis=other))
-        sl.append(slice(max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, pred.shape[ax])))
-    sl = tuple(sl)
-    sp_pred, sp_ref = _surface(pred[sl]), _surface(ref[sl])
-    d_to_ref = ndimage.distance_transform_edt(~sp_ref, sampling=sp)
-    d_to_pred = ndimage.distance_transform_edt(~sp_pred, sampling=sp)
-    dists = np.concatenate([d_to_ref[sp_pred], d_to_pred[sp_ref]])
-    v = float(np.percentile(dists, 95))
+    d1, d2 = surface_distances(pred, ref, sp, connectivity)
+    v = float(np.percentile(np.concatenate([d1, d2]), 95))
     return (v, False) if return_flag else v

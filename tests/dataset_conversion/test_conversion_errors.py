@@ -231,6 +231,46 @@ def test_truncated_label(tmp_path, out):
     expect_error(convert_acdc, out, "cannot read", gt, source=src, dataset_id=10)
 
 
+def _damage_gzip(path: Path, how: str) -> None:
+    """``truncate``: keep the first 60% of the bytes; ``middle``: change 64 bytes in the middle of the
+    deflate stream; ``crc``: flip the stored CRC-32 (the voxels stay intact, only the check fails)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) * 6 // 10]
+    elif how == "middle":
+        m = len(data) // 2
+        data[m:m + 64] = bytes(v ^ 0x5A for v in data[m:m + 64])
+    elif how == "crc":
+        data[-8] ^= 0xFF
+    else:
+        raise AssertionError(how)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "middle", "crc"])
+@pytest.mark.parametrize("which", ["image", "label"])
+def test_corrupt_gzip_detected(tmp_path, out, how, which):
+    # images large enough that SimpleITK reads the damaged stream without an error (zero-filled voxels)
+    src = b.make_acdc(tmp_path / "src", n_patients=5, n_test=0, shape=(256, 256, 10))
+    name = "patient002_frame04" + ("_gt" if which == "label" else "") + ".nii.gz"
+    bad = src / "database/training/patient002" / name
+    _damage_gzip(bad, how)
+    msg = expect_error(convert_acdc, out, "cannot read", bad, source=src, dataset_id=10)
+    assert ("truncated" in msg) or ("CRC" in msg) or ("corrupt" in msg), msg
+
+
+def test_truncated_plain_nii_detected(tmp_path, out):
+    src = b.make_acdc(tmp_path / "src", n_patients=5, n_test=0, shape=(256, 256, 10))
+    p = src / "database/training/patient001"
+    gz = p / "patient001_frame01.nii.gz"
+    with gzip.open(gz) as f:
+        raw = f.read()
+    gz.unlink()
+    (p / "patient001_frame01.nii").write_bytes(raw[:-1000])
+    expect_error(convert_acdc, out, "cannot read", "truncated NIfTI", p / "patient001_frame01.nii",
+                 source=src, dataset_id=10)
+
+
 def test_bad_info_cfg(tmp_path, out):
     src = b.make_acdc(tmp_path / "src")
     cfg = src / "database/training/patient001/Info.cfg"

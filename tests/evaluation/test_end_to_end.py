@@ -92,7 +92,9 @@ def test_calib_evaluate_on_real_validation_folder(synthetic_prediction, tmp_path
     val = Path(sp.validation_folder)
     out = tmp_path / "eval_val"
     # dataset.json is found in the model folder (two levels up); two processes
-    run_cli([val, "--gt", sp.gt_folder_train, "-o", out, "-np", "2", "--no-progress"])
+    # the fold's validation cases from nnU-Net's splits (the other references have no prediction here)
+    splits = Path(sp.dataset.env["nnUNet_preprocessed"]) / sp.dataset.name / "splits_final.json"
+    run_cli([val, "--gt", sp.gt_folder_train, "-o", out, "-np", "2", "--no-progress", "--cases-from-split", splits, 0])
     summary = check_against_direct(out, val, Path(sp.gt_folder_train), Path(sp.dataset_json))
     # our DSC equals nnU-Net's own validation Dice where nnU-Net defines it (reference or prediction non-empty)
     nn = json.loads((val / "summary.json").read_text())

@@ -23,6 +23,11 @@ REGIONS = [(1, 2, 3), (2, 3), (3,)]
 CAL_KEYS = ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier")
 
 
+def rk(region_labels):
+    """Keyword arguments of the public metrics for softmax (``None``) or the given region label tuples."""
+    return {} if region_labels is None else {"regions": True, "region_labels": region_labels}
+
+
 def write_reference(path, labels, spacing_zyx):
     img = sitk.GetImageFromArray(labels.astype(np.uint8))
     img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
@@ -72,10 +77,10 @@ def make_folders(root: Path, n_cases=3, shape=(5, 12, 13), spacing=(3.0, 1.0, 0.
 
 
 def direct_metrics(probs, lab, spacing, regions):
-    out = {"ECE": ece(probs, lab, regions=regions), "CECE": cece(probs, lab, regions=regions),
-           "pECE": pece(probs, lab, regions=regions), "NLL": nll(probs, lab, regions=regions),
-           "Brier": brier(probs, lab, regions=regions)}
-    out.update(marginal_calibration_errors(probs, lab, regions=regions))
+    out = {"ECE": ece(probs, lab, **rk(regions)), "CECE": cece(probs, lab, **rk(regions)),
+           "pECE": pece(probs, lab, **rk(regions)), "NLL": nll(probs, lab, **rk(regions)),
+           "Brier": brier(probs, lab, **rk(regions))}
+    out.update(marginal_calibration_errors(probs, lab, **rk(regions)))
     dsc, hd = [], []
     if regions is None:
         seg = probs.argmax(0)
@@ -114,10 +119,10 @@ def check_summary(summary, data, regions, names):
     # pooled = metrics of all voxels of all cases concatenated into one "case"
     cat_p = np.concatenate([d[0].reshape(d[0].shape[0], -1) for d in data.values()], 1)
     cat_l = np.concatenate([d[1].reshape(-1) for d in data.values()])
-    pooled = {"ECE": ece(cat_p, cat_l, regions=regions), "CECE": cece(cat_p, cat_l, regions=regions),
-              "pECE": pece(cat_p, cat_l, regions=regions), "NLL": nll(cat_p, cat_l, regions=regions),
-              "Brier": brier(cat_p, cat_l, regions=regions)}
-    pooled.update(marginal_calibration_errors(cat_p, cat_l, regions=regions))
+    pooled = {"ECE": ece(cat_p, cat_l, **rk(regions)), "CECE": cece(cat_p, cat_l, **rk(regions)),
+              "pECE": pece(cat_p, cat_l, **rk(regions)), "NLL": nll(cat_p, cat_l, **rk(regions)),
+              "Brier": brier(cat_p, cat_l, **rk(regions))}
+    pooled.update(marginal_calibration_errors(cat_p, cat_l, **rk(regions)))
     for k in CAL_KEYS:
         assert summary["pooled"][k] == pytest.approx(pooled[k], rel=1e-9), k
 
@@ -191,9 +196,13 @@ def test_several_folders_parallel_and_empty_class_flag(tmp_path):
     assert y1["metrics"]["HD95"]["b"] == pytest.approx(diag)
     assert any("b: empty prediction" in f for f in y1["flags"])
     assert not summary["cases"][0]["flags"]
-    # re-running into the same output folder replaces it
-    assert main([str(p1), "--gt", str(gt), "-o", str(out), "--no-progress"]) == 0
+    # re-running into the same output folder replaces it; the references of p2 have no prediction now
+    assert main([str(p1), "--gt", str(gt), "-o", str(out), "--no-progress"]) == 2
+    assert main([str(p1), "--gt", str(gt), "-o", str(out), "--no-progress", "--cases", "x_000", "x_001"]) == 0
     assert len(json.loads((out / "summary.json").read_text())["cases"]) == 2
+    assert main([str(p1), "--gt", str(gt), "-o", str(out), "--no-progress", "--allow-missing"]) == 0
+    s2 = json.loads((out / "summary.json").read_text())
+    assert len(s2["cases"]) == 2 and s2["missing"] == {"predictions": ["y_000", "y_001"], "references": []}
 
 
 def test_validation_folder_finds_dataset_json_in_model_folder(tmp_path):

@@ -32,7 +32,7 @@ def read_table(report: Path) -> dict:
 def check_table_against_evaluator(exp_name: str, report: Path, model_folders: dict, folds, dataset_name: str,
                                   preprocessed: Path, tmp: Path) -> None:
     """Every table mean equals the mean over folds of evaluate_folders(fold_X/validation) run here."""
-    from nnunet_calibration.evaluation import evaluate_folders
+    from nnunet_calibration.evaluation import evaluate_folders, validation_cases
 
     table = read_table(report)
     gt = preprocessed / dataset_name / "gt_segmentations"
@@ -41,7 +41,7 @@ def check_table_against_evaluator(exp_name: str, report: Path, model_folders: di
         per_fold = []
         for f in folds:
             s = evaluate_folders([model / f"fold_{f}" / "validation"], gt, dj, tmp / label / str(f), progress=False,
-                                 write=False)
+                                 write=False, cases=validation_cases(preprocessed / dataset_name / "splits_final.json", f))
             per_fold.append(s["mean"])
         row = table[label]
         assert row[f"{exp_name}/folds"] == " ".join(map(str, folds))

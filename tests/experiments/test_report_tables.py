@@ -250,7 +250,7 @@ def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
     p = np.concatenate([c[1].reshape(2, -1) for c in cases.values()], 1)
     y = np.concatenate([c[2].reshape(-1) for c in cases.values()])
     conf = p.max(0)[y != 0]
-    assert rows[0].reliability.n[0, -1] == np.count_nonzero(conf > np.float32(14 / 15))
+    assert rows[0].reliability.bin_count[0, -1] == np.count_nonzero(conf > np.float32(14 / 15))
 
 
 def test_report_without_posthoc_rows(tmp_path):
@@ -268,7 +268,9 @@ def test_calib_experiment_report_without_finished_fold_exits_nonzero(tmp_path, c
     exp_file, _ = _make_layout(tmp_path, finished=False)
     # check_trainers=False skips nnU-Net's trainer lookup; validate still needs the plans file
     plans = tmp_path / "pre" / "Dataset950_Hand" / "nnUNetPlans.json"
-    plans.write_text(json.dumps({"configurations": {"2d": {}}}))
+    plans.write_text(json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
+    (plans.parent / "nnUNetPlans_2d").mkdir(exist_ok=True)
+    (plans.parent / "nnUNetPlans_2d" / "case.b2nd").write_bytes(b"")  # "preprocessed" for validate()
     rc = cli.main(["report", str(exp_file), "--output-root", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert rc != 0 and "no finished fold" in err, err

@@ -41,6 +41,11 @@ def ref_binary_ece(v, y, n_bins):
     return total
 
 
+def rk(region_labels):
+    """Keyword arguments of the public metrics for softmax (``None``) or the given region label tuples."""
+    return {} if region_labels is None else {"regions": True, "region_labels": region_labels}
+
+
 def ref_ece(probs, labels, n_bins, regions=None):
     if regions is None:
         fg = labels != 0
@@ -213,19 +218,19 @@ def test_edge_values_land_in_lower_bin_zero_first_one_last():
     probs = np.stack([1 - p1, p1])
     labels = np.zeros(11, np.int64)
     stats = calib._marginal_update(probs, labels, n_bins=10)
-    n = stats.n[0]
+    n = stats.bin_count[0]
     # 0 -> bin 1, e_k -> bin k (1-based) for k >= 1: bin 1 gets {0, 0.1}, bins 2..10 one each
     assert n.tolist() == [2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    np.testing.assert_allclose(stats.confidence[0], [0 + e[1]] + list(e[2:]), rtol=1e-7)
+    np.testing.assert_allclose(stats.confidence_sum[0], [0 + e[1]] + list(e[2:]), rtol=1e-7)
     # pECE: p = 1 - p_background; with dyadic edges k/8, 1 - (1 - e) == e exactly in float32.
     # p == 0 lies in no bin, but total counts it
     e8 = np.linspace(0, 1, 9).astype(np.float32)
     probs8 = np.stack([1 - e8, e8])
     assert np.array_equal(1 - probs8[0], e8)
     ps = calib._pece_update(probs8, np.zeros(9, np.int64), n_bins=8)
-    assert ps.n[0].tolist() == [1] * 8
+    assert ps.bin_count[0].tolist() == [1] * 8
     assert ps.total[0] == 9
-    np.testing.assert_allclose(ps.confidence[0], e8[1:])
+    np.testing.assert_allclose(ps.confidence_sum[0], e8[1:])
 
 
 def test_pece_zero_in_no_bin_but_in_total_by_hand():
@@ -267,15 +272,15 @@ def test_softmax_metrics_match_reference(case):
 def test_region_metrics_match_reference(shape, sharpness):
     probs, labels = region_case(shape, 3, sharpness=sharpness)
     R = BRATS_REGIONS
-    assert ece(probs, labels, regions=R) == pytest.approx(ref_ece(probs, labels, 15, R), rel=1e-9)
-    assert cece(probs, labels, regions=R) == pytest.approx(ref_cece(probs, labels, 10, 1e-3, R), rel=1e-9)
-    assert pece(probs, labels, regions=R) == pytest.approx(ref_pece(probs, labels, 10, 2.0, R), rel=1e-9)
-    m = marginal_calibration_errors(probs, labels, regions=R)
+    assert ece(probs, labels, **rk(R)) == pytest.approx(ref_ece(probs, labels, 15, R), rel=1e-9)
+    assert cece(probs, labels, **rk(R)) == pytest.approx(ref_cece(probs, labels, 10, 1e-3, R), rel=1e-9)
+    assert pece(probs, labels, **rk(R)) == pytest.approx(ref_pece(probs, labels, 10, 2.0, R), rel=1e-9)
+    m = marginal_calibration_errors(probs, labels, **rk(R))
     r = ref_marginal(probs, labels, 20, regions=R)
     for k in r:
         assert m[k] == pytest.approx(r[k], rel=1e-9)
-    assert nll(probs, labels, regions=R) == pytest.approx(ref_nll(probs, labels, regions=R), rel=1e-6)
-    assert brier(probs, labels, regions=R) == pytest.approx(ref_brier(probs, labels, regions=R), rel=1e-9)
+    assert nll(probs, labels, **rk(R)) == pytest.approx(ref_nll(probs, labels, regions=R), rel=1e-6)
+    assert brier(probs, labels, **rk(R)) == pytest.approx(ref_brier(probs, labels, regions=R), rel=1e-9)
 
 
 def test_region_as_two_class_softmax_equivalence():
@@ -286,8 +291,8 @@ def test_region_as_two_class_softmax_equivalence():
     reg = p[None]
     sm = np.stack([1 - p, p])
     for f in (ece, cece, pece, nll, brier):
-        assert f(reg, labels, regions=[(1,)]) == pytest.approx(f(sm, labels), rel=1e-9, abs=1e-12)
-    a = marginal_calibration_errors(reg, labels, regions=[1])
+        assert f(reg, labels, regions=True, region_labels=[(1,)]) == pytest.approx(f(sm, labels), rel=1e-9, abs=1e-12)
+    a = marginal_calibration_errors(reg, labels, regions=True, region_labels=[1])
     b = marginal_calibration_errors(sm, labels)
     assert a == pytest.approx(b)
 
@@ -373,7 +378,7 @@ def test_empty_classes():
     # regions: a region absent from the reference is skipped by ECE
     rp, rl = region_case((5, 6, 7), 4)
     rl[rl == 3] = 2  # no enhancing tumour
-    assert ece(rp, rl, regions=BRATS_REGIONS) == pytest.approx(ref_ece(rp, rl, 15, BRATS_REGIONS), rel=1e-9)
+    assert ece(rp, rl, **rk(BRATS_REGIONS)) == pytest.approx(ref_ece(rp, rl, 15, BRATS_REGIONS), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,18 +396,18 @@ def _assert_same(a, b, rel=1e-10):
 @pytest.mark.parametrize("regions", [None, BRATS_REGIONS])
 def test_accumulator_single_case_equals_functions(regions):
     probs, labels = softmax_case((6, 7, 8), 4, 11) if regions is None else region_case((6, 7, 8), 11)
-    acc = CalibrationAccumulator(regions=regions).update(probs, labels)
-    direct = {"ECE": ece(probs, labels, regions=regions), "CECE": cece(probs, labels, regions=regions),
-              "pECE": pece(probs, labels, regions=regions), "NLL": nll(probs, labels, regions=regions),
-              "Brier": brier(probs, labels, regions=regions)}
-    direct.update(marginal_calibration_errors(probs, labels, regions=regions))
+    acc = CalibrationAccumulator(**rk(regions)).update(probs, labels)
+    direct = {"ECE": ece(probs, labels, **rk(regions)), "CECE": cece(probs, labels, **rk(regions)),
+              "pECE": pece(probs, labels, **rk(regions)), "NLL": nll(probs, labels, **rk(regions)),
+              "Brier": brier(probs, labels, **rk(regions))}
+    direct.update(marginal_calibration_errors(probs, labels, **rk(regions)))
     _assert_same(acc.compute(), direct)
 
 
 @pytest.mark.parametrize("regions", [None, BRATS_REGIONS])
 def test_merge_of_two_halves_equals_whole(regions):
     probs, labels = softmax_case((8, 7, 6), 4, 12) if regions is None else region_case((8, 7, 6), 12)
-    opts = dict(n_bins_ece=9, n_bins_cece=6, n_bins_pece=5, n_bins_ace=11, fp_weight=1.5, regions=regions)
+    opts = dict(n_bins_ece=9, n_bins_cece=6, n_bins_pece=5, n_bins_ace=11, fp_weight=1.5, **rk(regions))
     whole = CalibrationAccumulator(**opts).update(probs, labels)
     a = CalibrationAccumulator(**opts).update(probs[:, :3], labels[:3])
     b = CalibrationAccumulator(**opts).update(probs[:, 3:], labels[3:])
@@ -470,7 +475,66 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="n_bins"):
         ece(probs, labels, n_bins=0)
     with pytest.raises(ValueError, match="regions"):
-        ece(probs, labels, regions=[(1,)])
+        ece(probs, labels, regions=True, region_labels=[(1,)])
     # region input need not sum to 1
     rp, rl = region_case((4, 5), 0)
-    validate_inputs(rp, rl, regions=BRATS_REGIONS)
+    validate_inputs(rp, rl, **rk(BRATS_REGIONS))
+
+
+# ----------------------------------------------------------------------------------------------
+# convention="sdc-code": the SDC authors' evaluation code, transcribed here from its formulas
+# ----------------------------------------------------------------------------------------------
+def sdc_binary_ece(conf, y, n_bins):
+    """sum over bins (lo, hi] of n_b / N * |mean conf_b - mean y_b|, N = all values (0 in no bin)."""
+    conf = conf.reshape(-1).astype(np.float64)
+    y = y.reshape(-1).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.sum() / conf.size * abs(conf[m].mean() - y[m].mean())
+    return total
+
+
+def sdc_code_metrics(probs, labels, thr=1e-3, n_bins=10):
+    fg_p = 1.0 - probs[0]
+    ece_ = sdc_binary_ece(fg_p, labels != 0, n_bins)
+    per_class = []
+    for c in range(probs.shape[0]):  # background included
+        keep = probs[c] > thr
+        if keep.any():
+            per_class.append(sdc_binary_ece(probs[c][keep], (labels == c)[keep], n_bins))
+    return ece_, (float(np.mean(per_class)) if per_class else 0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sdc_code_convention_matches_transcription(seed):
+    probs, labels = softmax_case((7, 9, 11), 4, seed)
+    probs[:, 0, 0, :4] = np.array([1, 0, 0, 0], np.float32)[:, None]  # p_fg = 0: in no bin, counted in N
+    acc = CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels).compute()
+    e, c = sdc_code_metrics(probs, labels)
+    assert acc["ECE"] == pytest.approx(e, rel=1e-9)
+    assert acc["CECE"] == pytest.approx(c, rel=1e-9)
+    default = CalibrationAccumulator().update(probs, labels).compute()
+    assert acc["pECE"] == default["pECE"] and acc["NLL"] == default["NLL"]  # the rest is unchanged
+    assert acc["ECE"] != pytest.approx(default["ECE"])
+    # pooled over two cases = the transcription on the concatenated voxels
+    p2, l2 = softmax_case((5, 9, 11), 4, seed + 10)
+    both = (CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels)
+            + CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(p2, l2)).compute()
+    e, c = sdc_code_metrics(np.concatenate([probs.reshape(4, -1), p2.reshape(4, -1)], 1),
+                            np.concatenate([labels.reshape(-1), l2.reshape(-1)]))
+    assert both["ECE"] == pytest.approx(e, rel=1e-9) and both["CECE"] == pytest.approx(c, rel=1e-9)
+    with pytest.raises(ValueError, match="convention"):
+        CalibrationAccumulator(convention="paper")
+
+
+def test_ignore_index_removes_voxels():
+    probs, labels = softmax_case((6, 7, 8), 3, 4)
+    labels = labels.copy()
+    labels[np.random.default_rng(1).random(labels.shape) < 0.3] = 7
+    keep = labels != 7
+    acc = CalibrationAccumulator(ignore_index=7).update(probs, labels, validate_args=True).compute()
+    direct = CalibrationAccumulator().update(probs[:, keep], labels[keep]).compute()
+    _assert_same(acc, direct, rel=1e-12)

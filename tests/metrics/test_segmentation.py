@@ -91,3 +91,46 @@ def test_bad_arguments():
         dice(np.zeros((3, 3)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="spacing"):
         hd95(np.ones((3, 3)), np.ones((3, 3)), (1, 2, 3))
+
+
+def medpy_convention_hd95(pred, ref, spacing, connectivity=1):
+    """HD95 as medpy (``medpy.metric.binary.hd95``) computes it, written here with full-volume
+    distance transforms: surface = mask XOR its erosion (border_value 0), distance of every surface
+    voxel to the other surface by ``distance_transform_edt(~other_surface, sampling=spacing)``, 95th
+    percentile of both directions pooled."""
+    from scipy import ndimage
+
+    st = ndimage.generate_binary_structure(pred.ndim, connectivity)
+    sp_ = pred ^ ndimage.binary_erosion(pred, structure=st, border_value=0)
+    sr_ = ref ^ ndimage.binary_erosion(ref, structure=st, border_value=0)
+    d_pr = ndimage.distance_transform_edt(~sr_, sampling=spacing)[sp_]
+    d_rp = ndimage.distance_transform_edt(~sp_, sampling=spacing)[sr_]
+    return float(np.percentile(np.hstack([d_pr, d_rp]), 95))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("connectivity", [1, 3])
+def test_hd95_equals_full_volume_medpy_convention(seed, connectivity):
+    rng = np.random.default_rng(seed)
+    shape = (18, 40, 37)
+    spacing = (2.5, 0.7, 0.9)
+    z, y, x = np.indices(shape)
+    c = [rng.uniform(5, 13), rng.uniform(10, 30), rng.uniform(10, 27)]
+    ref = ((z - c[0]) / 5) ** 2 + ((y - c[1]) / 9) ** 2 + ((x - c[2]) / 8) ** 2 < 1
+    pred = ((z - c[0] - 1) / 5) ** 2 + ((y - c[1]) / 10) ** 2 + ((x - c[2] + 2) / 7) ** 2 < 1
+    pred |= rng.random(shape) < 0.002  # scattered false positives far away (the bounding box is large)
+    ref[0, :3, :3] = True  # an object on the image border
+    assert hd95(pred, ref, spacing, connectivity=connectivity) == pytest.approx(
+        medpy_convention_hd95(pred, ref, spacing, connectivity), rel=1e-12, abs=1e-12)
+
+
+def test_surface_by_shifts_equals_erosion():
+    from scipy import ndimage
+
+    from nnunet_calibration.metrics.segmentation import _surface
+
+    rng = np.random.default_rng(0)
+    for shape in [(7, 9, 8), (2, 9, 8), (1, 5, 6), (11, 12), (30,)]:
+        m = rng.random(shape) < 0.6
+        st = ndimage.generate_binary_structure(m.ndim, 1)
+        np.testing.assert_array_equal(_surface(m), m & ~ndimage.binary_erosion(m, structure=st, border_value=0))

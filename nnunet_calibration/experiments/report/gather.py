@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_calibration import __version__
-from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders, label_info
-from nnunet_calibration.evaluation.core import load_probabilities, load_reference
+from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
+                                           load_reference, reader_writer, validation_cases)
 from nnunet_calibration.experiments import posthoc
 from nnunet_calibration.experiments.config import Experiment, ExperimentError, TrainerSpec
 from nnunet_calibration.experiments.report import tables
@@ -43,7 +43,9 @@ from nnunet_calibration.experiments.status import fold_statuses
 from nnunet_calibration.metrics import CalibrationAccumulator
 
 #: the accumulator's keyword options (taken from the evaluator's summary config, never re-defaulted)
-_ACC_OPTIONS = [k for k in inspect.signature(CalibrationAccumulator).parameters if k != "regions"]
+#: the accumulator's metric options, taken from the evaluator's summary (its label layout comes from DatasetInfo)
+_ACC_OPTIONS = [k for k in inspect.signature(CalibrationAccumulator).parameters
+                if k not in ("regions", "region_labels", "ignore_index")]
 
 
 # -- machine -------------------------------------------------------------------------------------
@@ -95,13 +97,17 @@ class DatasetInfo:
         self.regions = [tuple(r) for r in regions] if regions else None
         self.has_regions = self.regions is not None
         self.ignore_label = lm.ignore_label
+        try:
+            self.reader = reader_writer(self.dataset_json)
+        except EvaluationInputError as e:
+            raise ExperimentError(f"{self.dataset_json_path}: {e}") from None
 
     def reference(self, case: str, shape: tuple) -> np.ndarray:
         f = self.gt_folder / f"{case}{self.file_ending}"
         if not f.is_file():
             raise ExperimentError(f"no reference {f} for case {case}")
         try:
-            arr, _ = load_reference(f)
+            arr, _ = load_reference(f, self.reader)
         except EvaluationInputError as e:
             raise ExperimentError(str(e)) from None
         if arr.shape != tuple(shape):
@@ -131,11 +137,16 @@ def evaluation_options(exp: Experiment) -> tuple[int, dict]:
 def evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment) -> dict:
     """The evaluator's summary of one folder (also written to ``out_dir/summary.json``)."""
     nproc, options = evaluation_options(exp)
+    # the evaluator requires a prediction for every expected case: here the fold's validation cases
+    fold_dir = folder.parent if folder.name == "validation" else folder
+    splits = info.gt_folder.parent / "splits_final.json"
     try:
+        cases = validation_cases(splits, int(fold_dir.name.split("_")[-1])) if splits.is_file() else None
         # write=False: the evaluator's per-class PNGs of every fold are not needed here; its summary is kept
         summary = evaluate_folders([str(folder)], str(info.gt_folder), str(info.dataset_json_path), str(out_dir),
-                                   num_processes=nproc, progress=False, write=False, **options)
-    except (EvaluationInputError, TypeError) as e:
+                                   num_processes=nproc, progress=False, write=False, cases=cases,
+                                   allow_missing=cases is None, **options)
+    except (EvaluationInputError, TypeError, ValueError) as e:
         raise ExperimentError(f"evaluating {folder} failed: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -159,7 +170,8 @@ def case_values(summary: dict, fold: int) -> dict:
 
 
 def _accumulator(summary: dict, info: DatasetInfo) -> CalibrationAccumulator:
-    return CalibrationAccumulator(regions=info.regions, **{k: summary["config"][k] for k in _ACC_OPTIONS})
+    return CalibrationAccumulator(regions=info.has_regions, region_labels=info.regions, ignore_index=info.ignore_label,
+                                  **{k: summary["config"][k] for k in _ACC_OPTIONS if k in summary["config"]})
 
 
 def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
@@ -235,6 +247,8 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
                                 desc=f"{row.method}: fold {f}", unit="case"):
                     q = scaling.apply(load_probs(npz), params[f], info.has_regions)
                     np.savez(scaled / npz.name, probabilities=q)
+                    if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
+                        shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
                     acc.update(q, info.reference(npz.stem, q.shape[1:]))
                 summ = evaluate(scaled, info, ev_dir / (spec.label + "+" + kind) / f"fold_{f}", exp)
                 row.fold_means[f] = fold_means(summ)

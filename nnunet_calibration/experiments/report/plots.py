@@ -57,7 +57,7 @@ def _panels(fig: Figure, n: int, share: bool = False, max_cols: int = 4):
 
 
 def reliability_figure(exp: ExperimentResult, title: str) -> Figure | None:
-    methods = [m for m in exp.methods if m.reliability is not None and m.reliability.n.sum() > 0]
+    methods = [m for m in exp.methods if m.reliability is not None and m.reliability.bin_count.sum() > 0]
     if not methods:
         return None
     cols = min(4, len(methods))
