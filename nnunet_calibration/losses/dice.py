@@ -64,12 +64,11 @@ def soft_dice_from_probs(pv: ProbView, *, batch_dice: bool, do_bg: bool, smooth:
 class SoftDice(CalibrationLoss):
     """nnU-Net's default Dice term alone (see module docstring). Supports regions."""
 
-    name = "dice"
 
-    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None,
+    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None,
                  batch_dice: bool = False, smooth: float = 1e-5, ddp: bool = False,
                  do_bg: Optional[bool] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.batch_dice = bool(batch_dice)
         self.smooth = float(smooth)
         self.ddp = bool(ddp)

@@ -60,7 +60,8 @@ def test_train_predict_2d(trainer, synthetic_labels, tmp_path):
 
 
 @pytest.mark.nnunet
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerSDC", "nnUNetTrainerSVLS_MorphGradient"])
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSDC", "nnUNetTrainerSVLS_MorphGradient",
+                                     "nnUNetTrainerNACL_MorphOpening_DC"])
 def test_train_predict_3d_fullres(trainer, synthetic_labels, tmp_path):
     _check_run(trainer, synthetic_labels, "3d_fullres", tmp_path, n_channels=4, regions=False)
 
@@ -82,7 +83,7 @@ def test_loss_without_region_support_fails_at_start(synthetic_regions, tmp_path)
     ext.mkdir()
     (ext / "labels_only_trainer.py").write_text(textwrap.dedent('''
         from nnunet_calibration.losses import LOSSES, CrossEntropy
-        from nnunet_calibration.trainers import nnUNetTrainerCalibLoss
+        from nnunet_calibration.trainers import nnUNetTrainerCalibLossBase
 
         class LabelsOnlyCE(CrossEntropy):
             supports_regions = False
@@ -90,7 +91,7 @@ def test_loss_without_region_support_fails_at_start(synthetic_regions, tmp_path)
 
         LOSSES.setdefault("labels_only_ce", LabelsOnlyCE)
 
-        class nnUNetTrainerTestLabelsOnly(nnUNetTrainerCalibLoss):
+        class nnUNetTrainerTestLabelsOnly(nnUNetTrainerCalibLossBase):
             """test trainer: a loss without region support"""
             loss_key = "labels_only_ce"
     '''))
