@@ -271,7 +271,7 @@ class FCLLoss(FocalLoss):
 
 
 class SDCLoss(CalibrationLoss):
-    """Signed distance calibration loss (Liang et al. 2025, "We Care Each Pixel"):
+    """Signed distance calibration loss (Liang et al. 2025, "We Care Each Pixel"), Eq. 1:
 
     ``CE + alpha * mean over voxels and classes of |p_c - t_c|
     + lambda_sdf * mean over voxels and channels of |sdf_pred_k - s_k|``.
@@ -285,14 +285,20 @@ class SDCLoss(CalibrationLoss):
       regions; ``sdf_pred`` is the auxiliary head's tanh output ``(B, K, *spatial)``, K = C - 1 or R.
       It is compared with the SAME sign convention (the paper's code compares ``2p - 1`` with the
       SDF, opposite signs: not copied).
-    * ``sdf_pred=None`` drops the SDF term (e.g. lower deep-supervision resolutions).
+    * ``sdf_pred=None`` drops the SDF term; :meth:`sdf_term` is that term alone (``lambda_sdf``
+      included). nnU-Net's trainers apply ``CE + alpha * local`` to every deep-supervision output
+      with nnU-Net's weights and add :meth:`sdf_term` ONCE, on the full-resolution output, so the
+      effective SDF weight is exactly ``lambda_sdf`` (Eq. 1), independent of those weights.
+    * 3D with ``spacing`` (the configuration's): ``s`` is measured in millimetres (exact
+      anisotropic EDT) before the normalisation; for an anisotropic spacing (nnU-Net's rule,
+      :func:`~.morphology.window_axes`) the morphology, mean filter and SDF boundary are in-plane
+      (3x3x1), as the authors process 3D volumes slice by slice. 2D: voxel units, 3x3.
 
     Ignore label: excluded from the windows and every mean; for the reference SDF, ignored voxels
     count as outside every class. Defaults ``alpha = 0.1``, ``lambda_sdf = 0.1``; ``morph``
     (default ``"gradient"``) and ``kernel_size`` (mean filter side, default 3) are ablation hooks.
     ``sdf_chunk_bytes`` bounds the EDT's temporary memory (default 8 MB on CPU, 256 MB on CUDA).
     """
-
 
     def __init__(self, alpha: float = 0.1, lambda_sdf: float = 0.1, morph: str = "gradient",
                  kernel_size: int = 3, *, regions: bool = False, ignore_label: Optional[int] = None,

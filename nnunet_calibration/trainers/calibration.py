@@ -167,8 +167,7 @@ class nnUNetTrainerSDC(nnUNetTrainerCalibLossBase):
     """Signed distance calibration loss (Liang et al. 2025); alpha = 0.1, lambda_sdf = 0.1.
 
     CE + alpha * local calibration term + lambda_sdf * L1(SDF head, reference SDF; millimetres in
-    3D). The network
-    carries the auxiliary SDF head (:class:`~nnunet_calibration.trainers.sdf_head.SDFHeadNetwork`),
+    3D). The network carries the auxiliary SDF head (:class:`~nnunet_calibration.trainers.sdf_head.SDFHeadNetwork`),
     always built so that ``nnUNetv2_predict -tr nnUNetTrainerSDC`` loads the checkpoint strictly;
     in eval mode it returns exactly the segmentation logits. Deep supervision: CE and the local
     term on every output with nnU-Net's weights; the SDF term on the full-resolution output only,
