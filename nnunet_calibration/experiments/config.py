@@ -616,7 +616,7 @@ def validate(exp: Experiment, check_trainers: bool = True) -> Experiment:
     elif max(exp.folds) > 4:
         raise _err(exp.path, f"folds {list(exp.folds)}: nnU-Net makes 5 folds (0-4) when {splits} is absent")
     if check_trainers:
-        from nnunet_calibration.trainers.base import TRAINING_KEYS, nnUNetTrainerCalibBase
+        from nnunet_calibration.trainers.base import TRAINING_KEYS, nnUNetTrainerHparamsBase
 
         env = exp.nnunet_env()
         unknown = []
@@ -626,12 +626,12 @@ def validate(exp: Experiment, check_trainers: bool = True) -> Experiment:
                 unknown.append(t.name)
                 continue
             hp = exp.hparams_for(t)
-            if hp and not issubclass(cls, nnUNetTrainerCalibBase):
+            if hp and not issubclass(cls, nnUNetTrainerHparamsBase):
                 raise _err(exp.path, f"trainer {t.name} does not read NNUNET_CALIB_HPARAMS, so the "
                                      f"hyperparameters {hp} would be ignored; use an nnunet-calibration trainer "
                                      f"(e.g. nnUNetTrainerDiceCE instead of nnUNetTrainer) or drop them")
             if hp:
-                valid = set(TRAINING_KEYS) | set(cls.loss_hparams)
+                valid = set(TRAINING_KEYS) | set(cls.loss_hparams) | set(getattr(cls, "deprecated_hparams", {}))
                 bad = sorted(set(hp) - valid)
                 if bad:
                     raise _err(exp.path, f"trainer {t.label}: unknown hyperparameter(s) {bad}; "

@@ -11,14 +11,17 @@ Contract with :mod:`nnunet_calibration.trainers`:
 * :func:`build_loss` / :data:`LOSSES` construct losses by name; ``<name>_dc`` adds nnU-Net's Dice
   (:class:`WithDice`);
 * :class:`SDCLoss` takes the auxiliary SDF head output: ``forward(net_output, target, sdf_pred)``;
-  :func:`reference_sdf` computes its target.
+  :func:`reference_sdf` computes its target; :meth:`SDCLoss.sdf_term` is the SDF term alone (the
+  trainers add it once with weight ``lambda_sdf``, outside deep supervision);
+* ``spacing`` (every loss): the configuration's voxel spacing; 3D patches of an anisotropic spacing
+  (nnU-Net's rule) get in-plane 3x3x1 windows, and SDC's reference SDF is in millimetres.
 """
 from .calibration import (ACELoss, CrossEntropy, DSCPlusPlusLoss, ECPLoss, FCLLoss, FocalLoss,
                           LabelSmoothingLoss, MbLSLoss, NACLLoss, SDCLoss, SVLSLoss,
                           hard_binned_l1_ace)
 from ._common import CalibrationLoss
 from .dice import SoftDice, WithDice
-from .morphology import MORPH_OPS, dilate, erode, morph, svls_kernel
+from .morphology import ANISO_THRESHOLD, MORPH_OPS, dilate, erode, morph, svls_kernel, window_axes
 from .registry import DICE_VARIANT_BASES, LOSSES, MORPH_VARIANTS, available_losses, build_loss
 from .sdf import euclidean_distance_transform, reference_sdf, squared_edt_to_seeds
 
@@ -28,5 +31,5 @@ __all__ = [
     "WithDice", "hard_binned_l1_ace", "LOSSES", "MORPH_VARIANTS", "MORPH_OPS",
     "DICE_VARIANT_BASES", "available_losses", "build_loss", "reference_sdf",
     "euclidean_distance_transform", "squared_edt_to_seeds", "dilate", "erode", "morph",
-    "svls_kernel",
+    "svls_kernel", "window_axes", "ANISO_THRESHOLD",
 ]

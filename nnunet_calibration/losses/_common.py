@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .morphology import window_axes
+
 
 class Prepared(NamedTuple):
     """Softmax-form view of one resolution.
@@ -90,14 +92,15 @@ class CalibrationLoss(nn.Module):
     """
 
     supports_regions: bool = True
-    #: short registry name, for messages
-    name: str = "loss"
 
-    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None):
+    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
         super().__init__()
+        #: the loss's one name: its registry key when built by :func:`~.registry.build_loss`
+        #: (which sets it), else the class name
+        self.name = type(self).__name__
         if regions and not self.supports_regions:
             raise ValueError(
-                f"{type(self).__name__} ({self.name}) does not support region-based training "
+                f"{type(self).__name__} does not support region-based training "
                 "(nnU-Net 'regions_class_order' / sigmoid outputs); use a plain-label dataset or "
                 "another loss."
             )
@@ -107,6 +110,26 @@ class CalibrationLoss(nn.Module):
                 raise ValueError(f"ignore_label must be a non-negative label value, got {ignore_label}")
         self.regions = bool(regions)
         self.ignore_label = ignore_label
+        #: voxel spacing of the 3D configuration (``None``: voxel units); used by the neighbourhood
+        #: losses: in-plane windows when anisotropic (:func:`~.morphology.window_axes`) and the
+        #: SDF in millimetres. 2D patches ignore it.
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
+            raise ValueError(f"spacing must be 2 or 3 positive values, got {spacing}")
+
+    def window_axes(self, net_output: Tensor):
+        """Spatial axes of the local windows for this patch (``None``: all; see
+        :func:`~.morphology.window_axes`)."""
+        nsp = net_output.ndim - 2
+        if self.spacing is None or nsp != 3 or len(self.spacing) != 3:
+            return None
+        return window_axes(3, self.spacing)
+
+    def mm_spacing(self, net_output: Tensor):
+        """Spacing for distances (3D patches with a 3D spacing), else ``None`` (voxel units)."""
+        if self.spacing is None or net_output.ndim != 5 or len(self.spacing) != 3:
+            return None
+        return self.spacing
 
     # ------------------------------------------------------------------ target parsing
     def _check_shapes(self, net_output: Tensor, target: Tensor) -> None:
@@ -193,7 +216,7 @@ class CalibrationLoss(nn.Module):
         return ProbView(torch.softmax(net_output, 1), onehot, None if valid is None else valid.unsqueeze(1))
 
     def extra_repr(self) -> str:
-        return f"regions={self.regions}, ignore_label={self.ignore_label}"
+        return f"regions={self.regions}, ignore_label={self.ignore_label}, spacing={self.spacing}"
 
 
 def ce_per_voxel(logits: Tensor, labels: Tensor) -> Tensor:

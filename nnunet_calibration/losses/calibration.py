@@ -9,6 +9,7 @@ valid voxels (torch semantics). "mean over voxels and classes of t_c" = mean ove
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -29,7 +30,6 @@ class CrossEntropy(CalibrationLoss):
     """Plain cross-entropy, ``mean over valid voxels of -log p_y`` (regions: binary CE with logits,
     mean over valid voxels and regions). ``WithDice(CrossEntropy())`` is nnU-Net's default loss."""
 
-    name = "ce"
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
         prep = self.prepare(net_output, target)
@@ -40,10 +40,9 @@ class FocalLoss(CalibrationLoss):
     """Focal loss (Lin et al. 2017): ``mean over voxels of -(1 - p_t)^gamma log p_t``,
     ``p_t`` = probability of the reference class. Default ``gamma = 3``."""
 
-    name = "focal"
 
-    def __init__(self, gamma: float = 3.0, *, regions: bool = False, ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+    def __init__(self, gamma: float = 3.0, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.gamma = float(gamma)
 
     def focal_per_voxel(self, prep: Prepared) -> Tensor:
@@ -61,10 +60,9 @@ class ECPLoss(CalibrationLoss):
     """Entropy confidence penalty (Pereyra et al. 2017):
     ``CE - lambda * mean over voxels and classes of (-p_c log p_c)``. Default ``lam = 0.1``."""
 
-    name = "ecp"
 
-    def __init__(self, lam: float = 0.1, *, regions: bool = False, ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+    def __init__(self, lam: float = 0.1, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.lam = float(lam)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
@@ -79,10 +77,9 @@ class LabelSmoothingLoss(CalibrationLoss):
     """Label smoothing (Szegedy et al. 2016): CE against ``(1 - alpha) y + alpha / C``.
     Default ``alpha = 0.1`` (regions: ``C = 2`` per region)."""
 
-    name = "ls"
 
-    def __init__(self, alpha: float = 0.1, *, regions: bool = False, ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+    def __init__(self, alpha: float = 0.1, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.alpha = float(alpha)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
@@ -93,41 +90,75 @@ class LabelSmoothingLoss(CalibrationLoss):
         return masked_mean(-(q * logp).sum(1), prep.valid)
 
 
+_MORPH_FORM_DOC = """
+    Morphological variants (SDC paper section 3.2, Eq. 2, Table 6; ``morph`` not ``"none"``), by
+    default (``margin_on="probs"``) as the authors' code (EagleAdelaide/SDC-Loss, ``sam.py`` /
+    ``losses.py``) computes them::
+
+        CE(z, y) + alpha * mean over voxels and classes of |p_c - y~_m,c|
+
+    with ``y~_m = normalise_c(filter(M(y)))``: the operator ``M`` (3x3(x3) element) on each class's
+    binary mask, the neighbourhood filter, then division by the sum over classes; where no class
+    survives in the window the target is all-zero (the code's ``clamp_min`` division), so there
+    ``sum_c |p_c - 0| = 1`` is constant. Where code and paper differ, the code is followed:
+
+    * the CE term uses the ORIGINAL mask ``y`` (code: ``cross_entropy(logits, labels)``); Eq. 2
+      writes ``L_CE(z, y_m)``;
+    * the margin term is the mean absolute difference (code: ``abs().mean()``, an L1 norm divided by
+      the number of voxels and classes); Eq. 2 writes a norm without saying which.
+
+    Window borders: replicate padding here (OpenCV's ``blur`` reflects), which differs only on the
+    outermost voxels of the patch.
+"""
+
+
 class SVLSLoss(CalibrationLoss):
     """Spatially varying label smoothing (Islam & Glocker, IPMI 2021): CE against soft targets
     ``q = K * y`` with the SVLS kernel ``K`` (:func:`~.morphology.svls_kernel`: 3x3(x3) Gaussian of
     ``sigma``, centre weight replaced by the sum of the neighbours, normalised), replicate padding
-    (mobarakol/SVLS). Default ``sigma = 2.0``.
-
-    ``morph`` (SDC paper section 3.2, Table 6; default ``"none"`` = plain SVLS): the operator is
-    applied to the one-hot reference first, ``q = normalise_c(K * M(y))``; voxels where no class
-    survives (e.g. interiors for ``gradient``/boundaries) fall back to the one-hot ``y``.
-    Ignore label: ignored voxels are excluded from the smoothing windows (normalised convolution,
-    see :func:`~.morphology.filter_normalized`) and from the mean.
+    (mobarakol/SVLS). Default ``sigma = 2.0``. Ignore label: ignored voxels are excluded from the
+    smoothing windows (normalised convolution, see :func:`~.morphology.filter_normalized`) and from
+    the mean. Anisotropic 3D spacing (``spacing``, nnU-Net's rule): the 2D kernel in-plane (3x3x1).
+    """ + _MORPH_FORM_DOC + """
+    Here the filter is the SVLS kernel (the authors' code uses OpenCV's 3x3 Gaussian with sigma 1
+    for "Margin SVLS"; ``sigma`` is kept as SVLS's hyperparameter), ``alpha = 0.1``.
+    ``margin_on="soft_target"`` selects the earlier form instead: SVLS's soft-label CE against
+    ``q = normalise_c(K * M(y))``, falling back to the one-hot ``y`` where no class survives
+    (``alpha`` unused).
     """
 
-    name = "svls"
-
-    def __init__(self, sigma: float = 2.0, morph: str = "none", morph_size: int = 3, *,
-                 regions: bool = False, ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+    def __init__(self, sigma: float = 2.0, morph: str = "none", morph_size: int = 3, alpha: float = 0.1,
+                 margin_on: Optional[str] = None, *, regions: bool = False,
+                 ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         if morph not in MORPH_OPS:
             raise ValueError(f"unknown morphological operator {morph!r}; choose one of {MORPH_OPS}")
+        if margin_on is None:
+            margin_on = "soft_target" if morph == "none" else "probs"
+        if margin_on not in ("probs", "soft_target"):
+            raise ValueError(f"SVLS margin_on must be 'probs' (Eq. 2) or 'soft_target', got {margin_on!r}")
         self.sigma = float(sigma)
         svls_sep_kernel(self.sigma)  # validates sigma
         self.morph = morph
         self.morph_size = _check_size(morph_size)
+        self.alpha = float(alpha)
+        self.margin_on = margin_on
 
-    def soft_target(self, prep: Prepared) -> Tensor:
+    def soft_target(self, prep: Prepared, axes=None) -> Tensor:
         with torch.no_grad():
             y = _onehot(prep)
-            k = svls_sep_kernel(self.sigma, 3, y.ndim - 2)
+            nd = y.ndim - 2 if axes is None else len(axes)
+            k = svls_sep_kernel(self.sigma, 3, nd)
             return local_target(y, op=self.morph, kernel=k, size=self.morph_size, valid=prep.valid,
-                                fallback="onehot")
+                                fallback="zero" if self.margin_on == "probs" else "onehot", axes=axes)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
         prep = self.prepare(net_output, target)
-        q = self.soft_target(prep)
+        q = self.soft_target(prep, self.window_axes(net_output))
+        if self.margin_on == "probs":
+            ce = ce_per_voxel(prep.logits, prep.labels)
+            margin = (torch.softmax(prep.logits, 1) - q).abs().mean(1)
+            return masked_mean(ce + self.alpha * margin, prep.valid)
         logp = F.log_softmax(prep.logits, 1)
         return masked_mean(-(q * logp).sum(1), prep.valid)
 
@@ -138,11 +169,10 @@ class MbLSLoss(CalibrationLoss):
     distances LARGER than the margin). Defaults ``margin = 10``, ``alpha = 0.1``.
     Regions: logits ``(0, z)`` per region, i.e. the penalty is ``relu(|z| - m) / 2``."""
 
-    name = "mbls"
 
     def __init__(self, margin: float = 10.0, alpha: float = 0.1, *, regions: bool = False,
-                 ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+                 ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.margin = float(margin)
         self.alpha = float(alpha)
 
@@ -158,7 +188,8 @@ class MbLSLoss(CalibrationLoss):
 class NACLLoss(CalibrationLoss):
     """Neighbour-aware calibration loss (Murugesan et al., MICCAI 2023; Bala93/MarginLoss):
     ``CE + alpha * mean over voxels and classes of |t_c - z_c|`` (L1 between a local target and the
-    LOGITS). Defaults ``alpha = 0.1``, ``kernel_size = 3``, ``kernel = "mean"``.
+    LOGITS, as NACL's code). Defaults ``alpha = 0.1``, ``kernel_size = 3``, ``kernel = "mean"``
+    (NACL's code default and its README's example; the SDC paper's Table 1 footnote used "min").
 
     Local target from the labels in each voxel's ``k x k (x k)`` window:
 
@@ -169,50 +200,56 @@ class NACLLoss(CalibrationLoss):
     foreign label; the reference code pads with zeros, which counts label 0 at the image border --
     not done here; for "min" replicate padding equals restricting the window to the image). Ignore label:
     ignored voxels are excluded from the windows ("mean": proportions among valid voxels; "min":
-    ignored voxels never are the minimum) and from the mean.
-
-    ``morph`` (SDC paper section 3.2, Table 6; default ``"none"`` = plain NACL; only with
-    ``kernel="mean"``): ``t = normalise_c(box(M(y)))`` with fallback to ``y`` where no class
-    survives.
+    ignored voxels never are the minimum) and from the mean. Anisotropic 3D spacing: in-plane
+    ``k x k x 1`` windows. ``margin_on="probs"`` puts the plain NACL term on ``softmax(z)`` instead.
+    """ + _MORPH_FORM_DOC + """
+    Here the filter is NACL's mean (box) filter (``kernel="mean"`` only), ``alpha = 0.1``.
+    ``margin_on="logits"`` selects the earlier form instead: NACL's logit term against
+    ``normalise_c(box(M(y)))``, falling back to the one-hot ``y`` where no class survives.
     """
 
-    name = "nacl"
-
     def __init__(self, alpha: float = 0.1, kernel_size: int = 3, kernel: str = "mean",
-                 morph: str = "none", morph_size: int = 3, *, regions: bool = False,
-                 ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+                 morph: str = "none", morph_size: int = 3, margin_on: Optional[str] = None, *,
+                 regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         if kernel not in ("mean", "min"):
             raise ValueError(f"NACL kernel must be 'mean' or 'min', got {kernel!r}")
         if morph not in MORPH_OPS:
             raise ValueError(f"unknown morphological operator {morph!r}; choose one of {MORPH_OPS}")
         if morph != "none" and kernel != "mean":
             raise ValueError("morphological NACL variants use the 'mean' kernel (got kernel='min')")
+        if margin_on is None:
+            margin_on = "logits" if morph == "none" else "probs"
+        if margin_on not in ("probs", "logits"):
+            raise ValueError(f"NACL margin_on must be 'probs' or 'logits', got {margin_on!r}")
         self.alpha = float(alpha)
         self.kernel_size = _check_size(kernel_size)
         self.kernel = kernel
         self.morph = morph
         self.morph_size = _check_size(morph_size)
+        self.margin_on = margin_on
 
-    def local_target(self, prep: Prepared) -> Tensor:
+    def local_target(self, prep: Prepared, axes=None) -> Tensor:
         with torch.no_grad():
             c = prep.logits.shape[1]
             if self.kernel == "min":
                 lab = prep.labels.to(prep.logits.dtype)
                 if prep.valid is not None:
                     lab = torch.where(prep.valid, lab, torch.full_like(lab, float(c)))
-                mn = (-_maxpool(-lab.unsqueeze(1), self.kernel_size)).squeeze(1).long().clamp_max(c)
+                mn = (-_maxpool(-lab.unsqueeze(1), self.kernel_size, axes)).squeeze(1).long().clamp_max(c)
                 return onehot_from_labels(mn, c + 1, dtype=prep.logits.dtype)[:, :c]
             y = _onehot(prep)
             k = box_kernel(self.kernel_size)
+            fallback = "zero" if (self.morph != "none" and self.margin_on == "probs") else "onehot"
             return local_target(y, op=self.morph, kernel=k, size=self.morph_size, valid=prep.valid,
-                                fallback="onehot")
+                                fallback=fallback, axes=axes)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
         prep = self.prepare(net_output, target)
-        t = self.local_target(prep)
+        t = self.local_target(prep, self.window_axes(net_output))
         ce = ce_per_voxel(prep.logits, prep.labels)
-        pen = (t - prep.logits).abs().mean(1)
+        pred = torch.softmax(prep.logits, 1) if self.margin_on == "probs" else prep.logits
+        pen = (t - pred).abs().mean(1)
         return masked_mean(ce + self.alpha * pen, prep.valid)
 
 
@@ -221,11 +258,10 @@ class FCLLoss(FocalLoss):
     ``focal + lambda * mean over voxels of sum_c (p_c - y_c)^2``. Defaults ``gamma = 3``,
     ``lam = 0.1``."""
 
-    name = "fcl"
 
     def __init__(self, gamma: float = 3.0, lam: float = 0.1, *, regions: bool = False,
-                 ignore_label: Optional[int] = None):
-        super().__init__(gamma, regions=regions, ignore_label=ignore_label)
+                 ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(gamma, regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.lam = float(lam)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
@@ -235,7 +271,7 @@ class FCLLoss(FocalLoss):
 
 
 class SDCLoss(CalibrationLoss):
-    """Signed distance calibration loss (Liang et al. 2025, "We Care Each Pixel"):
+    """Signed distance calibration loss (Liang et al. 2025, "We Care Each Pixel"), Eq. 1:
 
     ``CE + alpha * mean over voxels and classes of |p_c - t_c|
     + lambda_sdf * mean over voxels and channels of |sdf_pred_k - s_k|``.
@@ -249,7 +285,14 @@ class SDCLoss(CalibrationLoss):
       regions; ``sdf_pred`` is the auxiliary head's tanh output ``(B, K, *spatial)``, K = C - 1 or R.
       It is compared with the SAME sign convention (the paper's code compares ``2p - 1`` with the
       SDF, opposite signs: not copied).
-    * ``sdf_pred=None`` drops the SDF term (e.g. lower deep-supervision resolutions).
+    * ``sdf_pred=None`` drops the SDF term; :meth:`sdf_term` is that term alone (``lambda_sdf``
+      included). nnU-Net's trainers apply ``CE + alpha * local`` to every deep-supervision output
+      with nnU-Net's weights and add :meth:`sdf_term` ONCE, on the full-resolution output, so the
+      effective SDF weight is exactly ``lambda_sdf`` (Eq. 1), independent of those weights.
+    * 3D with ``spacing`` (the configuration's): ``s`` is measured in millimetres (exact
+      anisotropic EDT) before the normalisation; for an anisotropic spacing (nnU-Net's rule,
+      :func:`~.morphology.window_axes`) the morphology, mean filter and SDF boundary are in-plane
+      (3x3x1), as the authors process 3D volumes slice by slice. 2D: voxel units, 3x3.
 
     Ignore label: excluded from the windows and every mean; for the reference SDF, ignored voxels
     count as outside every class. Defaults ``alpha = 0.1``, ``lambda_sdf = 0.1``; ``morph``
@@ -257,12 +300,10 @@ class SDCLoss(CalibrationLoss):
     ``sdf_chunk_bytes`` bounds the EDT's temporary memory (default 8 MB on CPU, 256 MB on CUDA).
     """
 
-    name = "sdc"
-
     def __init__(self, alpha: float = 0.1, lambda_sdf: float = 0.1, morph: str = "gradient",
                  kernel_size: int = 3, *, regions: bool = False, ignore_label: Optional[int] = None,
-                 sdf_chunk_bytes: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+                 spacing=None, sdf_chunk_bytes: Optional[int] = None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         if morph not in MORPH_OPS:
             raise ValueError(f"unknown morphological operator {morph!r}; choose one of {MORPH_OPS}")
         self.alpha = float(alpha)
@@ -276,21 +317,34 @@ class SDCLoss(CalibrationLoss):
         return net_output.shape[1] if self.regions else net_output.shape[1] - 1
 
     def forward(self, net_output: Tensor, target: Tensor, sdf_pred: Optional[Tensor] = None) -> Tensor:
+        """``CE + alpha * local`` (+ :meth:`sdf_term` if ``sdf_pred`` is given)."""
         prep = self.prepare(net_output, target)
         y = _onehot(prep)
         with torch.no_grad():
             k = box_kernel(self.kernel_size)
-            t = local_target(y, op=self.morph, kernel=k, size=3, valid=prep.valid, fallback="zero")
+            t = local_target(y, op=self.morph, kernel=k, size=3, valid=prep.valid, fallback="zero",
+                             axes=self.window_axes(net_output))
         ce = ce_per_voxel(prep.logits, prep.labels)
         local = (torch.softmax(prep.logits, 1) - t).abs().mean(1)
         loss = masked_mean(ce + self.alpha * local, prep.valid)
-        if sdf_pred is None or self.lambda_sdf == 0:
+        if sdf_pred is None:
             return loss
+        return loss + self.sdf_term(net_output, target, sdf_pred)
+
+    def sdf_term(self, net_output: Tensor, target: Tensor, sdf_pred: Tensor) -> Tensor:
+        """``lambda_sdf * mean over valid voxels and channels of |sdf_pred - s|`` (weight included).
+
+        The trainers add this once, on the full-resolution output, with weight exactly
+        ``lambda_sdf`` (not multiplied by a deep-supervision weight)."""
         b = net_output.shape[0]
         kch = self.sdf_channels(net_output)
         if sdf_pred.shape != (b, kch, *net_output.shape[2:]):
             raise ValueError(f"SDCLoss: sdf_pred must have shape {(b, kch, *net_output.shape[2:])} "
                              f"(one channel per foreground class/region), got {tuple(sdf_pred.shape)}")
+        if self.lambda_sdf == 0:
+            return torch.zeros((), dtype=as_float(sdf_pred).dtype, device=sdf_pred.device)
+        prep = self.prepare(net_output, target)
+        y = _onehot(prep)
         sp = y.shape[2:]
         if self.regions:
             fg = y[:, 1].reshape(b, kch, *sp)
@@ -301,9 +355,10 @@ class SDCLoss(CalibrationLoss):
         if valid is not None:
             fg = fg * valid.unsqueeze(1).to(fg.dtype)
         sdf_pred = as_float(sdf_pred)
-        s = reference_sdf(fg, self.sdf_chunk_bytes).to(sdf_pred.dtype)
+        s = reference_sdf(fg, self.sdf_chunk_bytes, spacing=self.mm_spacing(net_output),
+                          axes=self.window_axes(net_output)).to(sdf_pred.dtype)
         l1 = (sdf_pred - s).abs().mean(1)
-        return loss + self.lambda_sdf * masked_mean(l1, valid)
+        return self.lambda_sdf * masked_mean(l1, valid)
 
 
 class DSCPlusPlusLoss(CalibrationLoss):
@@ -322,12 +377,11 @@ class DSCPlusPlusLoss(CalibrationLoss):
     * Default ``gamma = 2``.
     """
 
-    name = "dscpp"
 
     def __init__(self, gamma: float = 2.0, ce_weight: float = 0.0, eps: float = 1e-7,
                  include_background: bool = True, *, regions: bool = False,
-                 ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+                 ignore_label: Optional[int] = None, spacing=None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.gamma = float(gamma)
         self.ce_weight = float(ce_weight)
         self.eps = float(eps)
@@ -354,15 +408,29 @@ class DSCPlusPlusLoss(CalibrationLoss):
         return loss
 
 
-def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], num_bins: int = 20) -> Tensor:
+def _n_bins(n_bins, num_bins, where: str) -> int:
+    """``n_bins`` (the metrics' name), accepting the deprecated ``num_bins`` for one release."""
+    if num_bins is not None:
+        warnings.warn(f"{where}: 'num_bins' is deprecated, use 'n_bins' (as the metrics do)",
+                      DeprecationWarning, stacklevel=3)
+        n_bins = num_bins
+    n_bins = int(n_bins)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    return n_bins
+
+
+def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], n_bins: int = 20, *,
+                       num_bins: Optional[int] = None) -> Tensor:
     """Marginal L1 average calibration error (Barfoot et al., MICCAI 2024), differentiable.
 
     For each sample ``b`` and channel ``c``: the valid voxels are hard-binned by ``p`` into
-    ``num_bins`` equal bins, bins ``(m/M, (m+1)/M]`` except the first, ``[0, 1/M]`` (torch
+    ``n_bins`` equal bins, bins ``(m/M, (m+1)/M]`` except the first, ``[0, 1/M]`` (torch
     ``bucketize(right=False)`` on the upper edges, as cai4cai/ACE-DLIRIS); per non-empty bin
     ``|mean(p) - mean(y)|``; mean over non-empty bins; then mean over ``(b, c)`` pairs having at
     least one valid voxel. The bin assignment is constant, so gradients flow through the bin means.
     """
+    nb = _n_bins(n_bins, num_bins, "hard_binned_l1_ace")
     b, c = probs.shape[:2]
     p = probs.reshape(b, c, -1)
     y = onehot.reshape(b, c, -1).to(p.dtype)
@@ -371,18 +439,18 @@ def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], n
     else:
         w = valid.reshape(b, 1, -1).to(p.dtype).expand_as(p)
     with torch.no_grad():
-        edges = torch.linspace(0.0, 1.0 + torch.finfo(torch.float32).eps, num_bins + 1, device=p.device)[1:]
-        idx = torch.bucketize(p.detach().float().contiguous(), edges, right=False).clamp_max(num_bins - 1)
-    zeros = torch.zeros(b, c, num_bins, device=p.device, dtype=p.dtype)
+        edges = torch.linspace(0.0, 1.0 + torch.finfo(torch.float32).eps, nb + 1, device=p.device)[1:]
+        idx = torch.bucketize(p.detach().float().contiguous(), edges, right=False).clamp_max(nb - 1)
+    zeros = torch.zeros(b, c, nb, device=p.device, dtype=p.dtype)
     cnt = zeros.scatter_add(2, idx, w)
     sp = zeros.scatter_add(2, idx, p * w)
     sy = zeros.scatter_add(2, idx, y * w)
     nonempty = cnt > 0
     gap = (sp - sy).abs() / cnt.clamp_min(1)
     gap = torch.where(nonempty, gap, torch.zeros_like(gap))
-    n_bins = nonempty.sum(-1)
-    ace = gap.sum(-1) / n_bins.clamp_min(1).to(p.dtype)
-    has = n_bins > 0
+    n_used = nonempty.sum(-1)
+    ace = gap.sum(-1) / n_used.clamp_min(1).to(p.dtype)
+    has = n_used > 0
     return torch.where(has, ace, torch.zeros_like(ace)).sum() / has.sum().clamp_min(1).to(p.dtype)
 
 
@@ -392,7 +460,7 @@ class ACELoss(CalibrationLoss):
 
     * mL1-ACE: :func:`hard_binned_l1_ace` on softmax probabilities of ALL classes (background
       included, as the reference ``include_background=True``) or on the region sigmoids;
-      ``num_bins = 20``.
+      ``n_bins = 20`` (``num_bins`` is accepted with a DeprecationWarning for one release).
     * Dice: nnU-Net's Dice term (:class:`~.dice.SoftDice`: do_bg False/True, smooth 1e-5,
       ``batch_dice`` from the plans, negative sign), so that ``ce + dice`` matches nnU-Net's DiceCE
       baseline; the ACE paper used MONAI's DiceLoss (1 - Dice, background included, per sample).
@@ -402,24 +470,22 @@ class ACELoss(CalibrationLoss):
     Registry: ``ace_ce`` (CE + ACE), ``ace_dice`` (Dice + ACE), ``ace_dice_ce`` (Dice + CE + ACE).
     """
 
-    name = "ace"
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 0.0, ace_weight: float = 1.0,
-                 num_bins: int = 20, batch_dice: bool = False, ddp: bool = False, *,
-                 regions: bool = False, ignore_label: Optional[int] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
-        if int(num_bins) < 1:
-            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+                 n_bins: int = 20, batch_dice: bool = False, ddp: bool = False, *,
+                 regions: bool = False, ignore_label: Optional[int] = None, spacing=None,
+                 num_bins: Optional[int] = None):
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.ace_weight = float(ace_weight)
-        self.num_bins = int(num_bins)
+        self.n_bins = _n_bins(n_bins, num_bins, "ACELoss")
         self.batch_dice = bool(batch_dice)
         self.ddp = bool(ddp)
 
     def forward(self, net_output: Tensor, target: Tensor) -> Tensor:
         pv = self.prob_view(net_output, target)
-        loss = self.ace_weight * hard_binned_l1_ace(pv.probs, pv.onehot, pv.valid, self.num_bins)
+        loss = self.ace_weight * hard_binned_l1_ace(pv.probs, pv.onehot, pv.valid, self.n_bins)
         if self.dice_weight:
             loss = loss + self.dice_weight * soft_dice_from_probs(
                 pv, batch_dice=self.batch_dice, do_bg=self.regions, smooth=1e-5, ddp=self.ddp)

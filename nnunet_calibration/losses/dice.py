@@ -64,12 +64,11 @@ def soft_dice_from_probs(pv: ProbView, *, batch_dice: bool, do_bg: bool, smooth:
 class SoftDice(CalibrationLoss):
     """nnU-Net's default Dice term alone (see module docstring). Supports regions."""
 
-    name = "dice"
 
-    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None,
+    def __init__(self, *, regions: bool = False, ignore_label: Optional[int] = None, spacing=None,
                  batch_dice: bool = False, smooth: float = 1e-5, ddp: bool = False,
                  do_bg: Optional[bool] = None):
-        super().__init__(regions=regions, ignore_label=ignore_label)
+        super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.batch_dice = bool(batch_dice)
         self.smooth = float(smooth)
         self.ddp = bool(ddp)
@@ -82,13 +81,21 @@ class SoftDice(CalibrationLoss):
 
 
 class WithDice(nn.Module):
-    """``loss_weight * loss(net_output, target, ...) + dice_weight * SoftDice(net_output, target)``.
+    """``loss_weight * s * loss(net_output, target, ...) + dice_weight * SoftDice(net_output, target)``.
+
+    ``s`` reproduces nnU-Net's scale of the CE/BCE part exactly: ``s = R`` (the number of regions)
+    for regions with an ignore label, ``s = 1`` otherwise. nnU-Net's ``DC_and_BCE_loss`` with
+    ``use_ignore_label`` divides the BCE summed over regions and valid voxels by the number of valid
+    voxels, whereas without ignore label (and in every loss here) it is the mean over voxels and
+    regions; so with ``WithDice(CrossEntropy(...))`` equal to nnU-Net's ``DC_and_CE_loss`` /
+    ``DC_and_BCE_loss`` in all four cases (labels/regions, with/without ignore label), every
+    ``_DC`` loss weighs its calibration loss against the Dice term as nnU-Net weighs its CE/BCE.
 
     The Dice term is exactly nnU-Net's default one (:class:`SoftDice`): it inherits ``regions`` and
     ``ignore_label`` from the wrapped loss; ``batch_dice`` comes from the plans
     (``configuration_manager.batch_dice``), ``ddp`` from ``trainer.is_ddp``. Extra positional and
     keyword arguments (e.g. ``sdf_pred`` of :class:`~nnunet_calibration.losses.SDCLoss`) go to the
-    wrapped loss only. ``WithDice(CrossEntropy(...))`` equals nnU-Net's ``DC_and_CE_loss``.
+    wrapped loss only.
     """
 
     def __init__(self, loss: CalibrationLoss, dice_weight: float = 1.0, *, batch_dice: bool = False,
@@ -110,8 +117,14 @@ class WithDice(nn.Module):
     def ignore_label(self):
         return self.loss.ignore_label
 
+    def ce_scale(self, net_output: Tensor) -> float:
+        """nnU-Net's scale of the CE/BCE part (see the class docstring)."""
+        if self.loss.regions and self.loss.ignore_label is not None:
+            return float(net_output.shape[1])
+        return 1.0
+
     def forward(self, net_output: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
-        out = self.loss_weight * self.loss(net_output, target, *args, **kwargs)
+        out = (self.loss_weight * self.ce_scale(net_output)) * self.loss(net_output, target, *args, **kwargs)
         if self.dice_weight != 0:
             out = out + self.dice_weight * self.dice(net_output, target)
         return out

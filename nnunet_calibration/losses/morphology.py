@@ -25,6 +25,11 @@ Operators (``MORPH_OPS``)::
     internal_boundary  x - (x (-) B)
     external_boundary  (x (+) B) - x
 
+Anisotropic 3D (``axes``): every operator and filter takes ``axes``, the spatial axes (0-based,
+``0`` = D for 3D) along which the window extends; along the others its side is 1. ``axes=None`` means
+all axes (3x3 / 3x3x3); in-plane 3x3x1 windows of an anisotropic volume are ``axes`` without the
+through-plane axis (see :func:`window_axes`).
+
 Neighbourhood filters used to build local targets (:func:`filter_normalized`): a normalised
 convolution ``conv(x * valid) / conv(valid)`` with replicate padding; without ignored voxels that is
 ``conv(replicate_pad(x))`` with the kernel normalised to sum 1.
@@ -49,11 +54,51 @@ def _check_size(size: int) -> int:
     return size
 
 
-def _pad_replicate(x: Tensor, r: int) -> Tensor:
+#: nnU-Net's anisotropy threshold (``nnunetv2.configuration.ANISO_THRESHOLD``, used by its
+#: ``get_do_separate_z``): a 3D spacing is anisotropic when ``max / min > 3``
+ANISO_THRESHOLD = 3.0
+
+
+def window_axes(ndim: int, spacing=None, threshold: float = ANISO_THRESHOLD):
+    """Spatial axes of the local windows for a ``ndim``-D patch with voxel ``spacing``.
+
+    ``None`` (every axis: 3x3 or 3x3x3) for 2D, without spacing, or for an isotropic-enough 3D
+    spacing; for a 3D spacing with ``max / min > threshold`` (nnU-Net's rule, ``get_do_separate_z``)
+    and a single axis of largest spacing (nnU-Net's ``get_lowres_axis``), the other two axes: the
+    windows are in-plane 3x3x1, as the SDC authors process 3D volumes slice by slice.
+    """
+    if spacing is None or ndim != 3:
+        return None
+    sp = [float(v) for v in spacing]
+    if len(sp) != 3 or min(sp) <= 0:
+        raise ValueError(f"spacing must have 3 positive values for a 3D patch, got {spacing}")
+    if max(sp) / min(sp) <= threshold:
+        return None
+    low = [i for i, v in enumerate(sp) if v == max(sp)]
+    if len(low) != 1:
+        return None
+    return tuple(i for i in range(3) if i != low[0])
+
+
+def _axes(x: Tensor, axes) -> tuple:
+    """Tensor dims (2..) of the spatial ``axes`` (all when None)."""
+    nsp = x.ndim - 2
+    if axes is None:
+        return tuple(range(2, x.ndim))
+    axes = tuple(int(a) for a in axes)
+    if any(a < 0 or a >= nsp for a in axes):
+        raise ValueError(f"window axes {axes} out of range for {nsp} spatial dimensions")
+    return tuple(a + 2 for a in axes)
+
+
+def _pad_replicate(x: Tensor, r: int, dims=None) -> Tensor:
     if r == 0:
         return x
-    nsp = x.ndim - 2
-    return F.pad(x, (r, r) * nsp, mode="replicate")
+    dims = tuple(range(2, x.ndim)) if dims is None else dims
+    pad = []
+    for d in range(x.ndim - 1, 1, -1):  # F.pad lists the last dim first
+        pad += [r, r] if d in dims else [0, 0]
+    return F.pad(x, tuple(pad), mode="replicate")
 
 
 def _check_nd(x: Tensor) -> None:
@@ -61,13 +106,14 @@ def _check_nd(x: Tensor) -> None:
         raise ValueError(f"expected a (N, C, H, W) or (N, C, D, H, W) tensor, got shape {tuple(x.shape)}")
 
 
-def _maxpool(x: Tensor, size: int) -> Tensor:
-    """Same-size max filter of side ``size`` with replicate padding (separable: one running
-    maximum of shifted slices per axis; much faster on CPU than ``max_pool``)."""
+def _maxpool(x: Tensor, size: int, axes=None) -> Tensor:
+    """Same-size max filter of side ``size`` along ``axes`` with replicate padding (separable: one
+    running maximum of shifted slices per axis; much faster on CPU than ``max_pool``)."""
     _check_nd(x)
     r = size // 2
-    out = _pad_replicate(x, r)
-    for d in range(2, x.ndim):
+    dims = _axes(x, axes)
+    out = _pad_replicate(x, r, dims)
+    for d in dims:
         n = out.shape[d] - 2 * r
         acc = out.narrow(d, 0, n)
         for o in range(1, size):
@@ -84,42 +130,42 @@ def _valid_like(x: Tensor, valid: Optional[Tensor]) -> Optional[Tensor]:
     return valid
 
 
-def dilate(x: Tensor, size: int = 3, valid: Optional[Tensor] = None) -> Tensor:
+def dilate(x: Tensor, size: int = 3, valid: Optional[Tensor] = None, axes=None) -> Tensor:
     """Binary dilation (max filter); ignored voxels count as 0."""
     size = _check_size(size)
     v = _valid_like(x, valid)
     if v is not None:
         x = torch.where(v, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return _maxpool(x, size)
+    return _maxpool(x, size, axes)
 
 
-def erode(x: Tensor, size: int = 3, valid: Optional[Tensor] = None) -> Tensor:
+def erode(x: Tensor, size: int = 3, valid: Optional[Tensor] = None, axes=None) -> Tensor:
     """Binary erosion (min filter); ignored voxels count as 1."""
     size = _check_size(size)
     v = _valid_like(x, valid)
     if v is not None:
         x = torch.where(v, x, torch.ones((), dtype=x.dtype, device=x.device))
-    return -_maxpool(-x, size)
+    return -_maxpool(-x, size, axes)
 
 
-def morph(x: Tensor, op: str = "gradient", size: int = 3, valid: Optional[Tensor] = None) -> Tensor:
+def morph(x: Tensor, op: str = "gradient", size: int = 3, valid: Optional[Tensor] = None, axes=None) -> Tensor:
     """Apply the morphological operator ``op`` (see module docstring) channel-wise."""
     if op == "none":
         return x
     if op == "erosion":
-        return erode(x, size, valid)
+        return erode(x, size, valid, axes)
     if op == "dilation":
-        return dilate(x, size, valid)
+        return dilate(x, size, valid, axes)
     if op == "opening":
-        return dilate(erode(x, size, valid), size, valid)
+        return dilate(erode(x, size, valid, axes), size, valid, axes)
     if op == "closing":
-        return erode(dilate(x, size, valid), size, valid)
+        return erode(dilate(x, size, valid, axes), size, valid, axes)
     if op == "gradient":
-        return dilate(x, size, valid) - erode(x, size, valid)
+        return dilate(x, size, valid, axes) - erode(x, size, valid, axes)
     if op == "internal_boundary":
-        return x - erode(x, size, valid)
+        return x - erode(x, size, valid, axes)
     if op == "external_boundary":
-        return dilate(x, size, valid) - x
+        return dilate(x, size, valid, axes) - x
     raise ValueError(f"unknown morphological operator {op!r}; choose one of {MORPH_OPS}")
 
 
@@ -182,13 +228,14 @@ def svls_kernel(sigma: float, ndim: int, size: int = 3, device=None, dtype=torch
     return svls_sep_kernel(sigma, size, ndim).dense(ndim).to(device=device, dtype=dtype)
 
 
-def _filter(x: Tensor, k: SepKernel) -> Tensor:
-    """Same-size channel-wise filtering with replicate padding."""
+def _filter(x: Tensor, k: SepKernel, axes=None) -> Tensor:
+    """Same-size channel-wise filtering along ``axes`` with replicate padding."""
     _check_nd(x)
     size = len(k.w)
     r = size // 2
-    out = _pad_replicate(x, r)
-    for d in range(2, x.ndim):
+    dims = _axes(x, axes)
+    out = _pad_replicate(x, r, dims)
+    for d in dims:
         n = out.shape[d] - 2 * r
         acc = out.narrow(d, 0, n) * k.w[0]
         for o in range(1, size):
@@ -201,18 +248,19 @@ def _filter(x: Tensor, k: SepKernel) -> Tensor:
     return out
 
 
-def filter_normalized(x: Tensor, kernel: SepKernel, valid: Optional[Tensor] = None) -> Tensor:
+def filter_normalized(x: Tensor, kernel: SepKernel, valid: Optional[Tensor] = None, axes=None) -> Tensor:
     """Normalised neighbourhood average ``conv(x * valid) / conv(valid)`` (replicate padding).
 
     Without ``valid`` this is the plain replicate-padded convolution with the kernel (which sums to
-    1). Where no valid voxel is in the window the result is 0.
+    1). Where no valid voxel is in the window the result is 0. ``axes``: see the module docstring
+    (the kernel must then be built for ``len(axes)`` dimensions, e.g. the 2D SVLS kernel in-plane).
     """
     v = _valid_like(x, valid)
     if v is None:
-        return _filter(x, kernel)
+        return _filter(x, kernel, axes)
     vf = v.to(x.dtype)
-    num = _filter(x * vf, kernel)
-    den = _filter(vf, kernel)
+    num = _filter(x * vf, kernel, axes)
+    den = _filter(vf, kernel, axes)
     return num / den.clamp_min(1e-12)
 
 
@@ -230,20 +278,20 @@ def normalize_over_classes(t: Tensor, fallback: Optional[Tensor] = None) -> Tens
 
 
 def local_target(onehot: Tensor, *, op: str = "none", kernel: SepKernel, size: int = 3,
-                 valid: Optional[Tensor] = None, fallback: str = "onehot") -> Tensor:
+                 valid: Optional[Tensor] = None, fallback: str = "onehot", axes=None) -> Tensor:
     """Local (neighbourhood) target of the margin / SVLS / SDC losses.
 
     ``normalize_over_classes(filter_normalized(morph(onehot, op), kernel))`` with the empty-sum
-    fallback ``"onehot"`` (the original one-hot reference) or ``"zero"``.
+    fallback ``"onehot"`` (the original one-hot reference) or ``"zero"``; morphology and filter
+    along ``axes`` (module docstring).
     """
     if fallback not in ("onehot", "zero"):
         raise ValueError(f"fallback must be 'onehot' or 'zero', got {fallback!r}")
-    m = morph(onehot, op, size, valid)
-    t = filter_normalized(m, kernel, valid)
+    m = morph(onehot, op, size, valid, axes)
+    t = filter_normalized(m, kernel, valid, axes)
     return normalize_over_classes(t, onehot if fallback == "onehot" else None)
 
 
-__all__ = ["MORPH_OPS", "SepKernel", "dilate", "erode", "morph", "box_kernel", "svls_kernel",
-           "svls_sep_kernel",
+__all__ = ["MORPH_OPS", "ANISO_THRESHOLD", "SepKernel", "dilate", "erode", "morph", "box_kernel",
+           "svls_kernel", "svls_sep_kernel", "window_axes",
            "filter_normalized", "normalize_over_classes", "local_target"]
-

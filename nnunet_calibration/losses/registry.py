@@ -1,12 +1,18 @@
 """Loss registry: construct any loss by name (used by :mod:`nnunet_calibration.trainers`).
 
-``build_loss(name, *, regions=False, ignore_label=None, batch_dice=False, ddp=False, **hparams)``
+``build_loss(name, *, regions=False, ignore_label=None, batch_dice=False, ddp=False, spacing=None,
+**hparams)``
+
+The registry key is each loss's one name: :func:`build_loss` stores it in the loss's ``name``
+(``<key>_dc`` on the :class:`~.dice.WithDice` wrapper, ``<key>`` on the loss inside).
 
 * ``name``: a key of :data:`LOSSES`, or ``<key>_dc`` for every key in :data:`DICE_VARIANT_BASES`
   (the loss plus nnU-Net's default Dice term via :class:`~.dice.WithDice`).
 * ``batch_dice`` / ``ddp``: only used by losses containing nnU-Net's Dice term (``*_dc``,
   ``ace_dice``, ``ace_dice_ce``, ``dice``); pass ``configuration_manager.batch_dice`` and
   ``trainer.is_ddp``.
+* ``spacing``: voxel spacing of the configuration (3D: in-plane windows when anisotropic by
+  nnU-Net's rule, SDF in millimetres; 2D patches ignore it).
 * ``hparams``: constructor arguments of the loss class (defaults: the SDC paper's Table 1);
   ``dice_weight`` is accepted for ``*_dc`` names (default 1.0).
 """
@@ -33,8 +39,8 @@ LOSSES: Dict[str, Callable[..., nn.Module]] = {
     "ls": LabelSmoothingLoss,
     "svls": SVLSLoss,
     "mbls": MbLSLoss,
-    "nacl": NACLLoss,                                   # kernel "mean"
-    "nacl_min": partial(NACLLoss, kernel="min"),
+    "nacl": NACLLoss,                                   # kernel "mean" (NACL's code default)
+    "nacl_min": partial(NACLLoss, kernel="min"),        # the SDC paper's Table 1 footnote
     "fcl": FCLLoss,
     "sdc": SDCLoss,
     "dscpp": DSCPlusPlusLoss,                           # DSC++ alone
@@ -60,7 +66,7 @@ def available_losses() -> list:
 
 
 def build_loss(name: str, *, regions: bool = False, ignore_label: Optional[int] = None,
-               batch_dice: bool = False, ddp: bool = False, **hparams) -> nn.Module:
+               batch_dice: bool = False, ddp: bool = False, spacing=None, **hparams) -> nn.Module:
     """Construct the loss ``name`` (see module docstring). Raises ``ValueError`` for unknown names,
     unknown hyperparameters, or losses that do not support ``regions=True``."""
     dice_weight = None
@@ -75,11 +81,13 @@ def build_loss(name: str, *, regions: bool = False, ignore_label: Optional[int] 
         kwargs.setdefault("batch_dice", batch_dice)
         kwargs.setdefault("ddp", ddp)
     try:
-        loss = LOSSES[base](regions=regions, ignore_label=ignore_label, **kwargs)
+        loss = LOSSES[base](regions=regions, ignore_label=ignore_label, spacing=spacing, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad hyperparameters for loss {name!r}: {hparams} ({e})") from e
+    loss.name = base
     if dice_weight is not None:
         loss = WithDice(loss, dice_weight, batch_dice=batch_dice, ddp=ddp)
+        loss.name = name
     return loss
 
 

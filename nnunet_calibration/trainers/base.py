@@ -1,9 +1,9 @@
-"""Base class of every nnunet-calibration trainer: per-run hyperparameters without editing files.
+"""Common base of every nnunet-calibration trainer: per-run hyperparameters without editing files.
 
 Hyperparameters
 ---------------
 Each trainer declares its loss hyperparameters (with the defaults of the SDC paper's Table 1) in
-the class attribute :attr:`nnUNetTrainerCalibBase.loss_hparams`. A run may override those and
+the class attribute :attr:`nnUNetTrainerHparamsBase.loss_hparams`. A run may override those and
 nnU-Net's training-length settings through ONE environment variable, :data:`HPARAMS_ENV`
 (``NNUNET_CALIB_HPARAMS``), either as JSON or as comma-separated ``key=value`` pairs::
 
@@ -14,7 +14,9 @@ Training keys (:data:`TRAINING_KEYS`): ``num_epochs``, ``num_iterations_per_epoc
 ``num_val_iterations_per_epoch``, ``initial_lr``, ``weight_decay``,
 ``oversample_foreground_percent``, ``save_every`` and ``batch_size`` (replaces the plans' batch
 size; under DDP it is the global batch size). Any other key must be one of the trainer's
-``loss_hparams``; unknown keys stop the trainer at start-up with the list of valid keys.
+``loss_hparams``; unknown keys stop the trainer at start-up with the list of valid keys. Renamed
+keys (:attr:`nnUNetTrainerHparamsBase.deprecated_hparams`, e.g. ``num_bins`` -> ``n_bins`` of the
+ACE trainers) are still accepted for one release, with a ``DeprecationWarning``.
 
 The values used are written to ``<output_folder>/calibration_hparams.json`` when the trainer is
 initialised, next to nnU-Net's own ``debug.json``.
@@ -26,11 +28,15 @@ For a permanent variant, subclass and set the attribute instead (nnU-Net's own s
 
 Subclasses that define ``__init__`` must keep nnU-Net's exact signature (nnU-Net records its
 arguments by introspection).
+
+Renamed classes (one release): ``nnUNetTrainerCalibBase`` is :class:`nnUNetTrainerHparamsBase`
+(the same class; importing the old name warns).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -85,26 +91,34 @@ def parse_hparams(text: str | None) -> dict:
     return out
 
 
-class nnUNetTrainerCalibBase(TimeLimitMixin, nnUNetTrainer):
-    """nnU-Net's trainer plus per-run hyperparameters (see the module docstring).
+class nnUNetTrainerHparamsBase(TimeLimitMixin, nnUNetTrainer):
+    """Common base: nnU-Net's trainer plus per-run hyperparameters (see the module docstring).
 
     Also survives cluster time limits (:class:`~nnunet_calibration.trainers.timelimit.TimeLimitMixin`:
     on SLURM's warning signal, stop after the current epoch with ``checkpoint_latest.pth``, exit 75).
 
-    Its loss is nnU-Net's default (Dice + CE, or Dice + BCE for regions), so this class — under
-    the name :class:`nnUNetTrainerDiceCE` — is the DiceCE baseline of the papers' tables with the
-    same configurable training length as the calibration trainers.
+    It keeps nnU-Net's default loss (Dice + CE, or Dice + BCE for regions; nnU-Net's own classes);
+    the runnable form is :class:`nnUNetTrainerDiceCE`, the DiceCE baseline of the papers' tables
+    with the same configurable training length as the calibration trainers. The calibration
+    trainers derive from ``nnunet_calibration.trainers.calibration.nnUNetTrainerCalibLossBase``.
     """
 
     #: loss hyperparameters and their defaults; subclasses override
     loss_hparams: dict = {}
-    #: short name of the loss, written to calibration_hparams.json
-    loss_name: str = "DiceCE"
+    #: renamed hyperparameter keys still accepted (old -> new), with a DeprecationWarning
+    deprecated_hparams: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         overrides = parse_hparams(os.environ.get(HPARAMS_ENV))
+        for old, new in self.deprecated_hparams.items():
+            if old in overrides:
+                warnings.warn(f"{HPARAMS_ENV}: key {old!r} of {self.__class__.__name__} is deprecated, "
+                              f"use {new!r}", DeprecationWarning, stacklevel=2)
+                if new in overrides:
+                    raise ValueError(f"{HPARAMS_ENV}: both {old!r} and its new name {new!r} given")
+                overrides[new] = overrides.pop(old)
         valid = sorted(set(TRAINING_KEYS) | set(self.loss_hparams))
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
@@ -141,10 +155,14 @@ class nnUNetTrainerCalibBase(TimeLimitMixin, nnUNetTrainer):
         super()._set_batch_size_and_oversample()
 
     # -- record what was used -----------------------------------------------------------------
+    def registry_name(self) -> str:
+        """The loss's one name: nnU-Net's own default loss is registry ``ce_dc``'s equal."""
+        return "ce_dc"
+
     def used_hparams(self) -> dict:
         return {
             "trainer": self.__class__.__name__,
-            "loss": self.loss_name,
+            "loss": self.registry_name(),
             "loss_hparams": self.loss_hparams,
             "training": {
                 "num_epochs": self.num_epochs,
@@ -183,9 +201,21 @@ class nnUNetTrainerCalibBase(TimeLimitMixin, nnUNetTrainer):
         return DeepSupervisionWrapper(loss, weights)
 
 
-class nnUNetTrainerDiceCE(nnUNetTrainerCalibBase):
+class nnUNetTrainerDiceCE(nnUNetTrainerHparamsBase):
     """The DiceCE baseline: nnU-Net's default loss, with per-run hyperparameters.
 
     Identical in loss and training to ``nnUNetTrainer`` (which stays untouched); use it in
     experiments so that the baseline gets the same training length as the calibration trainers.
     """
+
+
+#: renamed classes of this module (old name -> new class), importable for one release with a warning
+_RENAMED = {"nnUNetTrainerCalibBase": nnUNetTrainerHparamsBase}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"{name} is deprecated, use {new.__name__} (same class)", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,13 +27,17 @@ decoder's last, full-resolution features), followed by ``tanh``.
 The loss
 --------
 :class:`SDFHeadLoss` wraps the trainer's (deep-supervision-wrapped) loss. On each call it takes
-``last_sdf`` from the network (and clears it, so a stale prediction is never reused) and passes it
-as the third argument. With deep supervision it passes the list ``[sdf, None, None, ...]`` through
-nnU-Net's own ``DeepSupervisionWrapper``, so **the SDF term is computed on the full-resolution
-output only**, weighted by that output's deep-supervision weight like every other term of the
-full-resolution loss. In eval mode (nnU-Net's validation loss) there is no SDF prediction and the
-SDF term is left out. With ``lambda_sdf = 0`` the head is still computed and kept in the graph with
-weight 0 (DDP requires every parameter to take part in the backward pass).
+``last_sdf`` from the network (and clears it, so a stale prediction is never reused). The total is
+
+    ``loss(output, target) + sdf_term(output[0], target[0], sdf)``
+
+i.e. the deep-supervision-weighted ``CE + alpha * local`` of every output (nnU-Net's own
+``DeepSupervisionWrapper``) plus the SDF term of the **full-resolution output only, with weight
+exactly** ``lambda_sdf`` (:meth:`~nnunet_calibration.losses.SDCLoss.sdf_term` includes
+``lambda_sdf``); the deep-supervision weights do not scale it, so the effective weight is the
+paper's Eq. 1 ``lambda_SDF``. In eval mode (nnU-Net's validation loss) there is no SDF prediction
+and the SDF term is left out. With ``lambda_sdf = 0`` the head is still computed and kept in the
+graph with weight 0 (DDP requires every parameter to take part in the backward pass).
 
 This keeps nnU-Net's ``train_step`` / ``validation_step`` (autocast, grad scaler, gradient clipping)
 completely untouched.
@@ -132,42 +136,47 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 
 
 class SDFHeadLoss(nn.Module):
-    """Feeds the SDF head's prediction to ``loss(output, target, sdf)`` (see the module docstring).
+    """``loss(output, target) + sdf_term(full-resolution output, target, sdf)`` (see the module docstring).
 
     Parameters
     ----------
     loss
-        The per-resolution loss taking ``(net_output, target, sdf_pred)``, possibly wrapped in
-        nnU-Net's ``DeepSupervisionWrapper``.
+        The loss without the SDF term, possibly wrapped in nnU-Net's ``DeepSupervisionWrapper``.
     sdf_source
         Callable returning the network's last SDF prediction (or None) and clearing it, e.g.
         :meth:`SDFHeadNetwork.pop_sdf`.
     foreground_only
         Plain labels: drop the head's background channel 0 (the SDF term is per foreground class).
+    sdf_term
+        ``sdf_term(net_output, target, sdf_pred)`` of one resolution, weight included, e.g.
+        :meth:`nnunet_calibration.losses.SDCLoss.sdf_term`. Added once, unweighted by deep
+        supervision.
     """
 
-    def __init__(self, loss: nn.Module, sdf_source: Callable[[], Optional[Tensor]], foreground_only: bool):
+    def __init__(self, loss: nn.Module, sdf_source: Callable[[], Optional[Tensor]], foreground_only: bool,
+                 sdf_term: Callable[[Tensor, Tensor, Tensor], Tensor]):
         super().__init__()
         self.loss = loss
-        # a bound method, not a module: the network must not become a sub-module of the loss
+        # bound methods, not modules: the network must not become a sub-module of the loss
         self._sdf_source = sdf_source
+        self._sdf_term = sdf_term
         self.foreground_only = bool(foreground_only)
 
     def forward(self, output, target):
         sdf = self._sdf_source()
+        loss = self.loss(output, target)
+        if sdf is None:
+            return loss
         head = sdf
-        if sdf is not None and self.foreground_only:
+        if self.foreground_only:
             sdf = sdf[:, 1:]
         if isinstance(output, (list, tuple)):
-            sdfs = [sdf] + [None] * (len(output) - 1)
-            loss = self.loss(output, target, sdfs)
+            loss = loss + self._sdf_term(output[0], target[0], sdf)
         else:
-            loss = self.loss(output, target, sdf)
-        if head is not None:
-            # keeps the head in the autograd graph even if the loss ignores it (lambda_sdf = 0), so
-            # that DDP sees every parameter used; numerically a no-op (tanh output is finite)
-            loss = loss + 0.0 * head.sum()
-        return loss
+            loss = loss + self._sdf_term(output, target, sdf)
+        # keeps the head in the autograd graph even if the SDF term is 0 (lambda_sdf = 0), so
+        # that DDP sees every parameter used; numerically a no-op (tanh output is finite)
+        return loss + 0.0 * head.sum()
 
     def extra_repr(self) -> str:
         return f"foreground_only={self.foreground_only}"

@@ -3,7 +3,7 @@
 nnU-Net writes ``checkpoint_latest.pth`` only every ``save_every`` epochs (50 by default), so a job
 killed at its time limit loses up to 50 epochs. SLURM can warn a job before the limit
 (``sbatch --signal=B:USR1@600``: ``SIGUSR1`` 600 s before it). :class:`TimeLimitMixin` (mixed into
-every trainer of this package through :class:`~nnunet_calibration.trainers.base.nnUNetTrainerCalibBase`)
+every trainer of this package through :class:`~nnunet_calibration.trainers.base.nnUNetTrainerHparamsBase`)
 reacts to that signal:
 
 1. the handler only sets a flag (training continues undisturbed);

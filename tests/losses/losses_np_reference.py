@@ -155,6 +155,15 @@ def ref_mbls(z, labels, m=10.0, alpha=0.1, valid=None):
     return vmean(ce_vox(z, labels) + alpha * np.maximum(d - m, 0).mean(1), valid)
 
 
+def ref_margin_eq2(z, labels, op, weights, alpha=0.1, valid=None):
+    """SDC paper Eq. 2 as the authors' code computes it: CE on the ORIGINAL labels +
+    alpha * mean over voxels and classes of |softmax(z) - y~_m|, y~_m = filter(M(y)) divided by its
+    class sum, all-zero where the sum is 0."""
+    c = z.shape[1]
+    t = local_target(onehot(labels, c), op, weights, valid, fallback="zero")
+    return vmean(ce_vox(z, labels) + alpha * np.abs(softmax(z) - t).mean(1), valid)
+
+
 def ref_nacl(z, labels, alpha=0.1, kernel="mean", op="none", valid=None, k=3):
     c = z.shape[1]
     y = onehot(labels, c)

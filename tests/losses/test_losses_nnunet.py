@@ -70,31 +70,34 @@ def test_dice_matches_nnunet_memory_efficient_dice(ndim, ignore, batch_dice):
                                rtol=1e-12, atol=1e-12)
 
 
+#: ``_DC`` losses whose calibration part reduces to plain CE/BCE with these hyperparameters
+CE_EQUIVALENT = [("ce_dc", {}), ("ls_dc", {"alpha": 0.0}), ("focal_dc", {"gamma": 0.0}),
+                 ("mbls_dc", {"margin": 1e6}), ("nacl_dc", {"alpha": 0.0}),
+                 ("sdc_dc", {"alpha": 0.0, "lambda_sdf": 0.0})]
+
+
 @pytest.mark.parametrize("batch_dice", [False, True])
 @pytest.mark.parametrize("ignore", [False, True])
-def test_withdice_ce_equals_nnunet_default_loss(ignore, batch_dice):
+@pytest.mark.parametrize("name,kw", CE_EQUIVALENT, ids=[n for n, _ in CE_EQUIVALENT])
+def test_dc_losses_use_nnunets_ce_scale(name, kw, ignore, batch_dice):
+    """Issue 9: the CE/BCE part of every ``_DC`` loss has nnU-Net's scale exactly: compared with
+    nnU-Net's own ``DC_and_CE_loss`` (labels) / ``DC_and_BCE_loss`` (regions) on the same tensors,
+    with and without ignore label. (nnU-Net's BCE with an ignore label is the sum over regions and
+    valid voxels divided by the number of valid voxels, R times the mean; without it the mean.)"""
     x, t = labels_batch(2, 3, ignore)
     ref = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                          weight_ce=1, weight_dice=1, ignore_label=IGN if ignore else None,
                          dice_class=MemoryEfficientSoftDiceLoss)
-    ours = build_loss("ce_dc", ignore_label=IGN if ignore else None, batch_dice=batch_dice)
+    ours = build_loss(name, ignore_label=IGN if ignore else None, batch_dice=batch_dice, **kw)
     assert isinstance(ours, WithDice)
-    torch.testing.assert_close(ours(x, t), ref(x, t), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(call(ours, x, t), ref(x, t), rtol=1e-12, atol=1e-12)
 
     xr, tr = regions_batch(3, 4, ignore)
     ref_r = DC_and_BCE_loss({}, {"batch_dice": batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False},
                             use_ignore_label=ignore, dice_class=MemoryEfficientSoftDiceLoss)
-    ours_r = build_loss("ce_dc", regions=True, ignore_label=1 if ignore else None, batch_dice=batch_dice)
-    got = ours_r(xr, tr)
-    if not ignore:
-        # nnU-Net casts the region targets to float32, so its BCE is float32 here
-        torch.testing.assert_close(got, ref_r(xr, tr).double(), rtol=1e-6, atol=1e-7)
-    else:
-        # documented difference: nnU-Net divides the masked BCE sum over R regions by the number of
-        # valid voxels (not voxels x regions); ours is the mean over valid voxels and regions.
-        r = xr.shape[1]
-        dice = SoftDice(regions=True, ignore_label=1, batch_dice=batch_dice)(xr, tr)
-        torch.testing.assert_close(got - dice, (ref_r(xr, tr).double() - dice) / r, rtol=1e-6, atol=1e-7)
+    ours_r = build_loss(name, regions=True, ignore_label=1 if ignore else None, batch_dice=batch_dice, **kw)
+    # nnU-Net casts the region targets to float32, so its BCE is float32 here
+    torch.testing.assert_close(call(ours_r, xr, tr), ref_r(xr, tr).double(), rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------- deep supervision

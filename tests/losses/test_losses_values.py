@@ -53,10 +53,21 @@ CASES = [
 ]
 MORPH = ["erosion", "dilation", "opening", "closing", "gradient", "internal_boundary",
          "external_boundary"]
+# morphological variants: Eq. 2 as the authors' code (default) and the earlier forms (margin_on)
 CASES += [(f"nacl_{op}", lambda: NACLLoss, {"morph": op},
-           (lambda op: lambda z, l, v: R.ref_nacl(z, l, 0.1, "mean", op, v))(op)) for op in MORPH]
+           (lambda op: lambda z, l, v: R.ref_margin_eq2(z, l, op, R.box_weights(z.ndim - 2), 0.1, v))(op))
+          for op in MORPH]
 CASES += [(f"svls_{op}", lambda: SVLSLoss, {"morph": op},
+           (lambda op: lambda z, l, v: R.ref_margin_eq2(z, l, op, R.svls_weights(z.ndim - 2, 2.0), 0.1, v))(op))
+          for op in MORPH]
+CASES += [(f"nacl_{op}_logits", lambda: NACLLoss, {"morph": op, "margin_on": "logits"},
+           (lambda op: lambda z, l, v: R.ref_nacl(z, l, 0.1, "mean", op, v))(op)) for op in MORPH]
+CASES += [(f"svls_{op}_soft_target", lambda: SVLSLoss, {"morph": op, "margin_on": "soft_target"},
            (lambda op: lambda z, l, v: R.ref_svls(z, l, 2.0, op, v))(op)) for op in MORPH]
+CASES += [("nacl_gradient_alpha05", lambda: NACLLoss, {"morph": "gradient", "alpha": 0.5},
+           lambda z, l, v: R.ref_margin_eq2(z, l, "gradient", R.box_weights(z.ndim - 2), 0.5, v)),
+          ("nacl_probs", lambda: NACLLoss, {"margin_on": "probs"},
+           lambda z, l, v: R.ref_margin_eq2(z, l, "none", R.box_weights(z.ndim - 2), 0.1, v))]
 
 
 @pytest.mark.parametrize("ignore", [False, True], ids=["plain", "ignore"])
@@ -151,7 +162,7 @@ def test_defaults_are_table1():
     s = SDCLoss()
     assert (s.alpha, s.lambda_sdf, s.morph) == (0.1, 0.1, "gradient")
     assert DSCPlusPlusLoss().gamma == 2.0
-    assert ACELoss().num_bins == 20
+    assert ACELoss().n_bins == 20
 
 
 # ------------------------------------------------------------------------------- regions
@@ -226,3 +237,29 @@ def test_regions_dscpp_ace_sdc(ndim):
     s = R.ref_sdf(y * vt)
     expect += 0.1 * R.vmean(np.abs(sdf_pred - s).mean(1), valid)
     np.testing.assert_allclose(val.item(), expect, rtol=1e-7)
+
+
+def test_n_bins_name_and_deprecated_num_bins():
+    """Bins are ``n_bins`` as in the metrics; ``num_bins`` still works for one release, with a warning."""
+    from nnunet_calibration.losses import hard_binned_l1_ace
+
+    z, lab, valid, zt, target = make(2, seed=4)
+    with pytest.warns(DeprecationWarning, match="num_bins"):
+        old = build_loss("ace_ce", num_bins=7)
+    assert old.n_bins == 7
+    torch.testing.assert_close(old(zt, target), build_loss("ace_ce", n_bins=7)(zt, target))
+    p, y = torch.softmax(zt.detach(), 1), torch.nn.functional.one_hot(target[:, 0].long(), 4).movedim(-1, 1)
+    with pytest.warns(DeprecationWarning):
+        a = hard_binned_l1_ace(p, y, None, num_bins=5)
+    np.testing.assert_allclose(a.item(), R.ref_ace(p.numpy(), y.numpy(), None, bins=5), rtol=1e-9)
+    assert hard_binned_l1_ace(p, y, None, n_bins=5).item() == a.item()
+    with pytest.raises(ValueError, match="n_bins"):
+        ACELoss(n_bins=0)
+
+
+def test_each_loss_has_one_name_its_registry_key():
+    for name in ("sdc", "nacl_gradient", "ace_dice_ce", "focal"):
+        assert build_loss(name).name == name
+    dc = build_loss("svls_opening_dc")
+    assert dc.name == "svls_opening_dc" and dc.loss.name == "svls_opening"
+    assert not any("name" in vars(cls) for cls in (ACELoss, CrossEntropy, SDCLoss, NACLLoss, SVLSLoss))

@@ -60,7 +60,8 @@ def test_train_predict_2d(trainer, synthetic_labels, tmp_path):
 
 
 @pytest.mark.nnunet
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerSDC", "nnUNetTrainerSVLS_MorphGradient"])
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSDC", "nnUNetTrainerSVLS_MorphGradient",
+                                     "nnUNetTrainerNACL_MorphOpening_DC"])
 def test_train_predict_3d_fullres(trainer, synthetic_labels, tmp_path):
     _check_run(trainer, synthetic_labels, "3d_fullres", tmp_path, n_channels=4, regions=False)
 
@@ -82,7 +83,7 @@ def test_loss_without_region_support_fails_at_start(synthetic_regions, tmp_path)
     ext.mkdir()
     (ext / "labels_only_trainer.py").write_text(textwrap.dedent('''
         from nnunet_calibration.losses import LOSSES, CrossEntropy
-        from nnunet_calibration.trainers import nnUNetTrainerCalibLoss
+        from nnunet_calibration.trainers import nnUNetTrainerCalibLossBase
 
         class LabelsOnlyCE(CrossEntropy):
             supports_regions = False
@@ -90,7 +91,7 @@ def test_loss_without_region_support_fails_at_start(synthetic_regions, tmp_path)
 
         LOSSES.setdefault("labels_only_ce", LabelsOnlyCE)
 
-        class nnUNetTrainerTestLabelsOnly(nnUNetTrainerCalibLoss):
+        class nnUNetTrainerTestLabelsOnly(nnUNetTrainerCalibLossBase):
             """test trainer: a loss without region support"""
             loss_key = "labels_only_ce"
     '''))
@@ -128,3 +129,23 @@ def test_nnunet_finds_trainer_by_name(trainer, nnunet_root):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     assert recursive_find_trainer_class_by_name(trainer) is getattr(T, trainer)
+
+
+@pytest.mark.nnunet
+def test_renamed_trainer_still_trains_and_predicts(synthetic_labels, tmp_path):
+    """A renamed trainer (old name, one release): stock nnUNetv2_train / nnUNetv2_predict find it,
+    its result folder keeps the old name, it trains the new trainer's loss and warns."""
+    old, new = "nnUNetTrainerNACL_mean_DC", "nnUNetTrainerNACL_DC"
+    model, pred, out = train_and_predict(old, synthetic_labels, "2d", tmp_path, SHORT)
+    try:
+        assert model.name.startswith(old + "__") and (model / "fold_0" / "checkpoint_final.pth").is_file()
+        with pytest.warns(DeprecationWarning):
+            cls = getattr(T, old)
+        assert issubclass(cls, getattr(T, new))
+        check_checkpoint_loads_strictly(cls, model, "2d")
+        check_probabilities(pred, synthetic_labels, n_channels=4, regions=False)
+        used = read_hparams(model)
+        assert used["trainer"] == old and used["loss"] == "nacl_dc"
+    finally:
+        remove(model)
+        remove(pred)

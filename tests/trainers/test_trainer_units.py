@@ -47,10 +47,68 @@ def test_trainers_exported_unique_and_documented():
     # the issue's list, including every morphological variant and every _DC variant
     for op in ("Erosion", "Dilation", "Opening", "Closing", "Gradient", "InternalBoundary", "ExternalBoundary"):
         assert f"nnUNetTrainerNACL_Morph{op}" in ours and f"nnUNetTrainerSVLS_Morph{op}" in ours
-    for base in ("Focal", "ECP", "LS", "SVLS", "MbLS", "NACL", "NACL_mean", "FCL", "SDC"):
+    for base in ("Focal", "ECP", "LS", "SVLS", "MbLS", "NACL", "NACL_MinKernel", "FCL", "SDC"):
         assert f"nnUNetTrainer{base}" in ours and f"nnUNetTrainer{base}_DC" in ours
     for extra in ("DSCPlusPlus", "DSCPlusPlusCE", "CE_ACE", "Dice_ACE", "DiceCE_ACE"):
         assert f"nnUNetTrainer{extra}" in ours
+
+
+def test_trainer_list_is_derived_from_the_classes():
+    """Every runnable trainer class defined in the trainers package is listed (once), nothing else."""
+    import nnunet_calibration.trainers.base as B
+    import nnunet_calibration.trainers.calibration as C
+
+    defined = {n for mod in (B, C) for n, obj in vars(mod).items()
+               if isinstance(obj, type) and issubclass(obj, B.nnUNetTrainerHparamsBase)
+               and obj.__module__ == mod.__name__ and n == obj.__name__
+               and (getattr(obj, "loss_key", None) is not None or obj is B.nnUNetTrainerDiceCE)}
+    assert defined == set(T.TRAINER_NAMES)
+    assert T.TRAINER_NAMES[0] == "nnUNetTrainerDiceCE"
+    assert [c.__name__ for c in T.CALIBRATION_TRAINERS] == T.TRAINER_NAMES[1:]
+
+
+def test_morphological_trainers_inherit_from_the_trainer_whose_loss_they_modify():
+    for loss in ("NACL", "SVLS"):
+        base, base_dc = getattr(T, f"nnUNetTrainer{loss}"), getattr(T, f"nnUNetTrainer{loss}_DC")
+        for op in ("Erosion", "Dilation", "Opening", "Closing", "Gradient", "InternalBoundary", "ExternalBoundary"):
+            m = getattr(T, f"nnUNetTrainer{loss}_Morph{op}")
+            m_dc = getattr(T, f"nnUNetTrainer{loss}_Morph{op}_DC")
+            assert issubclass(m, base) and not m.add_dice
+            assert issubclass(m_dc, m) and issubclass(m_dc, base_dc) and m_dc.add_dice
+            assert m.loss_key == m_dc.loss_key and m.loss_key.startswith(loss.lower() + "_")
+            assert m.loss_hparams["margin_on"] == "probs" and m.loss_hparams["alpha"] == 0.1
+            built = build_loss(m_dc.registry_name(m_dc.__new__(m_dc)), **m.loss_hparams)
+            assert built.name == m.loss_key + "_dc" and built.loss.margin_on == "probs"
+    # NACL: the default kernel is NACL's own ("mean"); the SDC paper's "min" has its own trainer
+    assert T.nnUNetTrainerNACL.loss_key == "nacl" and build_loss("nacl").kernel == "mean"
+    assert T.nnUNetTrainerNACL_MinKernel.loss_key == "nacl_min" and build_loss("nacl_min").kernel == "min"
+    assert issubclass(T.nnUNetTrainerNACL_MinKernel_DC, T.nnUNetTrainerNACL_DC)
+    assert T.nnUNetTrainerNACL_MinKernel_DC.loss_key == "nacl_min"
+
+
+@pytest.mark.parametrize("old,new", [("nnUNetTrainerNACL_mean", "nnUNetTrainerNACL"),
+                                     ("nnUNetTrainerNACL_mean_DC", "nnUNetTrainerNACL_DC"),
+                                     ("nnUNetTrainerCalibBase", "nnUNetTrainerHparamsBase"),
+                                     ("nnUNetTrainerCalibLoss", "nnUNetTrainerCalibLossBase")])
+def test_renamed_names_importable_with_deprecation_warning(old, new, nnunet_root):
+    """Old names: importable for one release with a DeprecationWarning, and found by nnU-Net's own
+    -tr lookup (old result folders: runnable trainers keep their name as a subclass of the new one)."""
+    import importlib
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    assert old in T.DEPRECATED_NAMES and T.DEPRECATED_NAMES[old] == new
+    assert old not in T.__all__ and old not in T.TRAINER_NAMES
+    with pytest.warns(DeprecationWarning, match=old):
+        cls = getattr(T, old)
+    assert issubclass(cls, getattr(T, new))
+    if getattr(getattr(T, new), "loss_key", None) is not None:
+        assert cls.__name__ == old and cls is not getattr(T, new)
+    module = "nnunet_calibration.trainers.base" if "CalibBase" in old else "nnunet_calibration.trainers.calibration"
+    with pytest.warns(DeprecationWarning):
+        assert getattr(importlib.import_module(module), old) is cls
+    with pytest.warns(DeprecationWarning):
+        assert recursive_find_trainer_class_by_name(old) is cls
 
 
 def test_loss_keys_exist_and_table1_defaults():
@@ -64,11 +122,11 @@ def test_loss_keys_exist_and_table1_defaults():
     assert T.nnUNetTrainerLS.loss_hparams == {"alpha": 0.1}
     assert T.nnUNetTrainerSVLS.loss_hparams == {"sigma": 2.0}
     assert T.nnUNetTrainerMbLS.loss_hparams == {"margin": 10.0, "alpha": 0.1}
-    assert T.nnUNetTrainerNACL.loss_hparams["alpha"] == 0.1 and T.nnUNetTrainerNACL.loss_key == "nacl_min"
+    assert T.nnUNetTrainerNACL.loss_hparams["alpha"] == 0.1 and T.nnUNetTrainerNACL.loss_key == "nacl"
     assert T.nnUNetTrainerFCL.loss_hparams == {"gamma": 3.0, "lam": 0.1}
     assert T.nnUNetTrainerSDC.loss_hparams == {"alpha": 0.1, "lambda_sdf": 0.1}
     assert T.nnUNetTrainerDSCPlusPlus.loss_hparams == {"gamma": 2.0}
-    assert T.nnUNetTrainerCE_ACE.loss_hparams == {"num_bins": 20}
+    assert T.nnUNetTrainerCE_ACE.loss_hparams == {"n_bins": 20}
 
 
 def test_build_network_architecture_signature_is_nnunets():
@@ -153,23 +211,77 @@ def test_sdf_head_under_torch_compile():
 
 
 def test_sdf_head_loss_passes_sdf_to_full_resolution_only():
-    calls = []
+    calls, terms = [], []
 
     class Rec(torch.nn.Module):
         def forward(self, o, t, s=None):
             calls.append(s)
             return o.sum() * 0
 
+    def term(o, t, s):
+        terms.append((o.shape, s))
+        return torch.tensor(7.0)
+
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
     sdf = torch.randn(1, 4, 8, 8)
-    loss = SDFHeadLoss(DeepSupervisionWrapper(Rec(), [0.5, 0.3, 0.2]), lambda: sdf, foreground_only=True)
+    loss = SDFHeadLoss(DeepSupervisionWrapper(Rec(), [0.5, 0.3, 0.2]), lambda: sdf, foreground_only=True,
+                       sdf_term=term)
     outs = [torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 2, 2)]
-    loss(outs, outs)
-    assert torch.equal(calls[0], sdf[:, 1:]) and calls[1:] == [None, None]
-    calls.clear()
-    SDFHeadLoss(Rec(), lambda: sdf, foreground_only=False)(outs[0], outs[0])
-    assert calls[0] is sdf
+    # the SDF term is added once, unweighted, on the full-resolution output; the DS loss never sees it
+    assert loss(outs, outs).item() == 7.0
+    assert calls == [None, None, None]
+    assert len(terms) == 1 and terms[0][0] == outs[0].shape and torch.equal(terms[0][1], sdf[:, 1:])
+    terms.clear()
+    SDFHeadLoss(Rec(), lambda: sdf, foreground_only=False, sdf_term=term)(outs[0], outs[0])
+    assert terms[0][1] is sdf
+    terms.clear()
+    # no SDF prediction (eval mode): no SDF term
+    assert SDFHeadLoss(Rec(), lambda: None, foreground_only=False, sdf_term=term)(outs[0], outs[0]).item() == 0
+    assert not terms
+
+
+def scipy_sdf_l1(sdf_fg: torch.Tensor, onehot_fg: np.ndarray) -> float:
+    """mean over voxels and channels of |sdf_fg - s|, ``s`` the reference SDF written with scipy
+    (internal boundary, 3^n element; negative inside, normalised by max |s|; empty +1, full -1)."""
+    from scipy import ndimage as ndi
+
+    s = np.zeros(onehot_fg.shape)
+    for b in range(s.shape[0]):
+        for k in range(s.shape[1]):
+            m = onehot_fg[b, k] > 0.5
+            bd = m & ~ndi.binary_erosion(m, np.ones((3,) * m.ndim, bool), border_value=1)
+            if not m.any() or not bd.any():
+                s[b, k] = -1.0 if m.any() else 1.0
+                continue
+            d = ndi.distance_transform_edt(~bd)
+            s[b, k] = np.where(m, -d, d) / d.max()
+    return float(np.abs(sdf_fg.detach().double().numpy() - s).mean())
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.7])
+def test_sdc_sdf_weight_is_exactly_lambda(lam):
+    """Issue 9: loss == DS-weighted (CE + alpha * local) + lambda_sdf * L1(sdf_head, sdf), the SDF
+    term NOT multiplied by the full-resolution output's deep-supervision weight."""
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    net = SDFHeadNetwork(_unet(2, n_classes=4), 4).train()
+    x = torch.randn(2, 1, 16, 16)
+    weights = [0.5333, 0.4667]
+    sdc = build_loss("sdc", lambda_sdf=lam)
+    loss = SDFHeadLoss(DeepSupervisionWrapper(sdc, weights), net.pop_sdf, foreground_only=True,
+                       sdf_term=sdc.sdf_term)
+    out = net(x)
+    sdf = net.last_sdf
+    tgt = random_targets(out, False)
+    value = loss(out, tgt)
+    no_sdf = build_loss("sdc", lambda_sdf=0.0)  # CE + alpha * local only
+    ds_part = sum(w * no_sdf(o, t) for w, o, t in zip(weights, out, tgt))
+    onehot = torch.nn.functional.one_hot(tgt[0][:, 0].long(), 4).movedim(-1, 1)[:, 1:].numpy()
+    expected = ds_part.item() + lam * scipy_sdf_l1(sdf[:, 1:], onehot)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    # the old form (SDF term inside the full-resolution loss) would be weights[0] * lam * L1
+    assert abs(value.item() - (ds_part.item() + weights[0] * lam * scipy_sdf_l1(sdf[:, 1:], onehot))) > 1e-4
 
 
 # ------------------------------------------------------------------ with nnU-Net plans (fixtures)
@@ -211,11 +323,40 @@ def test_unknown_hparam_key_in_constructor(synthetic_labels, monkeypatch):
 
 
 @pytest.mark.nnunet
+def test_ace_num_bins_key_still_accepted(synthetic_labels, monkeypatch):
+    monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "num_bins=7")
+    with pytest.warns(DeprecationWarning, match="num_bins"):
+        tr = make_trainer(T.nnUNetTrainerCE_ACE, synthetic_labels.preprocessed, initialize=False)
+    assert tr.loss_hparams == {"n_bins": 7}
+    assert ds_wrapper(tr._build_loss()).loss.n_bins == 7
+    monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "n_bins=5")
+    tr = make_trainer(T.nnUNetTrainerCE_ACE, synthetic_labels.preprocessed, initialize=False)
+    assert ds_wrapper(tr._build_loss()).loss.n_bins == 5
+
+
+@pytest.mark.nnunet
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_losses_get_the_configuration_spacing(configuration, synthetic_labels):
+    """The loss gets the configuration's spacing; its windows follow nnU-Net's anisotropy rule."""
+    from nnunetv2.preprocessing.resampling.default_resampling import get_do_separate_z
+
+    tr = make_trainer(T.nnUNetTrainerSDC_DC, synthetic_labels.preprocessed, configuration, initialize=False)
+    tr.network = T.nnUNetTrainerSDC_DC.build_network_architecture(
+        tr.plans_manager, tr.configuration_manager, 1, tr.label_manager.num_segmentation_heads, True)
+    sdc = ds_wrapper(tr._build_loss()).loss.loss
+    spacing = tuple(float(v) for v in tr.configuration_manager.spacing)
+    assert sdc.spacing == spacing
+    x = torch.zeros(1, 4, *([4] * len(spacing)))
+    assert (sdc.window_axes(x) is not None) is (len(spacing) == 3 and bool(get_do_separate_z(spacing)))
+    assert (sdc.mm_spacing(x) is None) is (len(spacing) == 2)
+
+
+@pytest.mark.nnunet
 def test_loss_without_regions_rejected_in_constructor(synthetic_labels, synthetic_regions, monkeypatch):
     class LabelsOnly(CrossEntropy):
         supports_regions = False
 
-    class nnUNetTrainerLabelsOnlyTest(T.nnUNetTrainerCalibLoss):
+    class nnUNetTrainerLabelsOnlyTest(T.nnUNetTrainerCalibLossBase):
         """test trainer"""
         loss_key = "labels_only_test"
 
@@ -243,10 +384,13 @@ def _sdc_wiring(trainer_cls, preprocessed, regions: bool):
     per_res = build_loss("sdc_dc" if trainer_cls.add_dice else "sdc", regions=regions,
                          batch_dice=tr.configuration_manager.batch_dice, **tr.loss_hparams)
     weights = ds_wrapper(tr.loss).weight_factors
+    assert weights[0] < 1  # nnU-Net's full-resolution weight: the SDF term must not be scaled by it
     sdf_fg = sdf if regions else sdf[:, 1:]
-    expected = sum(w * per_res(o, t, sdf_fg if i == 0 else None)
-                   for i, (w, o, t) in enumerate(zip(weights, out, tgt)) if w != 0)
-    torch.testing.assert_close(actual, expected)
+    onehot = (tgt[0].numpy() if regions else
+              torch.nn.functional.one_hot(tgt[0][:, 0].long(), n_heads).movedim(-1, 1)[:, 1:].numpy())
+    expected = sum(w * per_res(o, t) for w, o, t in zip(weights, out, tgt) if w != 0) \
+        + tr.loss_hparams["lambda_sdf"] * scipy_sdf_l1(sdf_fg, onehot)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=1e-6)
     without_sdf = sum(w * per_res(o, t) for w, o, t in zip(weights, out, tgt) if w != 0)
     assert not torch.allclose(actual, without_sdf)
     # gradients reach the SDF head: foreground channels only for labels, every region for regions
@@ -311,7 +455,8 @@ def test_sdf_head_stays_in_graph_with_lambda_zero():
     tgt = random_targets(out, False)
     for lam in (0.0, 0.1):
         sdc = build_loss("sdc", lambda_sdf=lam)
-        loss = SDFHeadLoss(DeepSupervisionWrapper(sdc, [2 / 3, 1 / 3]), net.pop_sdf, foreground_only=True)
+        loss = SDFHeadLoss(DeepSupervisionWrapper(sdc, [2 / 3, 1 / 3]), net.pop_sdf, foreground_only=True,
+                           sdf_term=sdc.sdf_term)
         net.zero_grad(set_to_none=True)
         out = net(x)
         value = loss(out, tgt)
@@ -338,8 +483,9 @@ dist.init_process_group("gloo", rank=0, world_size=1)
 for lam in (0.0, 0.1):
     net = DDP(SDFHeadNetwork(_unet(2, n_classes=3), 3).train())
     # nnU-Net's DDP quirk: the lowest output keeps a tiny weight so that its seg layer is used
-    loss = SDFHeadLoss(DeepSupervisionWrapper(build_loss("sdc", lambda_sdf=lam), [0.6, 0.4 - 1e-6, 1e-6][:2]),
-                       unwrap_network(net).pop_sdf, foreground_only=True)
+    sdc = build_loss("sdc", lambda_sdf=lam)
+    loss = SDFHeadLoss(DeepSupervisionWrapper(sdc, [0.6, 0.4 - 1e-6, 1e-6][:2]),
+                       unwrap_network(net).pop_sdf, foreground_only=True, sdf_term=sdc.sdf_term)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     x = torch.randn(2, 1, 8, 8)
     for it in range(3):
