@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("local", "slurm"), default="local")
     r.add_argument("--output-root", default=None, help="report goes to OUTPUT_ROOT/<name>/ (default: results)")
     r.add_argument("--no-report", action="store_true", help="local: train only")
+    r.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="local: train N folds side by side, each with cores/N threads (default 1)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     s = sub.add_parser("status", help="per trainer and fold: state, epoch/total, pseudo-Dice, s/epoch, ETA, log")
     s.add_argument("experiment")
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                 return 0
             from nnunet_calibration.experiments.runner import run_local
 
-            done = run_local(exp, progress=not args.quiet)
+            done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
             failed = [k for k, (_, rc) in done.items() if rc != 0]
             for (label, fold), (what, rc) in done.items():
                 print(f"{label} fold {fold}: {what}" + (f" -> FAILED (exit {rc})" if rc else ""))

@@ -10,18 +10,24 @@ folders are ``WORK/nnUNet_raw`` etc., whatever the environment says):
 1. the dataset: ACDC converted with ``calib-convert acdc`` (:mod:`dataset_conversion.acdc`,
    Dataset027_ACDC, patient-wise folds), or the synthetic generator (:mod:`nnunet_calibration.synthetic`,
    Dataset990);
-2. ``nnUNetv2_plan_and_preprocess -c 2d`` (skipped if already done);
-3. the experiment file ``WORK/<name>.yaml`` made from the package's ``demo_acdc.yaml`` /
-   ``demo_synthetic.yaml``: nnUNetTrainerDiceCE, nnUNetTrainerSDC_DC and nnUNetTrainerLS_DC, folds 0
-   and 1, a few iterations, CPU;
-4. ``calib-experiment run`` with the local backend (resumes: running the demo again trains nothing
-   that is finished);
+2. ACDC: nnU-Net's fingerprint and planner, then the small configuration ``2d_small``
+   (:mod:`nnunet_calibration.experiments.small_config`, ``calib-plan-small``), preprocessed by
+   ``nnUNetv2_preprocess``; synthetic data: ``nnUNetv2_plan_and_preprocess -c 2d`` (skipped if
+   already done);
+3. the experiment file ``WORK/<name>.yaml`` made from the package's ``demo_acdc.yaml`` (ACDC:
+   nnUNetTrainerDiceCE and nnUNetTrainerSDC_DC, folds 0 and 1, a CPU budget that trains) or
+   ``demo_synthetic.yaml`` (nnUNetTrainerDiceCE, nnUNetTrainerSDC_DC and nnUNetTrainerLS_DC, a few
+   iterations);
+4. ``calib-experiment run`` with the local backend, ``--parallel`` folds side by side (default 2
+   on a machine with 2 or more cores; resumes: running the demo again trains nothing that is
+   finished);
 5. the report into ``OUTPUT_ROOT/<name>/`` (default ``results/acdc-subset-demo`` or
    ``results/synthetic-demo``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from importlib import resources
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="experiment name (default acdc-subset-demo / synthetic-demo)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch (override)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (override)")
+    p.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1),
+                   help="folds trained side by side (default: 2 on a machine with 2 or more cores)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     command = "calib-demo " + " ".join(shlex.quote(a) for a in argv)
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
         print(f"[3/4] experiment {exp_file}: {', '.join(t.label for t in exp.trainers)} x folds {list(exp.folds)} "
               f"(logs in {exp.state_dir / 'logs'})", flush=True)
         check_recorded_hparams(exp)
-        done = run_local(exp, progress=not args.quiet)
+        done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
         failed = [f"{l} fold {f}" for (l, f), (_, rc) in done.items() if rc]
         print("[4/4] report ...", flush=True)
         out = make_report([exp], args.output_root, command=command, progress=not args.quiet)

@@ -22,7 +22,10 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from tqdm import tqdm
 
 from nnunet_calibration.experiments.config import (Experiment, ExperimentError, TrainerSpec, hparams_env_value,
                                                    recorded_hparams)
@@ -118,13 +121,18 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def run_fold(exp: Experiment, spec: TrainerSpec, fold: int, device: str, log: Path | None = None,
-             append: bool = False) -> tuple[str, int]:
-    """Train (or resume, or re-validate) one fold. Returns (what was done, return code)."""
+             append: bool = False, extra_env: dict | None = None) -> tuple[str, int]:
+    """Train (or resume, or re-validate) one fold. Returns (what was done, return code).
+
+    ``extra_env``: variables added to the fold's environment where not already set there (e.g.
+    ``OMP_NUM_THREADS`` when folds run side by side)."""
     cmd = train_command(exp, spec, fold, device)
     if cmd is None:
         return "skipped (finished)", 0
     what = "validation only (--val --npz)" if "--val" in cmd else ("resumed (--c)" if "--c" in cmd else "trained")
     env = fold_env(exp, spec)
+    for k, v in (extra_env or {}).items():
+        env.setdefault(k, v)
     if log is None:
         proc = subprocess.run(cmd, env=env)
         return what, proc.returncode
@@ -137,29 +145,51 @@ def run_fold(exp: Experiment, spec: TrainerSpec, fold: int, device: str, log: Pa
     return what, proc.returncode
 
 
-def run_local(exp: Experiment, progress: bool = True) -> dict:
-    """Run every unfinished (trainer, fold) one after another. Returns {(label, fold): (what, rc)}."""
-    from tqdm import tqdm
+def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict:
+    """Run every unfinished (trainer, fold). Returns {(label, fold): (what, rc)}.
 
+    ``parallel``: how many folds train side by side (default 1: one after another). With more than
+    one, each training gets ``OMP_NUM_THREADS = max(1, cores // parallel)`` (unless the environment
+    sets it): on a small CPU machine two single-threaded trainings use both cores better than one
+    two-threaded training (nnU-Net's data augmentation runs in the training process there).
+    """
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ExperimentError(f"parallel must be an integer >= 1, got {parallel!r}")
     device = exp.resolve_device(slurm=False)
     state = read_local_state(exp)
     done = {}
-    tasks = [(spec, fold) for spec in exp.trainers for fold in exp.folds]
-    bar = tqdm(tasks, desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
-    for spec, fold in bar:
-        bar.set_postfix_str(f"{spec.label} fold {fold}")
+    todo = []
+    for spec in exp.trainers:
+        for fold in exp.folds:
+            if train_command(exp, spec, fold, device) is None:
+                done[(spec.label, fold)] = ("skipped (finished)", 0)
+            else:
+                todo.append((spec, fold))
+    extra = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))} if parallel > 1 else {}
+    bar = tqdm(total=len(todo), desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
+
+    def record(spec: TrainerSpec, fold: int, what: str, rc: int) -> None:
         log = log_path(exp, spec.label, fold)
-        if train_command(exp, spec, fold, device) is None:
-            done[(spec.label, fold)] = ("skipped (finished)", 0)
-            continue
-        what, rc = run_fold(exp, spec, fold, device, log)
         done[(spec.label, fold)] = (what, rc)
-        key = f"{spec.label}/{fold}"
-        state[key] = {"status": "finished" if rc == 0 else "failed", "what": what, "returncode": rc,
-                      "log": str(log), "time": _dt.datetime.now().isoformat(timespec="seconds")}
+        state[f"{spec.label}/{fold}"] = {"status": "finished" if rc == 0 else "failed", "what": what,
+                                         "returncode": rc, "log": str(log),
+                                         "time": _dt.datetime.now().isoformat(timespec="seconds")}
         _write_json_atomic(_local_state_file(exp), state)
+        bar.update(1)
         if rc != 0:
             tqdm.write(f"FAILED: {spec.label} fold {fold} (exit {rc}); log: {log}")
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # threads only wait for subprocesses
+        futures = {}
+        for spec, fold in todo:
+            futures[pool.submit(run_fold, exp, spec, fold, device, log_path(exp, spec.label, fold),
+                                extra_env=extra)] = (spec, fold)
+        for fut in as_completed(futures):
+            spec, fold = futures[fut]
+            bar.set_postfix_str(f"{spec.label} fold {fold} done")
+            what, rc = fut.result()
+            record(spec, fold, what, rc)
+    bar.close()
     return done
 
 
