@@ -47,6 +47,23 @@ SYNTHETIC = {
 PREDICTION_TRAINER = "nnUNetTrainerDiceCE"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``pytest -n 2 --dist loadgroup``), the tests of a module that share a
+    module-, class- or package-scoped fixture go to one worker, so that fixture (a conversion, an
+    experiment run, a SLURM cluster) runs once; every other test is sent to whichever worker is free."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        scopes = {d.scope for ds in defs for d in ds}
+        if "package" in scopes:
+            item.add_marker(pytest.mark.xdist_group(str(Path(item.path).parent)))
+        elif scopes & {"module", "class"}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def plugin_installed_in_nnunet() -> bool:
     """True if the wheel's re-export module lies inside nnU-Net's trainer folder (non-editable install)."""
     return (Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer" / "zz_nnunet_calibration"
