@@ -91,8 +91,9 @@ def nnunet_root(tmp_path_factory):
 
 
 def _plan_and_preprocess(env: dict, dataset_id: int, configs=("2d", "3d_fullres")) -> None:
+    # -npfp 1: nnU-Net's fingerprint extraction otherwise spawns 8 processes (each importing torch)
     run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configs, "-np",
-                *["1"] * len(configs), "--verify_dataset_integrity"], env)
+                *["1"] * len(configs), "-npfp", "1", "--verify_dataset_integrity"], env)
 
 
 def _dataset_name(root: Path, dataset_id: int) -> str:
