@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,21 +48,71 @@ SYNTHETIC = {
 PREDICTION_TRAINER = "nnUNetTrainerDiceCE"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (``pytest -n 2 --dist loadgroup``), the tests of a module that share a
-    module-, class- or package-scoped fixture go to one worker, so that fixture (a conversion, an
-    experiment run, a SLURM cluster) runs once; every other test is sent to whichever worker is free."""
+#: environment variable naming the folder where xdist workers record which tests share a fixture
+XDIST_GROUPS_ENV = "NNUNET_CALIB_XDIST_GROUPS"
+
+
+def _fixture_group(item) -> str | None:
+    """The module (or, for a package-scoped fixture, the folder) of a test that uses a module-,
+    class- or package-scoped fixture; None for a test with only session- or function-scoped ones."""
+    info = getattr(item, "_fixtureinfo", None)
+    scopes = {d.scope for ds in (info.name2fixturedefs.values() if info is not None else ()) for d in ds}
+    if "package" in scopes:
+        return str(Path(item.path).parent)
+    if scopes & {"module", "class"}:
+        return item.nodeid.split("::")[0]
+    return None
+
+
+class XdistFixtureGroups:
+    """With pytest-xdist (``pytest -n 2``, xdist's "load" distribution) every test goes to whichever
+    worker is free, except that the tests sharing a module-, class- or package-scoped fixture (a
+    conversion, an experiment run, a SLURM cluster) go to one worker together, so that fixture runs
+    once. Workers write which tests share a fixture into a folder the scheduler reads. (xdist's own
+    ``--dist loadgroup`` would need ``xdist_group`` marks in every test module, and pytest 9 ignores
+    the node ids it rewrites.) Registered only when pytest-xdist is installed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def pytest_collection_modifyitems(self, config, items):
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker:
+            groups = {item.nodeid: g for item in items if (g := _fixture_group(item)) is not None}
+            tmp = self.folder / f"{worker}.json.tmp"
+            tmp.write_text(json.dumps(groups))
+            tmp.replace(self.folder / f"{worker}.json")
+
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":
+            return None
+        # deferred on purpose: pytest-xdist is optional and this hook only runs when it is installed
+        from xdist.scheduler import LoadScopeScheduling
+
+        folder = self.folder
+
+        class FixtureGroupScheduling(LoadScopeScheduling):
+            groups: dict | None = None
+
+            def _split_scope(self, nodeid: str) -> str:
+                if self.groups is None:  # first called once every worker has collected
+                    self.groups = {}
+                    for f in sorted(folder.glob("*.json")):
+                        self.groups.update(json.loads(f.read_text()))
+                return self.groups.get(nodeid, nodeid)
+
+        return FixtureGroupScheduling(config, log)
+
+
+def pytest_configure(config):
     if not config.pluginmanager.hasplugin("xdist"):
         return
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else ()
-        scopes = {d.scope for ds in defs for d in ds}
-        if "package" in scopes:
-            item.add_marker(pytest.mark.xdist_group(str(Path(item.path).parent)))
-        elif scopes & {"module", "class"}:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: workers inherit the variable
+        if not config.getoption("numprocesses", None):
+            return
+        os.environ[XDIST_GROUPS_ENV] = tempfile.mkdtemp(prefix="calib-xdist-groups-")
+    if os.environ.get(XDIST_GROUPS_ENV):
+        config.pluginmanager.register(XdistFixtureGroups(Path(os.environ[XDIST_GROUPS_ENV])), "calib-xdist-groups")
 
 
 def plugin_installed_in_nnunet() -> bool:
