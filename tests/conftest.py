@@ -123,6 +123,9 @@ def plugin_installed_in_nnunet() -> bool:
 
 def _nnunet_env(root: Path) -> dict:
     env = nnunet_env(root)
+    # nnU-Net gives torch one thread per core in every process; with two xdist workers (and on a busy
+    # machine) threads spinning at OpenMP barriers steal the cores the other threads wait for
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not plugin_installed_in_nnunet():
         env["nnUNet_extTrainer"] = str(REPO / "nnunet_calibration" / "_nnunet_plugin")
     return env
