@@ -189,7 +189,8 @@ def _train_and_predict(folder: Path, dataset) -> None:
     copy_tree(dataset.preprocessed, Path(env["nnUNet_preprocessed"]) / dataset.name)
     run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), "2d", "0", "-tr", PREDICTION_TRAINER, "--npz",
                 "-device", "cpu"], env)
-    run_nnunet(["nnUNetv2_predict", "-i", Path(env["nnUNet_raw"]) / dataset.name / "imagesTs", "-o", folder / "imagesTs_pred", "-d",
+    images = Path(env["nnUNet_raw"]) / dataset.name / "imagesTs"
+    run_nnunet(["nnUNetv2_predict", "-i", images, "-o", folder / "imagesTs_pred", "-d",
                 str(dataset.dataset_id), "-c", "2d", "-f", "0", "-tr", PREDICTION_TRAINER,
                 "--save_probabilities", "-device", "cpu", *PREDICT_IN_PROCESS], env)
 
