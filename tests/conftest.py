@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,6 +114,13 @@ def pytest_configure(config):
         os.environ[XDIST_GROUPS_ENV] = tempfile.mkdtemp(prefix="calib-xdist-groups-")
     if os.environ.get(XDIST_GROUPS_ENV):
         config.pluginmanager.register(XdistFixtureGroups(Path(os.environ[XDIST_GROUPS_ENV])), "calib-xdist-groups")
+
+
+def pytest_unconfigure(config):
+    folder = os.environ.get(XDIST_GROUPS_ENV)
+    if folder and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller cleans up its folder
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(XDIST_GROUPS_ENV, None)
 
 
 def plugin_installed_in_nnunet() -> bool:
