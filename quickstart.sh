@@ -2,7 +2,7 @@
 # Quick start: one command sets up and runs the end-to-end demo, one sets up and runs the tests.
 #
 #   bash quickstart.sh demo [ACDC_FOLDER]   # default ../shared/data/acdc-subset; "synthetic" for the embedded toy data
-#   bash quickstart.sh test [PYTEST_ARGS]
+#   bash quickstart.sh test [PYTEST_ARGS]    # pytest -n 2 [PYTEST_ARGS]
 #
 # Set-up: a virtual environment (.venv, or $VENV) and a normal, non-editable `pip install .[test]`,
 # as a user installs it (so the trainers are found by nnU-Net's -tr lookup).
@@ -38,6 +38,7 @@ MSG
     if [ "$1" = synthetic ]; then shift; exec "$VENV/bin/calib-demo" "$@"; fi
     exec "$VENV/bin/calib-demo" "$@"
 else
-    # run pytest from the venv's bin so the *installed* package (and nnU-Net plugin) is what is tested
-    exec "$VENV/bin/pytest" "$@"
+    # run pytest from the venv's bin so the *installed* package (and nnU-Net plugin) is what is tested;
+    # two pytest-xdist workers (README "Development"); later arguments win (e.g. -n 0)
+    exec "$VENV/bin/pytest" -n 2 "$@"
 fi

@@ -1,11 +1,18 @@
-"""Shared fixtures: tiny synthetic datasets, planned and preprocessed by real nnU-Net, once per session.
+"""Shared fixtures: tiny synthetic datasets, planned and preprocessed by real nnU-Net, once per run.
 
 - ``nnunet_root``: an environment dict whose nnUNet_raw / nnUNet_preprocessed / nnUNet_results point
-  into one temporary folder; applied to ``os.environ`` for the whole session.
+  into one temporary folder of this pytest process (of this worker under ``pytest -n 2``); applied
+  to ``os.environ`` for the whole session.
 - ``synthetic_labels``: Dataset901 (plain labels 0..3), 2d and 3d_fullres preprocessed.
 - ``synthetic_regions``: Dataset902 (BraTS-like regions, two channels), 2d and 3d_fullres preprocessed.
 - ``synthetic_prediction``: a real short ``nnUNetTrainerDiceCE`` training on 901 (2d, fold 0, --npz)
-  and ``nnUNetv2_predict --save_probabilities`` on its imagesTs.
+  and ``nnUNetv2_predict --save_probabilities`` on its imagesTs; the model folder lies in
+  ``nnunet_root``'s nnUNet_results.
+
+Once per run: each dataset is generated and planned/preprocessed, and the DiceCE model trained and
+predicted, ONCE per pytest run in a folder shared by all xdist workers (``testlib.build_once``,
+under a file lock); each worker's ``nnunet_root`` receives a copy (raw, preprocessed and model
+folders are small), so tests of one worker never see files another worker is writing.
 
 Trainer lookup: after a normal ``pip install .`` our trainers sit inside nnU-Net's trainer folder.
 With an editable install they don't, so ``nnUNet_extTrainer`` is pointed at the plugin folder.
@@ -14,36 +21,127 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import nnunetv2
 import pytest
 
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
 from nnunet_calibration.synthetic import make_synthetic_dataset
+from testlib import PREDICT_IN_PROCESS, SHORT_TRAINING, build_once, copy_tree, shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 ACDC_SUBSET = SHARED / "data" / "acdc-subset"
 
-#: short training used by every real-training test (via the trainers' hyperparameter variable)
-SHORT_TRAINING = "num_epochs=1,num_iterations_per_epoch=2,num_val_iterations_per_epoch=1"
+#: the synthetic datasets of the fixtures: id -> make_synthetic_dataset arguments. 24 x 24 slices:
+#: nnU-Net plans its 3-stage U-Net (32, 64, 128 features; 40 x 40 gives 4 stages up to 256), which
+#: trains, validates and predicts several times faster; 2 stages would need slices under 16 voxels,
+#: where the ring label gets thinner than a voxel
+SHAPE = (6, 24, 24)
+SYNTHETIC = {
+    901: dict(n_train=10, n_test=2, regions=False, seed=0, shape=SHAPE),
+    902: dict(n_train=10, n_test=2, regions=True, seed=1, shape=SHAPE),
+}
+PREDICTION_TRAINER = "nnUNetTrainerDiceCE"
+
+
+#: environment variable naming the folder where xdist workers record which tests share a fixture
+XDIST_GROUPS_ENV = "NNUNET_CALIB_XDIST_GROUPS"
+
+
+def _fixture_group(item) -> str | None:
+    """The module (or, for a package-scoped fixture, the folder) of a test that uses a module-,
+    class- or package-scoped fixture; None for a test with only session- or function-scoped ones."""
+    info = getattr(item, "_fixtureinfo", None)
+    scopes = {d.scope for ds in (info.name2fixturedefs.values() if info is not None else ()) for d in ds}
+    if "package" in scopes:
+        return str(Path(item.path).parent)
+    if scopes & {"module", "class"}:
+        return item.nodeid.split("::")[0]
+    return None
+
+
+class XdistFixtureGroups:
+    """With pytest-xdist (``pytest -n 2``, xdist's "load" distribution) every test goes to whichever
+    worker is free, except that the tests sharing a module-, class- or package-scoped fixture (a
+    conversion, an experiment run, a SLURM cluster) go to one worker together, so that fixture runs
+    once. Workers write which tests share a fixture into a folder the scheduler reads. (xdist's own
+    ``--dist loadgroup`` would need ``xdist_group`` marks in every test module, and pytest 9 ignores
+    the node ids it rewrites.) Registered only when pytest-xdist is installed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def pytest_collection_modifyitems(self, config, items):
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker:
+            groups = {item.nodeid: g for item in items if (g := _fixture_group(item)) is not None}
+            tmp = self.folder / f"{worker}.json.tmp"
+            tmp.write_text(json.dumps(groups))
+            tmp.replace(self.folder / f"{worker}.json")
+
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":
+            return None
+        # deferred on purpose: pytest-xdist is optional and this hook only runs when it is installed
+        from xdist.scheduler import LoadScopeScheduling
+
+        folder = self.folder
+
+        class FixtureGroupScheduling(LoadScopeScheduling):
+            groups: dict | None = None
+
+            def _split_scope(self, nodeid: str) -> str:
+                if self.groups is None:  # first called once every worker has collected
+                    self.groups = {}
+                    for f in sorted(folder.glob("*.json")):
+                        self.groups.update(json.loads(f.read_text()))
+                return self.groups.get(nodeid, nodeid)
+
+        return FixtureGroupScheduling(config, log)
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: workers inherit the variable
+        if not config.getoption("numprocesses", None):
+            return
+        os.environ[XDIST_GROUPS_ENV] = tempfile.mkdtemp(prefix="calib-xdist-groups-")
+    if os.environ.get(XDIST_GROUPS_ENV):
+        config.pluginmanager.register(XdistFixtureGroups(Path(os.environ[XDIST_GROUPS_ENV])), "calib-xdist-groups")
+
+
+def pytest_unconfigure(config):
+    folder = os.environ.get(XDIST_GROUPS_ENV)
+    if folder and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller cleans up its folder
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(XDIST_GROUPS_ENV, None)
 
 
 def plugin_installed_in_nnunet() -> bool:
     """True if the wheel's re-export module lies inside nnU-Net's trainer folder (non-editable install)."""
-    import nnunetv2
-
     return (Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer" / "zz_nnunet_calibration"
             / "nnunet_calibration_trainers.py").is_file()
 
 
-@pytest.fixture(scope="session")
-def nnunet_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
+def _nnunet_env(root: Path) -> dict:
     env = nnunet_env(root)
+    # nnU-Net gives torch one thread per core in every process; with two xdist workers (and on a busy
+    # machine) threads spinning at OpenMP barriers steal the cores the other threads wait for
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not plugin_installed_in_nnunet():
         env["nnUNet_extTrainer"] = str(REPO / "nnunet_calibration" / "_nnunet_plugin")
+    return env
+
+
+@pytest.fixture(scope="session")
+def nnunet_root(tmp_path_factory):
+    env = _nnunet_env(tmp_path_factory.mktemp("nnunet"))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -55,42 +153,69 @@ def nnunet_root(tmp_path_factory):
 
 
 def _plan_and_preprocess(env: dict, dataset_id: int, configs=("2d", "3d_fullres")) -> None:
+    # -npfp 1: nnU-Net's fingerprint extraction otherwise spawns 8 processes (each importing torch)
     run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configs, "-np",
-                *["1"] * len(configs), "--verify_dataset_integrity"], env)
+                *["1"] * len(configs), "-npfp", "1", "--verify_dataset_integrity"], env)
+
+
+def _dataset_name(root: Path, dataset_id: int) -> str:
+    return next(p.name for p in (root / "raw").iterdir() if p.name.startswith(f"Dataset{dataset_id:03d}_"))
+
+
+def _build_synthetic(folder: Path, dataset_id: int) -> None:
+    """raw/ and preprocessed/ of one synthetic dataset in their own nnU-Net root ``folder``."""
+    env = _nnunet_env(folder)
+    make_synthetic_dataset(env["nnUNet_raw"], dataset_id, **SYNTHETIC[dataset_id])
+    _plan_and_preprocess(env, dataset_id)
+
+
+def _synthetic(dataset_id: int, env: dict, tmp_path_factory) -> SimpleNamespace:
+    """The run's copy of one synthetic dataset, copied into this worker's nnU-Net folders."""
+    built = build_once(shared_dir(tmp_path_factory) / f"synthetic_{dataset_id}",
+                       lambda folder: _build_synthetic(folder, dataset_id))
+    name = _dataset_name(built, dataset_id)
+    raw = copy_tree(built / "raw" / name, Path(env["nnUNet_raw"]) / name)
+    pre = copy_tree(built / "preprocessed" / name, Path(env["nnUNet_preprocessed"]) / name)
+    return SimpleNamespace(dataset_id=dataset_id, name=name, raw=raw, env=env, preprocessed=pre)
 
 
 @pytest.fixture(scope="session")
-def synthetic_labels(nnunet_root):
-    raw = make_synthetic_dataset(nnunet_root["nnUNet_raw"], 901, n_train=10, n_test=2, regions=False)
-    _plan_and_preprocess(nnunet_root, 901)
-    return SimpleNamespace(dataset_id=901, name=raw.name, raw=raw, env=nnunet_root,
-                           preprocessed=Path(nnunet_root["nnUNet_preprocessed"]) / raw.name)
+def synthetic_labels(nnunet_root, tmp_path_factory):
+    return _synthetic(901, nnunet_root, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def synthetic_regions(nnunet_root):
-    raw = make_synthetic_dataset(nnunet_root["nnUNet_raw"], 902, n_train=10, n_test=2, regions=True, seed=1)
-    _plan_and_preprocess(nnunet_root, 902)
-    return SimpleNamespace(dataset_id=902, name=raw.name, raw=raw, env=nnunet_root,
-                           preprocessed=Path(nnunet_root["nnUNet_preprocessed"]) / raw.name)
+def synthetic_regions(nnunet_root, tmp_path_factory):
+    return _synthetic(902, nnunet_root, tmp_path_factory)
+
+
+def _train_and_predict(folder: Path, dataset) -> None:
+    """The DiceCE model of ``synthetic_prediction`` in its own nnU-Net root ``folder``: train on a
+    copy of the dataset, predict imagesTs into ``folder/imagesTs_pred``."""
+    env = dict(_nnunet_env(folder), NNUNET_CALIB_HPARAMS=SHORT_TRAINING)
+    copy_tree(dataset.raw, Path(env["nnUNet_raw"]) / dataset.name)
+    copy_tree(dataset.preprocessed, Path(env["nnUNet_preprocessed"]) / dataset.name)
+    run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), "2d", "0", "-tr", PREDICTION_TRAINER, "--npz",
+                "-device", "cpu"], env)
+    images = Path(env["nnUNet_raw"]) / dataset.name / "imagesTs"
+    run_nnunet(["nnUNetv2_predict", "-i", images, "-o", folder / "imagesTs_pred", "-d",
+                str(dataset.dataset_id), "-c", "2d", "-f", "0", "-tr", PREDICTION_TRAINER,
+                "--save_probabilities", "-device", "cpu", *PREDICT_IN_PROCESS], env)
 
 
 @pytest.fixture(scope="session")
 def synthetic_prediction(synthetic_labels, tmp_path_factory):
-    env = dict(synthetic_labels.env, NNUNET_CALIB_HPARAMS=SHORT_TRAINING)
-    trainer = "nnUNetTrainerDiceCE"
-    run_nnunet(["nnUNetv2_train", str(synthetic_labels.dataset_id), "2d", "0", "-tr", trainer, "--npz",
-                "-device", "cpu"], env)
-    model = Path(env["nnUNet_results"]) / synthetic_labels.name / f"{trainer}__nnUNetPlans__2d"
-    pred = tmp_path_factory.mktemp("pred") / "imagesTs_pred"
-    run_nnunet(["nnUNetv2_predict", "-i", synthetic_labels.raw / "imagesTs", "-o", pred, "-d",
-                str(synthetic_labels.dataset_id), "-c", "2d", "-f", "0", "-tr", trainer,
-                "--save_probabilities", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    return SimpleNamespace(pred_folder=pred, gt_folder=synthetic_labels.raw / "labelsTs",
+    ds = synthetic_labels
+    built = build_once(shared_dir(tmp_path_factory) / "synthetic_prediction",
+                       lambda folder: _train_and_predict(folder, ds))
+    model_name = f"{PREDICTION_TRAINER}__nnUNetPlans__2d"
+    model = copy_tree(built / "results" / ds.name / model_name, Path(ds.env["nnUNet_results"]) / ds.name / model_name)
+    pred = copy_tree(built / "imagesTs_pred", tmp_path_factory.mktemp("pred") / "imagesTs_pred")
+    return SimpleNamespace(pred_folder=pred, gt_folder=ds.raw / "labelsTs",
                            validation_folder=model / "fold_0" / "validation",
-                           gt_folder_train=synthetic_labels.raw / "labelsTr",
-                           dataset_json=synthetic_labels.raw / "dataset.json", model_folder=model,
-                           trainer=trainer, dataset=synthetic_labels)
+                           gt_folder_train=ds.raw / "labelsTr",
+                           dataset_json=ds.raw / "dataset.json", model_folder=model,
+                           trainer=PREDICTION_TRAINER, dataset=ds)
 
 
 def load_json(path) -> dict:

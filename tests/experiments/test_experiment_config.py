@@ -1,7 +1,7 @@
 """The experiment file: parsing, variant labels and results folders, errors naming the file (no nnU-Net runs)."""
 import pytest
 
-from exp_testlib import write_experiment
+from experiments_testlib import write_experiment
 from nnunet_calibration.experiments.config import ExperimentError, load_experiment
 
 

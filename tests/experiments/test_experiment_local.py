@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from exp_testlib import SHORT, check_table_against_evaluator, load_json, read_table, write_experiment
+from experiments_testlib import SHORT, check_table_against_evaluator, load_json, read_table, write_experiment
 from nnunet_calibration.experiments import cli
 
 pytestmark = pytest.mark.nnunet

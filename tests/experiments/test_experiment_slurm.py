@@ -1,7 +1,7 @@
 """calib-experiment with the SLURM backend against a real single-node SLURM started here.
 
 The cluster (slurmctld, slurmd, munged; Debian packages ``slurmctld slurmd slurm-client munge``) is
-started by :mod:`slurm_cluster` in a fresh state folder and stopped by PID afterwards. Without the
+started by ``experiments_testlib.SlurmCluster`` in a fresh state folder and stopped by PID afterwards. Without the
 packages (or without root) the tests are skipped with the reason — never passed.
 
 Two experiments are submitted at once:
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from exp_testlib import SHORT, check_table_against_evaluator, write_experiment
+from experiments_testlib import (APT_COMMAND, SHORT, SlurmCluster, SlurmUnavailable, check_table_against_evaluator,
+                                 missing_programs, write_experiment)
 from nnunet_calibration.experiments import cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.nnunet]
@@ -37,20 +38,18 @@ TIMEOUT = 420  # seconds for the whole experiment (training + report) on a busy 
 
 @pytest.fixture(scope="module")
 def slurm(request):
-    import slurm_cluster
-
-    missing = slurm_cluster.missing_programs()
+    missing = missing_programs()
     if missing:
-        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}); install with: {slurm_cluster.APT_COMMAND}")
+        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}); install with: {APT_COMMAND}")
     if os.geteuid() != 0:
         pytest.skip("starting a SLURM cluster (slurmd, munged as the munge user) needs root")
     # not under pytest's 0700 tmp folders: munged (user munge) must reach its socket folder
     state = Path(tempfile.mkdtemp(prefix="calib-slurm-", dir="/tmp"))
     os.chmod(state, 0o755)
-    cluster = slurm_cluster.SlurmCluster(state / "cluster")
+    cluster = SlurmCluster(state / "cluster")
     try:
         cluster.start(timeout=60)
-    except slurm_cluster.SlurmUnavailable as e:
+    except SlurmUnavailable as e:
         shutil.rmtree(state, ignore_errors=True)
         pytest.skip(f"SLURM cluster could not start here: {e}")
     saved = os.environ.get("SLURM_CONF")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from exp_testlib import SHORT, write_experiment
+from experiments_testlib import SHORT, write_experiment
 from nnunet_calibration.experiments import cli
 from nnunet_calibration.experiments.config import load_experiment, validate
 from nnunet_calibration.experiments.status import (NNUNET_DEFAULT_EPOCHS, fold_statuses, format_statuses,

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from exp_testlib import write_experiment
+from experiments_testlib import write_experiment
 from nnunet_calibration.experiments import cli
 from nnunet_calibration.experiments.config import (EVALUATION_OPTION_RULES, SLURM_VALUE_RULES, TRAINING_VALUE_RULES,
                                                    ExperimentError, SlurmSettings, load_experiment,

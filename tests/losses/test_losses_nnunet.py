@@ -10,7 +10,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 
-import losses_np_reference as R
+import losses_testlib as R
 from nnunet_calibration.losses import (LOSSES, CalibrationLoss, CrossEntropy, SDCLoss, SoftDice,
                                        WithDice, available_losses, build_loss)
 

@@ -1,11 +1,11 @@
-"""Every loss on tiny tensors against an independent numpy computation (losses_np_reference)."""
+"""Every loss on tiny tensors against an independent numpy computation (losses_testlib)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import losses_np_reference as R
+import losses_testlib as R
 from nnunet_calibration.losses import (ACELoss, CrossEntropy, DSCPlusPlusLoss, ECPLoss, FCLLoss,
                                        FocalLoss, LabelSmoothingLoss, MbLSLoss, NACLLoss, SDCLoss,
                                        SVLSLoss, build_loss)

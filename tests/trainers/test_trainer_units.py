@@ -473,7 +473,7 @@ _DDP_SCRIPT = r'''
 import os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # tests/trainers and tests/, as pytest does
 from test_trainer_units import _unet
 from trainers_testlib import random_targets
 from nnunet_calibration.losses import build_loss

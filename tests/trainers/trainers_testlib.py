@@ -2,7 +2,6 @@
 train + predict round trip with real nnU-Net commands, and the checks applied to its results."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,17 +13,12 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_calibration.nnunet_utils import run_nnunet
 from nnunet_calibration.trainers.sdf_head import SDFHeadLoss
-
-TESTS = Path(__file__).resolve().parents[1]
+from testlib import PREDICT_IN_PROCESS, SHORT_TRAINING
 
 
 def short_training() -> str:
-    """``SHORT_TRAINING`` of the root ``tests/conftest.py`` (loaded by path: the module name
-    ``conftest`` in ``sys.modules`` is whichever conftest pytest imported last)."""
-    spec = importlib.util.spec_from_file_location("_calib_root_conftest", TESTS / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.SHORT_TRAINING
+    """The suite's short training (:data:`testlib.SHORT_TRAINING`) as an ``NNUNET_CALIB_HPARAMS`` value."""
+    return SHORT_TRAINING
 
 
 def make_trainer(cls, preprocessed: Path, configuration: str = "2d", initialize: bool = True):
@@ -71,15 +65,19 @@ def train_and_predict(trainer: str, dataset, configuration: str, out_dir: Path, 
                       fold: str = "0") -> tuple[Path, Path, str]:
     """Run ``nnUNetv2_train`` then ``nnUNetv2_predict --save_probabilities`` on imagesTs.
 
+    The model is trained into ``out_dir/results`` (this test's own nnUNet_results), so no other
+    test's model folder (e.g. the ``synthetic_prediction`` fixture's) is overwritten, whatever the
+    order or the xdist worker. Prediction runs in-process (``-npp 0 -nps 0``).
+
     Returns (model folder, prediction folder, training output)."""
-    env = dict(dataset.env, NNUNET_CALIB_HPARAMS=hparams)
+    env = dict(dataset.env, NNUNET_CALIB_HPARAMS=hparams, nnUNet_results=str(Path(out_dir) / "results"))
     out = run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), configuration, fold, "-tr", trainer,
                       "-device", "cpu"], env)
     model = model_folder(env, dataset.name, trainer, configuration)
     pred = Path(out_dir) / f"pred_{trainer}_{configuration}"
     run_nnunet(["nnUNetv2_predict", "-i", dataset.raw / "imagesTs", "-o", pred, "-d",
                 str(dataset.dataset_id), "-c", configuration, "-f", fold, "-tr", trainer,
-                "--save_probabilities", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+                "--save_probabilities", "-device", "cpu", *PREDICT_IN_PROCESS], env)
     return model, pred, out
 
 

@@ -1,4 +1,9 @@
-"""A real single-node SLURM cluster for tests, started without systemd in a fresh state folder.
+"""Helpers of the experiment tests: experiment files, the report table checked against the
+evaluator, and a real single-node SLURM cluster (:class:`SlurmCluster`).
+
+SLURM cluster
+-------------
+A real single-node SLURM cluster for tests, started without systemd in a fresh state folder.
 
 Uses Debian's packages (``apt-get install -y slurmctld slurmd slurm-client munge``):
 
@@ -11,24 +16,72 @@ Uses Debian's packages (``apt-get install -y slurmctld slurmd slurm-client munge
   (:meth:`SlurmCluster.env`).
 
 Daemons are stopped by the PIDs recorded when they started. Every wait has a timeout.
-
-Command line (for CI or by hand)::
-
-    python tests/experiments/slurm_cluster.py start STATE     # prints: export SLURM_CONF=...
-    python tests/experiments/slurm_cluster.py stop STATE
 """
 from __future__ import annotations
 
+import csv
+import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+import yaml
+
+from nnunet_calibration.trainers.base import parse_hparams
+from testlib import SHORT_TRAINING
+
+#: the same short training as the shared fixtures (tests/conftest.py), so their trainings can be reused
+SHORT = parse_hparams(SHORT_TRAINING)
+METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier")
+
+
+def write_experiment(path: Path, **cfg) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def read_table(report: Path) -> dict:
+    with open(report / "table.csv") as fh:
+        return {row["method"]: row for row in csv.DictReader(fh)}
+
+
+def check_table_against_evaluator(exp_name: str, report: Path, model_folders: dict, folds, dataset_name: str,
+                                  preprocessed: Path, tmp: Path) -> None:
+    """Every table mean equals the mean over folds of evaluate_folders(fold_X/validation) run here."""
+    from nnunet_calibration.evaluation import evaluate_folders, validation_cases
+
+    table = read_table(report)
+    gt = preprocessed / dataset_name / "gt_segmentations"
+    dj = preprocessed / dataset_name / "dataset.json"
+    for label, model in model_folders.items():
+        per_fold = []
+        for f in folds:
+            s = evaluate_folders([model / f"fold_{f}" / "validation"], gt, dj, tmp / label / str(f), progress=False,
+                                 write=False, cases=validation_cases(preprocessed / dataset_name / "splits_final.json", f))
+            per_fold.append(s["mean"])
+        row = table[label]
+        assert row[f"{exp_name}/folds"] == " ".join(map(str, folds))
+        for m in METRICS:
+            want = np.mean([pf[m] for pf in per_fold])
+            assert float(row[f"{exp_name}/{m}"]) == pytest.approx(want, rel=1e-9, abs=1e-12), (label, m)
+            if len(folds) > 1:
+                sd = np.std([pf[m] for pf in per_fold], ddof=1)
+                assert float(row[f"{exp_name}/{m}_std"]) == pytest.approx(sd, rel=1e-9, abs=1e-12)
+
+
+def load_json(p) -> dict:
+    return json.loads(Path(p).read_text())
+
+
+# ------------------------------------------------------------------ a real single-node SLURM cluster
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 APT_COMMAND = "apt-get update && apt-get install -y slurmctld slurmd slurm-client munge"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -263,21 +316,3 @@ class SlurmCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("start", "stop"):
-        print(__doc__)
-        return 2
-    cluster = SlurmCluster(argv[1])
-    if argv[0] == "start":
-        cluster.start()
-        print(f"export SLURM_CONF={cluster.conf}")
-    else:
-        cluster.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
