@@ -137,6 +137,10 @@ def main(argv=None) -> int:
             cfg["training"]["num_iterations_per_epoch"] = args.iterations
         if args.epochs is not None:
             cfg["training"]["num_epochs"] = args.epochs
+        if args.iterations is not None or args.epochs is not None:
+            cfg.setdefault("report", {})["note"] = (
+                f"{cfg.get('report', {}).get('note', '')} OVERRIDDEN by the command line: training "
+                f"{cfg['training']} (see the experiment line below).").strip()
         cfg["dataset"] = dataset_id
         cfg["nnunet_paths"] = {k: str(v) for k, v in folders.items()}
         cfg["state_dir"] = str(work / "state" / cfg["name"])
