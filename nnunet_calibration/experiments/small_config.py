@@ -16,7 +16,8 @@ configuration and overrides only what makes it cheap:
   made divisible by the pooling as nnU-Net's planner does;
 * the U-Net topology (``n_stages``, ``strides``, ``kernel_sizes``, convolutions per stage) from
   nnU-Net's own ``get_pool_and_conv_props`` for that spacing and patch (bottleneck at least 4
-  pixels), at most ``max_stages`` stages; ``features_per_stage`` = ``base_features`` doubling per
+  pixels), at most ``max_stages`` stages and at least 3 (nnU-Net's deep supervision gives the
+  lowest output weight 0, so 2 stages would leave no weight: such a request is an error); ``features_per_stage`` = ``base_features`` doubling per
   stage, capped at ``max_features`` (nnU-Net: 32 ... 512);
 * ``batch_size`` (nnU-Net's 2d plan fills a GPU: 29 for ACDC; on CPU a few images suffice);
 * ``data_identifier`` = ``<plans>_<name>``, so that the coarser data gets its own preprocessed
@@ -107,6 +108,11 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
     # nnU-Net's own topology rule (bottleneck >= 4 px), limited to max_stages stages
     num_pool, pool_kernels, conv_kernels, patch, _ = get_pool_and_conv_props(spacing, patch, 4, max_stages - 1)
     n_stages = len(pool_kernels)
+    if n_stages < 3:
+        # nnU-Net's deep supervision gives the lowest-resolution output weight 0: with fewer than 3
+        # stages every remaining weight would be 0 (a NaN loss)
+        raise SmallConfigError(f"the small patch {list(patch)} leaves only {n_stages} U-Net stages (nnU-Net's deep "
+                               f"supervision needs at least 3); use a smaller --spacing-factor than {spacing_factor}")
     arch = json.loads(json.dumps(base["architecture"]))  # deep copy of the parent's architecture
     kw = arch["arch_kwargs"]
     kw["n_stages"] = n_stages

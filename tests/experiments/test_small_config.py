@@ -127,6 +127,14 @@ def test_existing_configuration_needs_overwrite_and_writes_are_atomic(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["nnUNetPlans.json"]  # no temporary file left
 
 
+def test_too_few_stages_are_refused():
+    # a 24x24 2d patch at half resolution leaves 12x12: one pooling, 2 stages, no deep-supervision weight left
+    plans = _plans_2d(spacing=(1.0, 1.0), patch=(24, 24), median=(24.0, 24.0))
+    with pytest.raises(sc.SmallConfigError, match="only 2 U-Net stages.*smaller --spacing-factor"):
+        sc.small_configuration(plans, spacing_factor=2.0)
+    assert sc.small_configuration(plans, spacing_factor=1.5)["architecture"]["arch_kwargs"]["n_stages"] == 3
+
+
 def test_cli_errors_exit_2_with_message(tmp_path):
     env = dict(os.environ, nnUNet_preprocessed=str(tmp_path), nnUNet_raw=str(tmp_path), nnUNet_results=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "nnunet_calibration.experiments.small_config", "27"], env=env,
@@ -140,14 +148,17 @@ def test_small_configuration_trains_and_predicts_with_stock_nnunet(synthetic_lab
     ds = synthetic_labels
     env = dict(ds.env)
     name = "2d_small"
+    # the tiny 24x24 slices: x1.5 spacing gives 16x16 patches, 3 stages (x2 would leave 2: refused, see below)
     r = subprocess.run([sys.executable, "-m", "nnunet_calibration.experiments.small_config", str(ds.dataset_id),
-                        "-c", name, "--batch-size", "2", "--overwrite"], env=env, capture_output=True, text=True)
+                        "-c", name, "--spacing-factor", "1.5", "--batch-size", "2", "--overwrite"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     plans = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text())
     entry = plans["configurations"][name]
     parent = plans["configurations"]["2d"]
     assert entry["inherits_from"] == "2d"
-    assert entry["spacing"] == [2 * s for s in parent["spacing"]]
+    assert entry["spacing"] == pytest.approx([1.5 * s for s in parent["spacing"]])
+    assert entry["architecture"]["arch_kwargs"]["n_stages"] >= 3
     # nnU-Net's own preprocessing filled the configuration's own folder
     pre_folder = ds.preprocessed / f"nnUNetPlans_{name}"
     assert pre_folder.is_dir() and len(list(pre_folder.iterdir())) > 0

@@ -29,7 +29,7 @@ import copy, os, sys
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # tests/trainers and tests/, as pytest does
 from trainers_testlib import make_trainer, random_targets
 from nnunet_calibration.trainers import nnUNetTrainerSDC
 
