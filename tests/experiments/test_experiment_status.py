@@ -8,6 +8,7 @@ checks a fold interrupted and continued under SLURM the same way.
 """
 import io
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,11 +24,19 @@ from nnunet_calibration.experiments.status import (NNUNET_DEFAULT_EPOCHS, fold_s
 @pytest.mark.nnunet
 def test_status_against_a_real_training_log(synthetic_prediction, tmp_path, capsys):
     pred = synthetic_prediction
-    fold = pred.model_folder / "fold_0"
+    # a results tree of its own holding only the fixture's fold 0 (other tests may train fold 1 of the same
+    # trainer into the shared results folder, in any order)
+    results = tmp_path / "results"
+    model = results / pred.model_folder.parent.name / pred.model_folder.name
+    shutil.copytree(pred.model_folder / "fold_0", model / "fold_0")
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        if (pred.model_folder / name).is_file():
+            shutil.copy2(pred.model_folder / name, model / name)
+    fold = model / "fold_0"
     f = write_experiment(tmp_path / "st.yaml", name="status-real", dataset=pred.dataset.dataset_id,
                          configuration="2d", folds=[0, 1], device="cpu", training=SHORT,
                          trainers=[pred.trainer], state_dir=str(tmp_path / "state"),
-                         nnunet_paths={"results": os.environ["nnUNet_results"]})
+                         nnunet_paths={"results": str(results)})
     exp = validate(load_experiment(f), check_trainers=False)
     rows = fold_statuses(exp, use_slurm=False)
     assert [(r["fold"], r["status"]) for r in rows] == [(0, "finished"), (1, "not started")]

@@ -368,6 +368,12 @@ def test_loss_without_regions_rejected_in_constructor(synthetic_labels, syntheti
 
 def _sdc_wiring(trainer_cls, preprocessed, regions: bool):
     tr = make_trainer(trainer_cls, preprocessed, "2d")
+    dsw = ds_wrapper(tr.loss)
+    if dsw.weight_factors[0] == 1:
+        # the tiny test network has two outputs, so nnU-Net's weights are (1, 0) and could not tell a
+        # scaled SDF term from an unscaled one: give the full resolution a weight below 1
+        w = np.array([1 / 2 ** i for i in range(len(dsw.weight_factors))])
+        dsw.weight_factors = tuple(w / w.sum())
     net = unwrap_network(tr.network)
     assert isinstance(net, SDFHeadNetwork)
     n_heads = tr.label_manager.num_segmentation_heads
@@ -383,8 +389,8 @@ def _sdc_wiring(trainer_cls, preprocessed, regions: bool):
     # expected: nnU-Net's DS weights, SDC on every output, SDF term on the full resolution only
     per_res = build_loss("sdc_dc" if trainer_cls.add_dice else "sdc", regions=regions,
                          batch_dice=tr.configuration_manager.batch_dice, **tr.loss_hparams)
-    weights = ds_wrapper(tr.loss).weight_factors
-    assert weights[0] < 1  # nnU-Net's full-resolution weight: the SDF term must not be scaled by it
+    weights = dsw.weight_factors
+    assert weights[0] < 1  # the full-resolution weight: the SDF term must not be scaled by it
     sdf_fg = sdf if regions else sdf[:, 1:]
     onehot = (tgt[0].numpy() if regions else
               torch.nn.functional.one_hot(tgt[0][:, 0].long(), n_heads).movedim(-1, 1)[:, 1:].numpy())
