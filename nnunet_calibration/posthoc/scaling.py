@@ -90,6 +90,19 @@ def region_targets(labels: np.ndarray, region_labels: Sequence[Sequence[int]]) -
     return np.stack([np.isin(labels, list(r)) for r in region_labels], axis=-1).astype(np.uint8)
 
 
+def _checked_voxels(probs, labels, ignore_label):
+    """``(probs, C, labels, flat labels, indices of the voxels to use)``; shapes checked, ignore label left out."""
+    probs = np.asarray(probs)
+    c = probs.shape[0]
+    labels = np.asarray(labels)
+    if labels.size * c != probs.size:
+        raise ValueError(f"reference has {labels.size} voxels, probabilities {probs.size // max(c, 1)} "
+                         f"(shapes {labels.shape} and {probs.shape})")
+    flat_y = labels.reshape(-1)
+    idx = np.flatnonzero(flat_y != ignore_label) if ignore_label is not None else np.arange(flat_y.size)
+    return probs, c, labels, flat_y, idx
+
+
 def voxel_sample(probs: np.ndarray, labels: np.ndarray, region_labels: Sequence[Sequence[int]] | None = None,
                  ignore_label: int | None = None, max_voxels: int | None = None,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,14 +115,7 @@ def voxel_sample(probs: np.ndarray, labels: np.ndarray, region_labels: Sequence[
     ``ignore_label`` are left out. ``max_voxels``: keep at most that many, uniformly without
     replacement from ``rng`` (default ``default_rng(0)``).
     """
-    probs = np.asarray(probs)
-    c = probs.shape[0]
-    labels = np.asarray(labels)
-    if labels.size * c != probs.size:
-        raise ValueError(f"reference has {labels.size} voxels, probabilities {probs.size // max(c, 1)} "
-                         f"(shapes {labels.shape} and {probs.shape})")
-    flat_y = labels.reshape(-1)
-    idx = np.flatnonzero(flat_y != ignore_label) if ignore_label is not None else np.arange(flat_y.size)
+    probs, c, labels, flat_y, idx = _checked_voxels(probs, labels, ignore_label)
     if max_voxels is not None and len(idx) > max_voxels:
         rng = np.random.default_rng(0) if rng is None else rng
         idx = np.sort(rng.choice(idx, size=int(max_voxels), replace=False))
@@ -155,14 +161,7 @@ class VoxelReservoir:
         Same sample as ``add(*voxel_sample(probs, labels, ...), group)``, but only the voxels that can
         still be kept are turned into float64 log-probabilities (bounded memory on large cases).
         """
-        probs = np.asarray(probs)
-        c = probs.shape[0]
-        labels = np.asarray(labels)
-        if labels.size * c != probs.size:
-            raise ValueError(f"reference has {labels.size} voxels, probabilities {probs.size // max(c, 1)} "
-                             f"(shapes {labels.shape} and {probs.shape})")
-        flat_y = labels.reshape(-1)
-        idx = np.flatnonzero(flat_y != ignore_label) if ignore_label is not None else np.arange(flat_y.size)
+        probs, c, labels, flat_y, idx = _checked_voxels(probs, labels, ignore_label)
         self.seen += len(idx)
         keys = self.rng.random(len(idx))
         if self.max_voxels is not None and len(idx) > self.max_voxels:
