@@ -82,6 +82,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunet_calibration.io import CorruptFileError, quiet_itk, verify_image_file
 from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, image_diagonal,
                                         validate_labels, validate_probabilities)
+from nnunet_calibration.utils import json_clean, nanmean
 
 PathLike = Union[str, os.PathLike]
 
@@ -444,34 +445,15 @@ def _worker(job, lm, class_names, regions, options, reader):
 # --------------------------------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------------------------------
-def _nanmean(values) -> float:
-    v = np.asarray([np.nan if x is None else x for x in values], dtype=np.float64)
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if v.size else float("nan")
-
-
 def dataset_means(cases: List[dict], class_names: List[str]) -> Dict[str, float]:
-    out = {"DSC": _nanmean([c["metrics"]["DSC_mean"] for c in cases]),
-           "HD95": _nanmean([c["metrics"]["HD95_mean"] for c in cases])}
+    out = {"DSC": nanmean([c["metrics"]["DSC_mean"] for c in cases]),
+           "HD95": nanmean([c["metrics"]["HD95_mean"] for c in cases])}
     for k in METRIC_KEYS:
-        out[k] = _nanmean([c["metrics"][k] for c in cases])
+        out[k] = nanmean([c["metrics"][k] for c in cases])
     for name in class_names:
-        out[f"DSC_{name}"] = _nanmean([c["metrics"]["DSC"][name] for c in cases])
-        out[f"HD95_{name}"] = _nanmean([c["metrics"]["HD95"][name] for c in cases])
+        out[f"DSC_{name}"] = nanmean([c["metrics"]["DSC"][name] for c in cases])
+        out[f"HD95_{name}"] = nanmean([c["metrics"]["HD95"][name] for c in cases])
     return out
-
-
-def _json_clean(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return None if math.isnan(f) or math.isinf(f) else f
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _safe_name(name: str) -> str:
@@ -774,7 +756,7 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
             "pooled": pooled_acc.compute(),
             "missing": missing,
         }
-        summary = _json_clean(summary)
+        summary = json_clean(summary)
         if write:
             _write_outputs(out_dir, staging, summary, class_names, pooled_acc, [r[1] for r in results])
             summary["config"]["out_dir"] = str(out_dir)
