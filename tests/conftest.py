@@ -211,6 +211,11 @@ def synthetic_prediction(synthetic_labels, tmp_path_factory):
     model_name = f"{PREDICTION_TRAINER}__nnUNetPlans__2d"
     model = copy_tree(built / "results" / ds.name / model_name, Path(ds.env["nnUNet_results"]) / ds.name / model_name)
     pred = copy_tree(built / "imagesTs_pred", tmp_path_factory.mktemp("pred") / "imagesTs_pred")
+    # the splits the model was trained with (nnU-Net wrote them into the build's preprocessed copy): tests that
+    # read fold 0's validation cases must find them whatever ran before on this worker
+    splits = built / "preprocessed" / ds.name / "splits_final.json"
+    if not (ds.preprocessed / "splits_final.json").exists():
+        shutil.copy2(splits, ds.preprocessed / "splits_final.json")
     return SimpleNamespace(pred_folder=pred, gt_folder=ds.raw / "labelsTs",
                            validation_folder=model / "fold_0" / "validation",
                            gt_folder_train=ds.raw / "labelsTr",
