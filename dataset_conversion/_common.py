@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_calibration.io import CorruptFileError, read_sitk_image
+from nnunet_calibration.utils import remove_stale_staging, staging_dir
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL = 1e-3
@@ -214,7 +215,9 @@ class StagedDataset:
             st.commit(splits)
 
     On an exception (or without :meth:`commit`) the temporary folder is removed and nothing in
-    ``nnUNet_raw``/``nnUNet_preprocessed`` changes. ``commit`` renames the staged folder into place
+    ``nnUNet_raw``/``nnUNet_preprocessed`` changes (``calib-convert`` turns SIGTERM into the same
+    clean-up; a staging folder ``.DatasetXXX_Name.tmp-<pid>-*`` left by a SIGKILLed run is removed by
+    the next conversion, see :mod:`nnunet_calibration.utils`). ``commit`` renames the staged folder into place
     (an existing target, allowed only with ``overwrite``, is first renamed aside and deleted after
     the swap) and writes ``$nnUNet_preprocessed/DatasetXXX_Name/splits_final.json`` (written to a
     temporary file and renamed). Other folders using the same dataset id with a different name in
@@ -252,7 +255,8 @@ class StagedDataset:
     def __enter__(self) -> "StagedDataset":
         self._check_target()
         self.raw_root.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.raw_root))
+        remove_stale_staging(self.target)  # left by a converter killed with SIGKILL
+        self._tmp = staging_dir(self.target)
         self.root = self._tmp
         self.imagesTr = self._tmp / "imagesTr"
         self.labelsTr = self._tmp / "labelsTr"
@@ -277,7 +281,7 @@ class StagedDataset:
         try:
             write_json(splits, Path(tmp_split))
             if self.target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.raw_root))
+                old = staging_dir(self.target, "old")
                 old.rmdir()
                 os.replace(self.target, old)
             os.replace(self._tmp, self.target)

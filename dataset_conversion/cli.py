@@ -7,12 +7,14 @@ Usage::
 
 Writes ``$nnUNet_raw/DatasetXXX_Name`` and ``$nnUNet_preprocessed/DatasetXXX_Name/splits_final.json``.
 On bad input it prints ``calib-convert: error: ...`` (naming the file) to stderr and exits with
-status 1; nothing is written then.
+status 1; nothing is written then. Ctrl-C and SIGTERM remove the staging folder and exit with 130.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from nnunet_calibration.utils import sigterm_as_interrupt
 
 from ._common import DEFAULT_SPLIT_SEED, ConversionError
 
@@ -46,13 +48,17 @@ def main(argv=None) -> int:
     if args.dataset in ("flare", "brats"):
         kwargs["release"] = args.release
     elif args.release is not None:
-        print(f"calib-convert: error: --release is only used for flare and brats", file=sys.stderr)
+        print("calib-convert: error: --release is only used for flare and brats", file=sys.stderr)
         return 2
     try:
-        result = CONVERTERS[args.dataset](args.source, args.dataset_id, **kwargs)
+        with sigterm_as_interrupt():  # SIGTERM like Ctrl-C: the staging folder is removed
+            result = CONVERTERS[args.dataset](args.source, args.dataset_id, **kwargs)
     except ConversionError as e:
         print(f"calib-convert: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("calib-convert: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"wrote {result.dataset_dir} ({result.num_training} training, {result.num_test} test cases) "
           f"and {result.splits_file}")
     return 0

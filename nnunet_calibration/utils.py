@@ -6,20 +6,29 @@
   arrays become Python numbers and lists, paths become strings, dict keys become strings).
 - :func:`replace_dir`, :func:`atomic_dir`: build a folder in a temporary sibling and move it into
   place at the end, so readers see the old folder or the complete new one, never half of it.
+- :func:`staging_dir`, :func:`remove_stale_staging`, :func:`sigterm_as_interrupt`: the staging
+  convention behind them. A staging sibling of ``TARGET`` is named ``.TARGET.tmp-<pid>-<random>``
+  (an old folder being swapped out: ``.TARGET.old-<pid>-<random>``); SIGTERM inside
+  ``sigterm_as_interrupt()`` raises ``KeyboardInterrupt`` so that the ``finally``/``except`` clean-up
+  runs as for Ctrl-C; a staging folder whose process no longer exists (SIGKILL, power loss) is
+  removed by the next run's :func:`remove_stale_staging`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["nanmean", "mean_std", "json_clean", "replace_dir", "atomic_dir"]
+__all__ = ["nanmean", "mean_std", "json_clean", "replace_dir", "atomic_dir", "staging_dir",
+           "remove_stale_staging", "sigterm_as_interrupt", "pid_alive"]
 
 
 def _finite_array(values: Iterable) -> np.ndarray:
@@ -66,6 +75,61 @@ def json_clean(obj):
     return str(obj)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_dir(target: str | os.PathLike, kind: str = "tmp") -> Path:
+    """Create and return the hidden sibling ``.TARGET.<kind>-<pid>-<random>`` of ``target``."""
+    target = Path(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[str]:
+    """Remove the ``.TARGET.tmp-<pid>-*`` / ``.TARGET.old-<pid>-*`` siblings of ``target`` whose process
+    no longer exists (left by a run killed with SIGKILL). Staging folders of running processes are
+    left alone. Returns the removed paths."""
+    target = Path(target)
+    parent = target.parent
+    removed: list[str] = []
+    if not parent.is_dir():
+        return removed
+    rx = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-")
+    for p in parent.iterdir():
+        m = rx.match(p.name)
+        if m and p.is_dir() and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM (``kill``, SLURM, ``timeout``) raises ``KeyboardInterrupt`` like Ctrl-C.
+
+    The previous handler is restored afterwards. Only in the main thread (elsewhere a no-op)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Move the finished folder ``new`` to ``target`` (same file system), replacing an existing ``target``.
 
@@ -76,7 +140,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     if not target.exists():
         os.replace(new, target)
         return target
-    old_parent = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old_parent = staging_dir(target, "old")
     old = old_parent / "old"
     os.replace(target, old)
     try:
@@ -98,7 +162,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_staging(target)
+    tmp = staging_dir(target)
     try:
         yield tmp
         replace_dir(tmp, target)

@@ -1,6 +1,7 @@
 """nnunet_calibration.utils: NaN-aware means, JSON cleaning, atomic folder replacement."""
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,28 @@ def test_atomic_dir_replaces_or_leaves_untouched(tmp_path):
     (new / "b.txt").write_text("b")
     replace_dir(new, target)
     assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_staging_names_and_stale_removal(tmp_path):
+    import subprocess
+    import sys
+
+    from nnunet_calibration.utils import remove_stale_staging, staging_dir
+
+    target = tmp_path / "out"
+    mine = staging_dir(target)
+    assert mine.parent == tmp_path and mine.name.startswith(f".out.tmp-{os.getpid()}-")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_tmp = tmp_path / f".out.tmp-{dead.pid}-x1"
+    stale_old = tmp_path / f".out.old-{dead.pid}-x2"
+    other = tmp_path / f".outer.tmp-{dead.pid}-x3"  # another target's staging: not ours to remove
+    for p in (stale_tmp, stale_old, other):
+        p.mkdir()
+    removed = remove_stale_staging(target)
+    assert sorted(removed) == sorted([str(stale_tmp), str(stale_old)])
+    assert mine.exists() and other.exists()  # a running process's staging stays
+    stale_tmp.mkdir()
+    with atomic_dir(target) as work:  # atomic_dir also clears a dead run's staging first
+        (work / "a.txt").write_text("x")
+    assert not stale_tmp.exists() and (target / "a.txt").read_text() == "x"

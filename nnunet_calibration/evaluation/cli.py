@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Optional, Sequence
+
+from nnunet_calibration.utils import sigterm_as_interrupt
 
 from .core import DEFAULT_OPTIONS, EvaluationInputError, evaluate_folders
 
@@ -33,10 +34,6 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
-
-
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,21 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (kill, SLURM, timeout) is handled like Ctrl-C: the staging folder is removed
-    old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         cases = args.cases
         if args.cases_from_split is not None:
             from .core import validation_cases
 
             cases = (cases or []) + validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
-        summary = evaluate_folders(
-            args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
-            num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
-            allow_missing=args.allow_missing,
-            convention=args.convention, **({} if args.n_bins_ece is None else {"n_bins_ece": args.n_bins_ece}),
-            n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
-            n_bins_ace=args.n_bins_ace, fp_weight=args.fp_weight, cece_threshold=args.cece_threshold,
-            include_background=args.include_background, nll_eps=args.nll_eps)
+        with sigterm_as_interrupt():
+            summary = evaluate_folders(
+                args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
+                num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
+                allow_missing=args.allow_missing,
+                convention=args.convention, **({} if args.n_bins_ece is None else {"n_bins_ece": args.n_bins_ece}),
+                n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
+                n_bins_ace=args.n_bins_ace, fp_weight=args.fp_weight, cece_threshold=args.cece_threshold,
+                include_background=args.include_background, nll_eps=args.nll_eps)
     except EvaluationInputError as e:
         print(f"calib-evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -113,8 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("calib-evaluate: interrupted; nothing written", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
     m, pooled = summary["mean"], summary["pooled"]
 
     def fmt(v):

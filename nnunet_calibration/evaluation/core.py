@@ -62,10 +62,8 @@ import math
 import multiprocessing
 import os
 import queue as queue_mod
-import re
 import shutil
 import signal
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -82,7 +80,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunet_calibration.io import CorruptFileError, quiet_itk, verify_image_file
 from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, image_diagonal,
                                         validate_labels, validate_probabilities)
-from nnunet_calibration.utils import json_clean, nanmean
+from nnunet_calibration.utils import json_clean, nanmean, remove_stale_staging, replace_dir, staging_dir
 
 PathLike = Union[str, os.PathLike]
 
@@ -568,32 +566,6 @@ def _prepare_out_dir(out_dir: Path) -> None:
                                        "choose another -o")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(out_dir: Path) -> List[str]:
-    """Remove ``.<out>.tmp-<pid>-*`` / ``.<out>.old-<pid>-*`` folders next to ``out_dir`` left by a run
-    whose process no longer exists (killed with SIGKILL, power loss). Returns the removed paths."""
-    removed = []
-    parent = out_dir.parent
-    if not parent.is_dir():
-        return removed
-    rx = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-(\d+)-")
-    for p in parent.iterdir():
-        m = rx.match(p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(str(p))
-    return removed
-
-
 def _make_staging(out_dir: Path) -> Path:
     """Create the staging folder next to ``out_dir`` now, so that an unwritable location fails before
     any case is computed."""
@@ -601,7 +573,7 @@ def _make_staging(out_dir: Path) -> Path:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+        tmp = staging_dir(out_dir)
         probe = tmp / ".write-test"
         probe.write_bytes(b"x")
         probe.unlink()
@@ -781,10 +753,4 @@ def _write_outputs(out_dir: Path, tmp: Path, summary: dict, class_names, pooled_
     per_case_freq = np.stack([a.reliability()[3] for a in case_accs])  # (cases, K, bins)
     plot_dataset_reliability_histogram(tmp / "dataset_reliability_histogram.png", edges, per_case_freq,
                                        class_names)
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
-        os.rename(out_dir, old / "x")
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
+    replace_dir(tmp, out_dir)
