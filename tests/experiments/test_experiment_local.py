@@ -93,6 +93,11 @@ def test_report_contents(local_run):
     for png in ("reliability.png", "dsc_vs_ece.png", "threshold_sweep.png"):
         assert (r.report / png).stat().st_size > 1000
     assert "torch" in rep["machine"] and rep["command"].startswith("calib-experiment run")
+    # training time read from nnU-Net's training logs: every trainer and fold, positive
+    assert set(rep["training_seconds"]["local-e2e"]) == set(TRAINERS)
+    assert all(set(v) == {"0", "1"} and all(s > 0 for s in v.values())
+               for v in rep["training_seconds"]["local-e2e"].values())
+    assert "## Training time" in md
 
 
 def test_rerun_trains_nothing_and_resumes_interrupted(local_run):

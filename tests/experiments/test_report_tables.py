@@ -29,7 +29,7 @@ def _fold_means(**per_metric):
 
 def _data():
     a = MethodResult("A", "TrA", folds=[0, 1], fold_means=_fold_means(DSC=[0.8, 0.9], ECE=[0.10, 0.20]),
-                     cases={"c1": {m: 0.5 for m in METRICS} | {"fold": 0}})
+                     cases={"c1": {m: 0.5 for m in METRICS} | {"fold": 0}}, train_seconds={0: 600.0, 1: 900.0})
     b = MethodResult("B", "TrB", folds=[0, 1], fold_means=_fold_means(DSC=[0.7, 0.7], ECE=[0.05, 0.05]))
     c = MethodResult("C", "TrC", folds=[0], missing_folds=[1], fold_means=_fold_means(DSC=[0.6], ECE=[float("nan")]),
                      missing_info=[{"fold": 1, "status": "not started", "detail": "", "log": ""}])
@@ -81,6 +81,10 @@ def test_markdown_and_csv(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["table"]["C"]["mean"]["e/ECE"] is None  # NaN -> null
     assert render.fmt(float("nan"), "DSC") == "—" and render.fmt(2.345, "HD95", 0.1) == "2.35 ± 0.10"
+    # training time: A's two folds took 10 and 15 minutes; B and C have no training log
+    assert "## Training time" in md and "| A | 2 | 12.5 | 25.0 |" in md
+    assert "Training time of all rows: 25 min (0.4 h)" in md
+    assert rep["training_seconds"]["e"] == {"A": {"0": 600.0, "1": 900.0}}
 
 
 def test_empty_report_is_an_error(tmp_path):

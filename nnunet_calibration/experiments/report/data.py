@@ -43,7 +43,9 @@ class MethodResult:
     """One row of the table (one trainer, or one trainer after post-hoc scaling).
 
     ``fold_means[fold][metric]``: the evaluator's mean over that fold's cases; ``cases[case]``:
-    per-case values (``{metric: value, "fold": fold}``); ``reliability``: the metrics
+    per-case values (``{metric: value, "fold": fold}``); ``train_seconds[fold]``: training time of
+    that fold, the sum of nnU-Net's logged epoch times (validation and export not included; empty
+    for post-hoc rows); ``reliability``: the metrics
     accumulator's ECE statistics pooled over every validation case (``None`` if not computed);
     ``pooled``: :meth:`CalibrationAccumulator.compute` over all those cases; ``sweep_counts``: per
     case the ``(thresholds, 3)`` tp/fp/fn counts of :func:`.posthoc.threshold_counts`.
@@ -57,6 +59,7 @@ class MethodResult:
     missing_folds: list = field(default_factory=list)
     missing_info: list = field(default_factory=list)
     fold_means: dict = field(default_factory=dict)
+    train_seconds: dict = field(default_factory=dict)
     cases: dict = field(default_factory=dict)
     reliability: Optional[BinStats] = None
     pooled: dict = field(default_factory=dict)

@@ -39,7 +39,7 @@ from nnunet_calibration.experiments.report import tables
 from nnunet_calibration.experiments.report.data import (CASE_KEYS, METRICS, SUFFIX, ExperimentResult, MethodResult,
                                                         PosthocFit, ReportData)
 from nnunet_calibration.experiments.runner import FINISHED, fold_state, has_npz
-from nnunet_calibration.experiments.status import fold_statuses
+from nnunet_calibration.experiments.status import fold_statuses, training_progress
 from nnunet_calibration.metrics import CalibrationAccumulator
 
 #: the accumulator's keyword options (taken from the evaluator's summary config, never re-defaulted)
@@ -201,6 +201,9 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
         summaries[f] = evaluate(exp.fold_folder(spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
         rec.fold_means[f] = fold_means(summaries[f])
         rec.cases.update(case_values(summaries[f], f))
+        prog = training_progress(exp.fold_folder(spec, f))
+        if prog["epoch_time"] is not None:
+            rec.train_seconds[f] = prog["epoch_time"] * prog["epoch"]
     # 2) one pass over the probabilities: reliability, threshold sweep, fit samples per fold
     files = [(f, npz) for f in present for npz in sorted((exp.fold_folder(spec, f) / "validation").glob("*.npz"))]
     rng = np.random.default_rng(rng_seed)

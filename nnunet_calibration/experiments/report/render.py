@@ -143,6 +143,8 @@ def report_json(data: ReportData, tab: Tables) -> dict:
                   for m in tab.method_order},
         "fold_means": {e.name: {m.method: {str(f): v for f, v in m.fold_means.items()} for m in e.methods}
                        for e in data.experiments},
+        "training_seconds": {e.name: {m.method: {str(f): v for f, v in m.train_seconds.items()}
+                                      for m in e.methods if m.train_seconds} for e in data.experiments},
         "pooled": {e.name: {m.method: m.pooled for m in e.methods if m.pooled} for e in data.experiments},
         "friedman": {"average_rank": tab.avg_rank, "position": tab.position, "test": tab.friedman},
         "wilcoxon": tab.wilcoxon,
@@ -288,6 +290,36 @@ def _md_sweep(data: ReportData, tab: Tables, plots: dict) -> list:
     return L
 
 
+def training_time_rows(e: ExperimentResult) -> list:
+    """Per trainer row: ``[method, folds with a time, mean minutes per fold, total minutes]``
+    from ``MethodResult.train_seconds`` (sum of nnU-Net's logged epoch times per fold)."""
+    rows = []
+    for m in e.methods:
+        if m.kind != "trainer" or not m.train_seconds:
+            continue
+        secs = list(m.train_seconds.values())
+        rows.append([m.method, len(secs), sum(secs) / len(secs) / 60.0, sum(secs) / 60.0])
+    return rows
+
+
+def _md_training_time(data: ReportData) -> list:
+    blocks = []
+    for e in data.experiments:
+        rows = training_time_rows(e)
+        if not rows:
+            continue
+        total = sum(r[3] for r in rows)
+        table = md_table(["Method", "folds", "minutes per fold (mean)", "minutes (all folds)"],
+                         [[r[0], str(r[1]), f"{r[2]:.1f}", f"{r[3]:.1f}"] for r in rows])
+        blocks += ([f"**{e.name}**", ""] if data.multi else []) + [
+            table, "", f"Training time of all rows: {total:.0f} min ({total / 60:.1f} h) of process time "
+            "(folds run side by side count separately; validation, export and evaluation not included).", ""]
+    if not blocks:
+        return []
+    return ["## Training time", "",
+            "Sum of nnU-Net's logged epoch times per fold (`training_log_*.txt`), on the machine above.", ""] + blocks
+
+
 def _md_plots(data: ReportData, plots: dict) -> list:
     L = ["## Plots", "",
          "Reliability diagrams: the ECE column's bins pooled over all validation cases (foreground voxels; "
@@ -305,7 +337,7 @@ def _md_plots(data: ReportData, plots: dict) -> list:
 def markdown(data: ReportData, tab: Tables, plots: dict) -> str:
     """The report's README.md; ``plots``: the files :func:`.plots.write_plots` wrote (only those are linked)."""
     L = (_md_header(data) + _md_results(data, tab) + _md_wilcoxon(data, tab) + _md_posthoc(data)
-         + _md_sweep(data, tab, plots) + _md_plots(data, plots))
+         + _md_sweep(data, tab, plots) + _md_training_time(data) + _md_plots(data, plots))
     return "\n".join(L)
 
 
