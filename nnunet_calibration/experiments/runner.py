@@ -152,6 +152,9 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     one, each training gets ``OMP_NUM_THREADS = max(1, cores // parallel)`` (unless the environment
     sets it): on a small CPU machine two single-threaded trainings use both cores better than one
     two-threaded training (nnU-Net's data augmentation runs in the training process there).
+
+    Order: fold by fold (every trainer's fold 0, then every trainer's fold 1, ...), so that a study
+    stopped part-way has all its methods on the same folds.
     """
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ExperimentError(f"parallel must be an integer >= 1, got {parallel!r}")
@@ -159,8 +162,8 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     state = read_local_state(exp)
     done = {}
     todo = []
-    for spec in exp.trainers:
-        for fold in exp.folds:
+    for fold in exp.folds:
+        for spec in exp.trainers:
             if train_command(exp, spec, fold, device) is None:
                 done[(spec.label, fold)] = ("skipped (finished)", 0)
             else:
