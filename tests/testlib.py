@@ -55,3 +55,30 @@ def copy_tree(src: Path, dst: Path) -> Path:
     """Copy a folder (files with their times, so a reuse check by mtime sees the original's)."""
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return Path(dst)
+
+
+def sigterm_when_staging_appears(cmd: list, env: dict, folder: Path, prefix: str, timeout: float = 120.0):
+    """Start ``cmd``; as soon as a staging folder ``folder/<prefix><pid>-*`` of that process exists,
+    send it SIGTERM. Returns ``(returncode, stdout, stderr, staging_seen)``; the process is killed if
+    it outlives ``timeout`` (then the test fails on the return code)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        t0 = time.time()
+        while time.time() - t0 < timeout and proc.poll() is None:
+            seen = [p for p in folder.iterdir() if p.name.startswith(f"{prefix}{proc.pid}-")] if folder.is_dir() else []
+            if seen:
+                break
+            time.sleep(0.02)
+        if seen:
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stdout, stderr, bool(seen)

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import dataset_conversion_testlib as b
 from dataset_conversion import ConversionError, convert_acdc, convert_brats, convert_flare, convert_prostate
 from dataset_conversion.cli import main
+from testlib import sigterm_when_staging_appears
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -368,9 +369,6 @@ def test_cli_subprocess_success_and_existing_target(tmp_path):
 def test_cli_sigterm_removes_staging_and_stale_staging_is_removed(tmp_path):
     """SIGTERM during a conversion exits 130 and leaves nothing (like Ctrl-C); a staging folder of an
     earlier run killed with SIGKILL (its process is gone) is removed by the next run."""
-    import signal
-    import time
-
     src = b.make_acdc(tmp_path / "src", n_patients=10, n_test=0, shape=(128, 128, 8))
     raw, pre = tmp_path / "raw", tmp_path / "pre"
     raw.mkdir()
@@ -380,24 +378,12 @@ def test_cli_sigterm_removes_staging_and_stale_staging_is_removed(tmp_path):
     (stale / "imagesTr").mkdir(parents=True)
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "dataset_conversion.cli", "acdc", str(src), "-d", "10",
-                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        t0, staging = time.time(), []
-        while time.time() - t0 < 120 and proc.poll() is None:
-            staging = [p for p in raw.iterdir() if p.name.startswith(f".Dataset010_ACDC.tmp-{proc.pid}-")]
-            if staging:
-                break
-            time.sleep(0.02)
-        assert staging, "the staging folder (named with the converter's pid) exists while converting"
-        assert not stale.exists(), "the staging folder of a dead run is removed"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stdout + stderr
+    rc, stdout, stderr, seen = sigterm_when_staging_appears(
+        [sys.executable, "-m", "dataset_conversion.cli", "acdc", str(src), "-d", "10", "--no-progress"],
+        env, raw, ".Dataset010_ACDC.tmp-")
+    assert seen, "the staging folder (named with the converter's pid) exists while converting"
+    assert rc == 130, stdout + stderr
     assert "interrupted" in stderr
+    assert not stale.exists(), "the staging folder of a dead run is removed"
     assert list(raw.iterdir()) == []
     assert not pre.exists() or list(pre.iterdir()) == []

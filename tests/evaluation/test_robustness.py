@@ -24,6 +24,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunet_calibration.evaluation import EvaluationInputError, evaluate_folders
 from nnunet_calibration.evaluation.cli import main
 from nnunet_calibration.metrics import brier, cece, dice, ece, hd95, marginal_calibration_errors, nll, pece
+from testlib import sigterm_when_staging_appears
 
 REPO = Path(__file__).resolve().parents[2]
 CAL_KEYS = ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier")
@@ -267,27 +268,12 @@ def test_sigterm_removes_staging_and_stale_staging_is_removed(tmp_path):
     stale.mkdir()
     (stale / "summary.json").write_text("{}")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "nnunet_calibration.evaluation.cli", str(pred), "--gt", str(gt),
-                             "-o", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        t0 = time.time()
-        staging = []
-        while time.time() - t0 < 120 and proc.poll() is None:
-            staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".out.tmp-{proc.pid}-")]
-            if staging:
-                break
-            time.sleep(0.1)
-        assert staging, "the staging folder is created before computing"
-        assert not stale.exists(), "stale staging of a dead run removed"
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stdout + stderr
+    rc, stdout, stderr, seen = sigterm_when_staging_appears(
+        [sys.executable, "-m", "nnunet_calibration.evaluation.cli", str(pred), "--gt", str(gt), "-o", str(out),
+         "--no-progress"], env, tmp_path, ".out.tmp-")
+    assert seen, "the staging folder is created before computing"
+    assert not stale.exists(), "stale staging of a dead run removed"
+    assert rc == 130, stdout + stderr
     assert "interrupted" in stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

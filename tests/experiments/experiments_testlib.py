@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from nnunet_calibration.trainers.base import parse_hparams
+from nnunet_calibration.utils import pid_alive
 from testlib import SHORT_TRAINING
 
 #: the same short training as the shared fixtures (tests/conftest.py), so their trainings can be reused
@@ -130,13 +131,9 @@ def _prog(name: str) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """:func:`nnunet_calibration.utils.pid_alive`, and not a zombie."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
-    # a zombie is not alive
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.split(")")[-1].split()[0] != "Z"
