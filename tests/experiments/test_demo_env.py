@@ -43,3 +43,12 @@ def test_demo_source_writes_nothing_to_os_environ():
         if isinstance(node, ast.Attribute) and node.attr == "environ":
             bad.append(node.lineno)  # any use of os.environ (reading included) would go through nnunet_env
     assert bad == [], f"demo.py uses os.environ at lines {bad}"
+
+
+def test_side_by_side_thread_settings():
+    from nnunet_calibration.experiments.runner import side_by_side_env
+
+    assert side_by_side_env(1) == {}  # one training: torch's own defaults
+    assert side_by_side_env(2, cores=2) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert side_by_side_env(3, cores=8)["OMP_NUM_THREADS"] == "2"
+    assert side_by_side_env(4, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
