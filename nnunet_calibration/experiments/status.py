@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -103,7 +104,8 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
 
     status: ``finished``; ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
-    (a checkpoint exists, not running); ``not started``.
+    (a checkpoint exists, not running); ``in progress`` / ``stopped`` (nnU-Net's log shows epochs but
+    there is no checkpoint yet: written recently, or not, see :func:`_without_checkpoint`); ``not started``.
     """
     from nnunet_calibration.experiments import slurm
 
@@ -154,12 +156,33 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
                 rec["log"] = r.get("log", str(log))
             elif st == INTERRUPTED:
                 rec["detail"] = "checkpoint present; run again to continue (--c)"
-            elif st == NOT_STARTED:
-                pass
+            elif st == NOT_STARTED and rec["progress"]["log"]:
+                rec.update(_without_checkpoint(rec["progress"]))
             if slurm_note and not rec["detail"]:
                 rec["detail"] = slurm_note
             out.append(rec)
     return out
+
+
+#: a training log written less than this many seconds ago (or 5 mean epoch times, if longer) counts
+#: as a training in progress
+RECENT_LOG_SECONDS = 300.0
+
+
+def _without_checkpoint(progress: dict, now: float | None = None) -> dict:
+    """Status of a fold that has nnU-Net's training log but no checkpoint yet (nnU-Net writes one only
+    every 50 epochs and at the end): ``in progress`` while its log was written within
+    ``max(RECENT_LOG_SECONDS, 5 x epoch time)``, else ``stopped`` (its epochs are lost: the next run
+    starts the fold again)."""
+    try:
+        age = (time.time() if now is None else now) - os.path.getmtime(progress["log"])
+    except OSError:
+        return {}
+    limit = max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
+    if age <= limit:
+        return {"status": "in progress", "detail": "no checkpoint yet (nnU-Net saves every 50 epochs and at the end)"}
+    return {"status": "stopped", "detail": f"log silent for {_duration(age)} and no checkpoint: the next run "
+                                           "starts this fold again"}
 
 
 def _stopped_at_time_limit(log: Path) -> bool:

@@ -93,3 +93,23 @@ def test_progress_of_a_resumed_fold(tmp_path):
     p = training_progress(fold)
     assert p["pseudo_dice"] == pytest.approx(0.6) and p["total"] == NNUNET_DEFAULT_EPOCHS
     assert p["current"] == 2 and p["epoch"] == 2
+
+
+def test_fold_with_log_but_no_checkpoint(tmp_path):
+    """nnU-Net writes its first checkpoint only after 50 epochs: a fold whose log shows epochs but
+    that has no checkpoint is 'in progress' while the log is fresh and 'stopped' once it is silent."""
+    from nnunet_calibration.experiments.status import RECENT_LOG_SECONDS, _without_checkpoint
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    log = fold / "training_log_2026_1_9_10_00_00.txt"
+    _write_log(log, [(9, 0, "Epoch 0"), (9, 2, "Epoch time: 20.0 s"), (9, 3, "Epoch 1")])
+    p = training_progress(fold, total_epochs=40)
+    mtime = os.path.getmtime(log)
+    assert _without_checkpoint(p, now=mtime + 10)["status"] == "in progress"
+    late = _without_checkpoint(p, now=mtime + RECENT_LOG_SECONDS + 1)
+    assert late["status"] == "stopped" and "starts this fold again" in late["detail"]
+    # slow epochs: 5 epoch times of grace
+    p["epoch_time"] = 100.0
+    assert _without_checkpoint(p, now=mtime + 450)["status"] == "in progress"
+    assert _without_checkpoint(p, now=mtime + 501)["status"] == "stopped"
