@@ -71,6 +71,59 @@ def _status(exp_file):
     return exp, fold_statuses(exp), report_job_status(exp)
 
 
+def _job_field(task: str, field: str) -> str:
+    """One field (``JobState``, ``Reason``, ...) of ``scontrol show job -o``; '' when unknown."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "job", "-o", task], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def _running_again(task: str) -> bool:
+    """The requeued task has started its second run (or finished it)."""
+    restarts = _job_field(task, "Restarts")
+    return restarts.isdigit() and int(restarts) > 0 and _job_field(task, "JobState") in ("RUNNING", "COMPLETED")
+
+
+def _release_requeued(task: str, timeout: float, diagnose) -> None:
+    """Move a requeued task's BeginTime to now, retrying while SLURM still refuses (job completing).
+
+    Done when the update was accepted or the requeued task (``Restarts`` > 0) already runs again."""
+    import subprocess
+
+    end = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < end:
+        state = _job_field(task, "JobState")
+        if _running_again(task):
+            return
+        if state == "PENDING":
+            proc = subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True,
+                                  text=True, timeout=60)
+            last = (proc.stdout + proc.stderr).strip()
+            if proc.returncode == 0:
+                return
+        time.sleep(1)
+    pytest.fail(f"could not release the requeued task {task} within {timeout:.0f} s (state {state!r}, "
+                f"last scontrol update: {last!r})\n{diagnose()}")
+
+
+def _slurm_state(cluster, task: str) -> str:
+    """What SLURM says about the task and the node, and its daemons' last log lines (for failures)."""
+    import subprocess
+
+    def run(cmd):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return (p.stdout + p.stderr).strip()
+
+    return (f"scontrol show job: {run(['scontrol', 'show', 'job', '-o', task])}\n"
+            f"sinfo: {run(['sinfo', '-N', '-o', '%N %T %E'])}\n"
+            f"squeue: {run(['squeue', '-a', '-o', '%i %T %r %S'])}\n"
+            f"slurmctld log:\n{cluster._tail('slurmctld', 40)}\nslurmd log:\n{cluster._tail('slurmd', 40)}")
+
+
 def _logs(exp) -> str:
     out = []
     for f in sorted((exp.state_dir / "logs").glob("*.log")):
@@ -229,12 +282,15 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     prog = training_progress(fold, epochs)
     assert prog["epoch"] == stopped + 1 and prog["total"] == epochs
     # SLURM holds a requeued job for a while (BeginTime, about 2 minutes) before it may start again:
-    # release it now so that the test stays short (a real cluster just waits)
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=60)
+    # release it so that the test stays short (a real cluster just waits). The update is refused while
+    # the job is still completing, so it is retried until SLURM accepts it or the job runs again.
+    diag_all = lambda: f"{diag()}\n{_slurm_state(slurm, task)}"  # noqa: E731
+    _release_requeued(task, 240, diag_all)
+    _wait_for("the requeued task to run again", lambda: _running_again(task), 300, diag_all)
 
     report = out_root / "slurm-requeue" / "README.md"
     _wait_for("the fold and the report", lambda: fold_state(exp, spec, 0) == FINISHED and report.is_file(), 420,
-              diag, interval=3)
+              diag_all, interval=3)
     # the second run continued from the checkpoint (--c) in the same SLURM task
     assert "resumed" in text() or "--c" in text().split("requeued SLURM job", 1)[1]
     show = subprocess.run(["scontrol", "show", "job", "-o", task], capture_output=True, text=True, timeout=60).stdout

@@ -280,3 +280,30 @@ def test_calib_experiment_report_without_finished_fold_exits_nonzero(tmp_path, c
     assert rc != 0 and "no finished fold" in err, err
     assert not (tmp_path / "out" / "hand").exists()
     assert not [p for p in (tmp_path / "out").iterdir()] if (tmp_path / "out").exists() else True
+
+
+def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_report_folder(tmp_path):
+    """The report folder is replaced as a whole; the experiment file is copied into it, so a study whose
+    experiment file sits inside its own report folder (``results/<name>/experiment.yaml``) keeps it."""
+    exp_file, _ = _make_layout(tmp_path)
+    inside = tmp_path / "out" / "hand" / "experiment.yaml"
+    inside.parent.mkdir(parents=True)
+    text = exp_file.read_text()
+    inside.write_text(text)
+    (inside.parent / "stray.txt").write_text("not part of a report")
+    exp = load_experiment(inside)
+    exp.dataset_name = "Dataset950_Hand"
+    exp.report.update(temperature_scaling=False, vector_scaling=False)
+    out = make_report([exp], tmp_path / "out", progress=False)
+    assert out == inside.parent
+    assert inside.read_text() == text  # the same bytes, now the report's copy
+    assert not (out / "stray.txt").exists()  # anything else is not kept: the folder is the report
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["experiments"][0]["copy"] == "experiment.yaml"
+    assert "copied here as [`experiment.yaml`](experiment.yaml)" in (out / "README.md").read_text()
+    # a second report from that very file works again
+    exp = load_experiment(inside)
+    exp.dataset_name = "Dataset950_Hand"
+    exp.report.update(temperature_scaling=False, vector_scaling=False)
+    make_report([exp], tmp_path / "out", progress=False)
+    assert inside.read_text() == text

@@ -21,12 +21,16 @@ section lists each missing fold's status and log. A report without any finished 
 (:class:`~nnunet_calibration.experiments.config.ExperimentError`), and nothing is written.
 
 Everything is written into a temporary folder next to the target and moved into place at the end
-(:func:`nnunet_calibration.utils.atomic_dir`); ``evaluation/<experiment>/<row>/fold_X/summary.json``
-keeps the evaluator's summary of every fold.
+(:func:`nnunet_calibration.utils.atomic_dir`), so the report folder holds only what the report
+writes; ``evaluation/<experiment>/<row>/fold_X/summary.json`` keeps the evaluator's summary of every
+fold, and a copy of each experiment file (``experiment.yaml``, or ``experiment_<name>.yaml`` for a
+combined report) records what was run. An experiment file kept inside its own report folder thus
+survives a new report (as that copy); any other file there does not.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from nnunet_calibration.experiments.config import Experiment, ExperimentError
@@ -62,7 +66,20 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
     name = name or experiments[0].name
     target = (Path(output_root).resolve() / name) if output_root is not None else \
         experiments[0].report_dir().parent / name
+    copies = experiment_copy_names(experiments)
     with atomic_dir(target) as work:
         data = gather.gather(experiments, work, name, command=command, progress=progress)
+        for e, exp in zip(data.experiments, experiments):
+            e.copy = copies[exp.name]
         build_report(data, work)
+        for exp in experiments:
+            shutil.copyfile(exp.path, work / copies[exp.name])
     return target
+
+
+def experiment_copy_names(experiments: list[Experiment]) -> dict:
+    """File name of each experiment file's copy in the report: ``experiment.yaml`` for a single
+    experiment, ``experiment_<name>.yaml`` for each of a combined report."""
+    if len(experiments) == 1:
+        return {experiments[0].name: "experiment.yaml"}
+    return {exp.name: f"experiment_{exp.name}.yaml" for exp in experiments}

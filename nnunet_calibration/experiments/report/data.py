@@ -79,6 +79,8 @@ class ExperimentResult:
     baseline: Optional[str]
     methods: list  # [MethodResult]
     path: str = ""
+    #: name of the experiment file's copy inside the report folder ('' when none was written)
+    copy: str = ""
     training: dict = field(default_factory=dict)
     note: str = ""
     trainers: list = field(default_factory=list)  # [{"label", "trainer", "hparams", "nnUNet_results"}]

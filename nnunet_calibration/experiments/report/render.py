@@ -135,7 +135,7 @@ def report_json(data: ReportData, tab: Tables) -> dict:
     return json_clean({
         "name": data.name, "command": data.command, "machine": data.machine, "metrics": list(METRICS),
         "rank_metrics": list(tab.rank_metrics),
-        "experiments": [{"name": e.name, "file": e.path, "dataset": e.dataset, "configuration": e.configuration,
+        "experiments": [{"name": e.name, "file": e.path, "copy": e.copy, "dataset": e.dataset, "configuration": e.configuration,
                          "plans": e.plans, "folds": e.folds, "baseline": e.baseline, "training": e.training,
                          "trainers": e.trainers} for e in data.experiments],
         "table": {m: {"mean": tab.mean[m], "std": tab.std[m],
@@ -171,7 +171,8 @@ def _md_header(data: ReportData) -> list:
     for e in data.experiments:
         L.append(f"- **{e.name}**: {e.dataset}, configuration `{e.configuration}`, plans `{e.plans}`, "
                  f"folds {list(e.folds)}, training {e.training or 'nnU-Net defaults'}, "
-                 f"baseline `{e.baseline}`, experiment file `{e.path}`")
+                 f"baseline `{e.baseline}`, experiment file `{e.path}`"
+                 + (f" (copied here as [`{e.copy}`]({e.copy}))" if e.copy else ""))
     return L + [""]
 
 
