@@ -82,24 +82,35 @@ def _job_field(task: str, field: str) -> str:
 
 
 def _running_again(task: str) -> bool:
-    """The requeued task has started its second run (or finished it)."""
+    """The requeued task has started its second run (or finished it). A task that SLURM held after a
+    refused launch (``Reason=launch_failed_requeued_held``, see :func:`_release_requeued`) is released."""
+    import subprocess
+
     restarts = _job_field(task, "Restarts")
+    if "held" in _job_field(task, "Reason").lower():
+        subprocess.run(["scontrol", "release", task], capture_output=True, timeout=60)
     return restarts.isdigit() and int(restarts) > 0 and _job_field(task, "JobState") in ("RUNNING", "COMPLETED")
 
 
 def _release_requeued(task: str, timeout: float, diagnose) -> None:
     """Move a requeued task's BeginTime to now, retrying while SLURM still refuses (job completing).
 
+    SLURM delays a requeued job (BeginTime) because slurmd revoked the job's credential when it killed
+    the first run: a launch stamped in the same second as that revocation is refused ("launch failed
+    requeued held"). So the update waits until the task has been pending for a few seconds.
     Done when the update was accepted or the requeued task (``Restarts`` > 0) already runs again."""
     import subprocess
 
     end = time.monotonic() + timeout
     last = ""
+    pending_since = None
     while time.monotonic() < end:
         state = _job_field(task, "JobState")
         if _running_again(task):
             return
-        if state == "PENDING":
+        if state == "PENDING" and pending_since is None:
+            pending_since = time.monotonic()
+        if state == "PENDING" and time.monotonic() - pending_since >= 3:
             proc = subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True,
                                   text=True, timeout=60)
             last = (proc.stdout + proc.stderr).strip()
