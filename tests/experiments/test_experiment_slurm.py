@@ -71,42 +71,44 @@ def _status(exp_file):
     return exp, fold_statuses(exp), report_job_status(exp)
 
 
-def _job_field(task: str, field: str) -> str:
-    """One field (``JobState``, ``Reason``, ...) of ``scontrol show job -o``; '' when unknown."""
+def _job_fields(task: str) -> dict:
+    """The ``Key=Value`` fields (``JobState``, ``Reason``, ``Restarts``, ...) of one ``scontrol show job -o``."""
     import re
     import subprocess
 
     out = subprocess.run(["scontrol", "show", "job", "-o", task], capture_output=True, text=True, timeout=60).stdout
-    m = re.search(rf"\b{field}=(\S+)", out)
-    return m.group(1) if m else ""
+    return dict(re.findall(r"\b(\w+)=(\S+)", out))
 
 
-def _running_again(task: str) -> bool:
-    """The requeued task has started its second run (or finished it). A task that SLURM held after a
-    refused launch (``Reason=launch_failed_requeued_held``, see :func:`_release_requeued`) is released."""
+def _running_again(task: str, job: dict | None = None) -> bool:
+    """The requeued task (``Restarts`` > 0) has started its second run (or finished it). A task that
+    SLURM holds (``Reason`` containing "held") is released. ``job``: fields already read, if any."""
     import subprocess
 
-    restarts = _job_field(task, "Restarts")
-    if "held" in _job_field(task, "Reason").lower():
+    job = _job_fields(task) if job is None else job
+    if "held" in job.get("Reason", "").lower():
         subprocess.run(["scontrol", "release", task], capture_output=True, timeout=60)
-    return restarts.isdigit() and int(restarts) > 0 and _job_field(task, "JobState") in ("RUNNING", "COMPLETED")
+    restarts = job.get("Restarts", "")
+    return restarts.isdigit() and int(restarts) > 0 and job.get("JobState") in ("RUNNING", "COMPLETED")
 
 
 def _release_requeued(task: str, timeout: float, diagnose) -> None:
-    """Move a requeued task's BeginTime to now, retrying while SLURM still refuses (job completing).
+    """Move a requeued task's BeginTime (requeue time + 2 minutes) to now.
 
-    SLURM delays a requeued job (BeginTime) because slurmd revoked the job's credential when it killed
-    the first run: a launch stamped in the same second as that revocation is refused ("launch failed
-    requeued held"). So the update waits until the task has been pending for a few seconds.
-    Done when the update was accepted or the requeued task (``Restarts`` > 0) already runs again."""
+    Measured here: an ``scontrol update StartTime=now`` sent while the task is still ``COMPLETING`` is
+    accepted and then overridden by the requeue's own 2-minute delay; sent once the task is
+    ``PENDING`` it starts the task within seconds. So the update waits until the task has been
+    pending for 3 s, and is retried until SLURM accepts it. Done when the update was accepted or the
+    requeued task already runs again."""
     import subprocess
 
     end = time.monotonic() + timeout
-    last = ""
+    last, state = "", ""
     pending_since = None
     while time.monotonic() < end:
-        state = _job_field(task, "JobState")
-        if _running_again(task):
+        job = _job_fields(task)
+        state = job.get("JobState", "")
+        if _running_again(task, job):
             return
         if state == "PENDING" and pending_since is None:
             pending_since = time.monotonic()
@@ -293,8 +295,8 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     prog = training_progress(fold, epochs)
     assert prog["epoch"] == stopped + 1 and prog["total"] == epochs
     # SLURM holds a requeued job for a while (BeginTime, about 2 minutes) before it may start again:
-    # release it so that the test stays short (a real cluster just waits). The update is refused while
-    # the job is still completing, so it is retried until SLURM accepts it or the job runs again.
+    # release it so that the test stays short (a real cluster just waits); see _release_requeued for
+    # when the update takes effect.
     diag_all = lambda: f"{diag()}\n{_slurm_state(slurm, task)}"  # noqa: E731
     _release_requeued(task, 240, diag_all)
     _wait_for("the requeued task to run again", lambda: _running_again(task), 300, diag_all)
@@ -304,8 +306,8 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
               diag_all, interval=3)
     # the second run continued from the checkpoint (--c) in the same SLURM task
     assert "resumed" in text() or "--c" in text().split("requeued SLURM job", 1)[1]
-    show = subprocess.run(["scontrol", "show", "job", "-o", task], capture_output=True, text=True, timeout=60).stdout
-    assert "Restarts=1" in show, show
+    job = _job_fields(task)
+    assert job.get("Restarts") == "1", job
     # every epoch trained exactly once, in order, over the two runs; none lost
     assert _epoch_lines(fold) == list(range(epochs)), _epoch_lines(fold)
     assert len(list(fold.glob("training_log_*.txt"))) == 2
