@@ -68,3 +68,18 @@ def test_staging_names_and_stale_removal(tmp_path):
     with atomic_dir(target) as work:  # atomic_dir also clears a dead run's staging first
         (work / "a.txt").write_text("x")
     assert not stale_tmp.exists() and (target / "a.txt").read_text() == "x"
+
+
+def test_keep_freed_memory_applies_on_glibc_in_a_fresh_process():
+    """calib-evaluate's processes call it; on glibc (Linux) mallopt accepts both settings, elsewhere
+    it reports False and changes nothing. Run in a child so the test process keeps its defaults."""
+    import platform
+    import subprocess
+    import sys
+
+    code = ("from nnunet_calibration.utils import keep_freed_memory as k; import numpy as np; "
+            "a = k(); b = k(); x = np.ones(1 << 22); del x; print(a, b)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1]  # idempotent
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert out == ["True", "True"]

@@ -80,7 +80,9 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunet_calibration.io import CorruptFileError, quiet_itk, verify_image_file
 from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, image_diagonal,
                                         validate_labels, validate_probabilities)
-from nnunet_calibration.utils import json_clean, nanmean, remove_stale_staging, replace_dir, staging_dir
+from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE
+from nnunet_calibration.utils import (json_clean, keep_freed_memory, nanmean, remove_stale_staging, replace_dir,
+                                      staging_dir)
 
 PathLike = Union[str, os.PathLike]
 
@@ -282,16 +284,36 @@ def geometry_problems(pred_props: dict, ref_props: dict, ref_shape: Sequence[int
     return out
 
 
-def probabilities_to_segmentation(probs: np.ndarray, lm) -> np.ndarray:
+def probabilities_to_segmentation(probs: np.ndarray, lm, sum_tolerance: Optional[float] = None) -> np.ndarray:
     """Same result as nnU-Net's ``LabelManager.convert_probabilities_to_segmentation`` (argmax with
     the first channel winning ties, or ``seg[p_i > 0.5] = regions_class_order[i]`` in channel
     order), but without the full-size copy that ``np.argmax(axis=0)`` makes: one channel at a time,
-    peak extra memory one float32 channel plus the uint8/uint16 map."""
+    peak extra memory one float32 channel plus the uint8/uint16 map.
+
+    ``sum_tolerance`` (softmax only): if given, the caller guarantees that every voxel's channel
+    probabilities sum to at most ``1 + sum_tolerance`` (what
+    :func:`~nnunet_calibration.metrics.validate_probabilities` checks). A voxel whose background
+    probability exceeds ``0.5 + sum_tolerance`` is then background (every other channel is below
+    ``0.5``), so the argmax is computed only for the remaining voxels (usually a few percent):
+    same result, several times faster. ``None``: every voxel is compared.
+    """
     dtype = np.uint8 if max(lm.all_labels) < 255 else np.uint16
     seg = np.zeros(probs.shape[1:], dtype)
     if lm.has_regions:
         for i, c in enumerate(lm.regions_class_order):
             seg[probs[i] > 0.5] = c
+        return seg
+    if sum_tolerance is not None:
+        flat_p = probs.reshape(probs.shape[0], -1)
+        cand = np.flatnonzero(flat_p[0] <= 0.5 + float(sum_tolerance))
+        sub = flat_p.take(cand, axis=1)
+        sub_seg = np.zeros(cand.size, dtype)
+        best = sub[0]
+        for c in range(1, sub.shape[0]):
+            better = sub[c] > best
+            sub_seg[better] = c
+            np.maximum(best, sub[c], out=best)
+        seg.reshape(-1)[cand] = sub_seg
         return seg
     best = probs[0].copy()
     for c in range(1, probs.shape[0]):
@@ -408,7 +430,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
 
     acc = CalibrationAccumulator(regions=regions is not None, region_labels=regions, ignore_index=lm.ignore_label,
                                  **options).update(probs, ref)
-    seg = probabilities_to_segmentation(probs, lm)
+    seg = probabilities_to_segmentation(probs, lm, sum_tolerance=SOFTMAX_SUM_TOLERANCE)  # sums checked above
     del probs
     dsc, hd, seg_flags = segmentation_metrics(seg, ref, lm, class_names, spacing,
                                               options.get("convention", "default"))
@@ -427,6 +449,7 @@ _STARTED_QUEUE = None  # set in worker processes: (pid, case) is put there when 
 def _init_worker(q) -> None:
     global _STARTED_QUEUE
     _STARTED_QUEUE = q
+    keep_freed_memory()  # a worker evaluates many large cases: reuse freed memory (see its docstring)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the workers
     q.put((os.getpid(), None))
 
@@ -584,6 +607,7 @@ def _make_staging(out_dir: Path) -> Path:
 
 def _run_jobs(jobs, lm, class_names, regions, options, reader, n_proc, bar) -> List[tuple]:
     if n_proc == 1:
+        keep_freed_memory()  # as in the worker processes
         results = []
         for job in jobs:
             status, payload = _worker(job, lm, class_names, regions, options, reader)

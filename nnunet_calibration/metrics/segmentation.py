@@ -107,7 +107,8 @@ def _bbox(union: np.ndarray, margin: int) -> tuple:
 def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     """Both directed surface distances in mm: ``(d(prediction surface -> reference surface),
     d(reference surface -> prediction surface))``, each the exact Euclidean distance from a surface
-    voxel centre to the nearest surface voxel centre of the other mask. Both masks must be non-empty.
+    voxel centre to the nearest surface voxel centre of the other mask, in ``np.argwhere`` order of
+    the surface voxels. Both masks must be non-empty.
 
     Computation: masks cropped to the bounding box of their union plus a 1-voxel margin (every
     surface voxel lies inside, so nothing changes), surfaces by :func:`_surface`, then the nearest
@@ -119,7 +120,9 @@ def surface_distances(pred, ref, spacing=None, connectivity: int = 1) -> Tuple[n
     sp = _spacing(spacing, pred.ndim)
     sl = _bbox(pred | ref, 1)
     s_pred, s_ref = _surface(pred[sl], connectivity), _surface(ref[sl], connectivity)
-    return _nearest(s_pred, s_ref, sp), _nearest(s_ref, s_pred, sp)
+    offsets, lengths, ext = _ball_offsets(sp, NEAR_RADIUS_VOXELS * float(sp.min()))
+    a, b = _PaddedSurface(s_pred, ext), _PaddedSurface(s_ref, ext)
+    return _nearest(a, b, sp, offsets, lengths), _nearest(b, a, sp, offsets, lengths)
 
 
 #: Nearest-surface search: offsets up to this many times the smallest spacing are tried directly.
@@ -137,36 +140,67 @@ def _ball_offsets(sp: np.ndarray, radius_mm: float) -> Tuple[np.ndarray, np.ndar
     return off[keep][order], dist[keep][order], np.asarray(ext)
 
 
-def _nearest(src: np.ndarray, dst: np.ndarray, sp: np.ndarray) -> np.ndarray:
+class _PaddedSurface:
+    """A surface mask zero-padded by ``ext`` voxels per side, flattened, with the flat indices of
+    its voxels (C order, i.e. ``np.argwhere`` order) and, on demand, their coordinates (voxels,
+    in the unpadded array)."""
+
+    def __init__(self, mask: np.ndarray, ext: np.ndarray):
+        self.ext = np.asarray(ext, dtype=np.intp)
+        shape = tuple(int(n + 2 * e) for n, e in zip(mask.shape, self.ext))
+        pad = np.zeros(shape, bool)
+        pad[tuple(slice(int(e), int(e) + n) for n, e in zip(mask.shape, self.ext))] = mask
+        self.shape = shape
+        self.strides = np.array(pad.strides, dtype=np.intp) // pad.itemsize
+        self.flat = pad.reshape(-1)
+        self.index = np.flatnonzero(self.flat)
+        self._coords = None
+
+    def coords(self, which=None) -> np.ndarray:
+        """Voxel coordinates ``(n, ndim)`` of all surface voxels, or of ``index[which]``."""
+        idx = self.index if which is None else self.index[which]
+        return np.stack(np.unravel_index(idx, self.shape), 1) - self.ext
+
+
+def _nearest(src: _PaddedSurface, dst: _PaddedSurface, sp: np.ndarray, offsets: np.ndarray,
+             lengths: np.ndarray) -> np.ndarray:
     """Exact distance (mm) of every ``src`` voxel (``np.argwhere`` order) to the nearest ``dst`` voxel.
 
     Two stages with the same result as a Euclidean distance transform of ``~dst``: (1) the integer
-    offsets of a ball of radius ``NEAR_RADIUS_VOXELS x min(spacing)`` are tried in order of length;
-    the first offset at which a ``dst`` voxel lies gives the exact distance (every closer offset has
-    been tried); (2) the voxels with nothing inside the ball get their nearest ``dst`` voxel from a
-    k-d tree of the ``dst`` coordinates in mm.
+    offsets of a ball of radius ``NEAR_RADIUS_VOXELS x min(spacing)`` (``offsets``, sorted by their
+    ``lengths``; both surfaces padded by the ball's extent) are tried in order of length; the first
+    offset at which a ``dst`` voxel lies gives the exact distance (every closer offset has been
+    tried); (2) the voxels with nothing inside the ball get their nearest ``dst`` voxel from a k-d
+    tree of the ``dst`` coordinates in mm.
     """
-    pts = np.argwhere(src)
-    out = np.empty(len(pts))
-    offsets, lengths, ext = _ball_offsets(sp, NEAR_RADIUS_VOXELS * float(sp.min()))
-    dpad = np.zeros(tuple(int(n + 2 * e) for n, e in zip(dst.shape, ext)), bool)
-    dpad[tuple(slice(int(e), int(e) + n) for n, e in zip(dst.shape, ext))] = dst
-    strides = np.array(dpad.strides, dtype=np.int64) // dpad.itemsize
-    flat = dpad.reshape(-1)
-    idx = (pts + ext) @ strides
-    off_flat = offsets @ strides
-    remaining = np.arange(len(pts))
+    out = np.empty(src.index.size)
+    flat = dst.flat
+    idx = src.index
+    off_flat = offsets @ dst.strides
+    remaining = np.arange(idx.size)  # positions in ``out`` of the entries of ``idx``
+    alive = np.ones(idx.size, bool)  # entries of ``idx`` not resolved yet
+    n_alive = idx.size
     for o, length in zip(off_flat.tolist(), lengths.tolist()):
         hit = flat[idx + o]
-        if hit.any():
+        hit &= alive
+        n_hit = int(np.count_nonzero(hit))
+        if n_hit:
             out[remaining[hit]] = length
-            keep = ~hit
-            remaining, idx = remaining[keep], idx[keep]
-            if remaining.size == 0:
+            n_alive -= n_hit
+            if n_alive == 0:
                 break
-    if remaining.size:
-        tree = cKDTree(np.argwhere(dst) * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
-        out[remaining] = tree.query(pts[remaining] * sp, k=1)[0]
+            if 4 * n_alive < 3 * idx.size:  # drop resolved entries once a quarter is resolved
+                keep = alive & ~hit
+                remaining, idx = remaining[keep], idx[keep]
+                alive = np.ones(idx.size, bool)
+            else:  # cheaper than compressing two index arrays after every offset
+                alive &= ~hit
+    if n_alive and n_alive != alive.size:
+        remaining = remaining[alive]
+    if n_alive:
+        # larger leaves than the default: measured ~5% faster queries and builds on surface clouds
+        tree = cKDTree(dst.coords() * sp, leafsize=64, balanced_tree=False, compact_nodes=False)
+        out[remaining] = tree.query(src.coords(remaining) * sp, k=1)[0]
     return out
 
 

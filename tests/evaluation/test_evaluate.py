@@ -330,6 +330,34 @@ def test_segmentation_equals_nnunet_label_manager(regions):
     np.testing.assert_array_equal(ours, np.asarray(lm.convert_probabilities_to_segmentation(probs)))
 
 
+def test_segmentation_shortcut_for_checked_softmax_sums_gives_the_same_argmax():
+    """With ``sum_tolerance`` (sums checked by the caller) voxels with background > 0.5 + tol skip the
+    comparison; the result must still equal nnU-Net's argmax, also for voxels right at the bound,
+    ties at 0.5 and sums off by up to the tolerance."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_calibration.evaluation.core import probabilities_to_segmentation
+    from nnunet_calibration.metrics import validate_probabilities
+    from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE as tol
+
+    lm = LabelManager(LABELS, None)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (4, 20, 30, 40))
+    logits[0] += 3  # mostly background, as in real predictions
+    probs = np.exp(logits - logits.max(0))
+    probs /= probs.sum(0)
+    probs = probs.astype(np.float32)
+    flat = probs.reshape(4, -1)
+    flat[:, :6] = [[0.5, 0.5, 0.5 + tol, 0.5 + tol, 0.4995, 0.9], [0.5, 0, 0.5 - tol, 0, 0.5005, 0.1],
+                   [0, 0.5, 0, 0.5, 0, 0], [0, 0, 0, 0, 0, 0]]  # ties, bound, sums 1 +- tol
+    flat[:, 2] *= np.float32(1 + tol * 0.99) / flat[:, 2].sum()
+    validate_probabilities(probs)
+    expected = np.asarray(lm.convert_probabilities_to_segmentation(probs))
+    assert 0.05 < (expected != 0).mean() < 0.5
+    np.testing.assert_array_equal(probabilities_to_segmentation(probs, lm, sum_tolerance=tol), expected)
+    np.testing.assert_array_equal(probabilities_to_segmentation(probs, lm), expected)
+
+
 def test_dataset_reliability_counts_by_hand():
     from nnunet_calibration.evaluation.plots import dataset_reliability_counts
 

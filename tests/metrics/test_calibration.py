@@ -204,6 +204,32 @@ def test_bin_index_matches_searchsorted_including_edges(n_bins, dtype):
             assert edges[ii] < vi <= edges[ii + 1]
 
 
+@pytest.mark.parametrize("n_fine,n_coarse", [(20, 10), (20, 5), (20, 4), (100, 10), (12, 3), (20, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_folded_bin_stats_equal_direct_binning(n_fine, n_coarse, dtype):
+    """The chunk cache folds e.g. the 20 ACE bins into the 10 CECE bins: exact when the coarse edges
+    are every m-th fine edge (checked), otherwise refused (None)."""
+    from nnunet_calibration.metrics._binning import bin_stats, fold_bin_stats
+
+    fine, coarse = bin_edges(n_fine, dtype), bin_edges(n_coarse, dtype)
+    rng = np.random.default_rng(n_fine * n_coarse)
+    v = np.concatenate([fine, coarse, np.nextafter(coarse, dtype(2)), rng.random(3000).astype(dtype)])
+    v = np.clip(v, 0, 1).astype(dtype)
+    y = rng.random(v.size) < 0.4
+    folded = fold_bin_stats(*bin_stats(v, y, fine), fine, coarse)
+    if n_fine % n_coarse:
+        assert folded is None
+        return
+    if n_fine == 2 * n_coarse:  # linspace's k * step vs 2k * (step / 2): the same double, so they nest
+        assert folded is not None
+    if folded is None:  # edges that do not nest after rounding (e.g. 100 -> 10 in float64) are refused
+        assert not np.array_equal(fine[::n_fine // n_coarse], coarse)
+        return
+    count, sums = bin_stats(v, y, coarse)
+    np.testing.assert_array_equal(folded[0], count)
+    np.testing.assert_allclose(folded[1], sums, rtol=1e-12)
+
+
 def test_confident_case_uses_fast_path_and_has_exact_zeros():
     probs, labels = CASES["confident3d"]()
     assert ((1 - probs[0]) == 0).mean() > 0.25
@@ -402,6 +428,32 @@ def test_accumulator_single_case_equals_functions(regions):
               "Brier": brier(probs, labels, **rk(regions))}
     direct.update(marginal_calibration_errors(probs, labels, **rk(regions)))
     _assert_same(acc.compute(), direct)
+
+
+@pytest.mark.parametrize("case", ["confident3d", "confident2d", "regions_sharp"])
+@pytest.mark.parametrize("opts", [{}, {"cece_threshold": 0.3}, {"n_bins_ace": 4, "n_bins_cece": 7},
+                                  {"include_background": True}])
+def test_accumulator_shared_pass_matches_reference_on_confident_cases(case, opts):
+    """The accumulator shares per-channel work between metrics (voxels above the smaller of the CECE
+    threshold and the first ACE edge gathered once, totals reused); on mostly-background data, where
+    that path is taken, every metric must still equal the naive reference."""
+    if case == "regions_sharp":
+        probs, labels = region_case((9, 10, 11), 7, sharpness=30.0)
+        R = BRATS_REGIONS
+    else:
+        probs, labels = CASES[case]()
+        R = None
+    m = CalibrationAccumulator(**opts, **rk(R)).update(probs, labels).compute()
+    thr = opts.get("cece_threshold", 1e-3)
+    assert m["ECE"] == pytest.approx(ref_ece(probs, labels, 15, R), rel=1e-9, abs=1e-12)
+    assert m["CECE"] == pytest.approx(ref_cece(probs, labels, opts.get("n_bins_cece", 10), thr, R), rel=1e-9)
+    assert m["pECE"] == pytest.approx(ref_pece(probs, labels, 10, 2.0, R), rel=1e-9)
+    r = ref_marginal(probs, labels, opts.get("n_bins_ace", 20), include_background=opts.get("include_background", False),
+                     regions=R)
+    for k in r:
+        assert m[k] == pytest.approx(r[k], rel=1e-9)
+    assert m["NLL"] == pytest.approx(ref_nll(probs, labels, regions=R), rel=1e-6)
+    assert m["Brier"] == pytest.approx(ref_brier(probs, labels, regions=R), rel=1e-9)
 
 
 @pytest.mark.parametrize("regions", [None, BRATS_REGIONS])

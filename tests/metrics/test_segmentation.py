@@ -124,6 +124,34 @@ def test_hd95_equals_full_volume_medpy_convention(seed, connectivity):
         medpy_convention_hd95(pred, ref, spacing, connectivity), rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape,spacing", [((18, 40, 37), (2.5, 0.7, 0.9)), ((30, 28, 26), (1.0, 1.0, 1.0)),
+                                           ((90, 70), (0.6, 1.4))])
+def test_surface_distances_equal_full_volume_transform_point_by_point(shape, spacing):
+    """Every directed surface distance (not only the percentile) equals the full-volume Euclidean
+    distance transform of the other surface: near voxels found by the ball offsets, far ones (noise
+    far from the other surface, beyond the ball) by the k-d tree."""
+    from scipy import ndimage
+
+    from nnunet_calibration.metrics import surface_distances
+
+    rng = np.random.default_rng(len(shape))
+    idx = np.indices(shape)
+    c = np.array(shape) / 2
+    ref = sum(((i - ci) / (0.3 * s)) ** 2 for i, ci, s in zip(idx, c, shape)) < 1
+    pred = sum(((i - ci - 1) / (0.28 * s)) ** 2 for i, ci, s in zip(idx, c, shape)) < 1
+    pred ^= rng.random(shape) < 0.01  # noisy surface and far-away false positives (and holes)
+    st = ndimage.generate_binary_structure(len(shape), 1)
+    sp_ = pred & ~ndimage.binary_erosion(pred, structure=st, border_value=0)
+    sr_ = ref & ~ndimage.binary_erosion(ref, structure=st, border_value=0)
+    d_pr, d_rp = surface_distances(pred, ref, spacing)
+    full_pr = ndimage.distance_transform_edt(~sr_, sampling=spacing)[sp_]
+    full_rp = ndimage.distance_transform_edt(~sp_, sampling=spacing)[sr_]
+    near = 4 * min(spacing)
+    assert (full_pr > near).sum() > 20 and (full_pr <= near).sum() > 20  # both stages are used
+    np.testing.assert_allclose(d_pr, full_pr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d_rp, full_rp, rtol=1e-12, atol=1e-12)
+
+
 def test_surface_by_shifts_equals_erosion():
     from scipy import ndimage
 
