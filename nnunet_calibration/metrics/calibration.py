@@ -211,8 +211,9 @@ def _work_dtype(probs: np.ndarray):
 class _Chunk:
     """One chunk of voxels with cached per-channel quantities that several metrics share.
 
-    Every cached value is exactly what a metric would compute on its own (same values, same order,
-    same float64 sums), so sharing changes speed, not results. ``base_threshold`` (set by
+    Every cached value is what a metric would compute on its own (the same selected values in the
+    same order; float64 sums may be added in another order, which changes results only at float64
+    rounding), so sharing changes speed, not results. ``base_threshold`` (set by
     :class:`CalibrationAccumulator`): the smallest threshold any metric of the pass asks
     :meth:`above` for; the voxels above it are gathered once per channel and the higher thresholds
     select from those.
