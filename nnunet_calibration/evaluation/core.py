@@ -303,24 +303,25 @@ def probabilities_to_segmentation(probs: np.ndarray, lm, sum_tolerance: Optional
         for i, c in enumerate(lm.regions_class_order):
             seg[probs[i] > 0.5] = c
         return seg
-    if sum_tolerance is not None:
-        flat_p = probs.reshape(probs.shape[0], -1)
-        cand = np.flatnonzero(flat_p[0] <= 0.5 + float(sum_tolerance))
-        sub = flat_p.take(cand, axis=1)
-        sub_seg = np.zeros(cand.size, dtype)
-        best = sub[0]
-        for c in range(1, sub.shape[0]):
-            better = sub[c] > best
-            sub_seg[better] = c
-            np.maximum(best, sub[c], out=best)
-        seg.reshape(-1)[cand] = sub_seg
+    if sum_tolerance is None:
+        _argmax_into(probs, seg)
         return seg
+    flat_p = probs.reshape(probs.shape[0], -1)
+    cand = np.flatnonzero(flat_p[0] <= 0.5 + float(sum_tolerance))
+    sub_seg = np.zeros(cand.size, dtype)
+    _argmax_into(flat_p.take(cand, axis=1), sub_seg)
+    seg.reshape(-1)[cand] = sub_seg
+    return seg
+
+
+def _argmax_into(probs: np.ndarray, seg: np.ndarray) -> None:
+    """``seg[...] = argmax`` over channels (first channel wins ties; ``seg`` starts at 0), one channel
+    at a time: extra memory one channel of ``probs``."""
     best = probs[0].copy()
     for c in range(1, probs.shape[0]):
         better = probs[c] > best
         seg[better] = c
         np.maximum(best, probs[c], out=best)
-    return seg
 
 
 def segmentation_metrics(seg: np.ndarray, ref: np.ndarray, lm, class_names: List[str], spacing,

@@ -67,13 +67,19 @@ def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def bin_stats(values: np.ndarray, outcome: np.ndarray, edges: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per-bin counts (int64) and float64 sums of ``values``, both ``(n_bins, 2)`` indexed by
     ``[bin, outcome]``; values ``<= 0`` are in no bin (see :func:`bin_index`)."""
-    nb = edges.size - 1
-    key = bin_index(values, edges)
+    return _index_stats(bin_index(values, edges), outcome, values, edges.size - 1)
+
+
+def _index_stats(idx: np.ndarray, outcome: np.ndarray, values: np.ndarray, n_bins: int
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`bin_stats` from 0-based bin indices ``idx`` (``-1`` = in no bin); ``idx`` is
+    overwritten (it becomes the ``bincount`` key)."""
+    key = idx
     key += 1
     key *= 2
     key += outcome
-    count = np.bincount(key, minlength=2 * nb + 2)[2:].reshape(nb, 2)
-    sums = np.bincount(key, weights=values, minlength=2 * nb + 2)[2:].reshape(nb, 2)
+    count = np.bincount(key, minlength=2 * n_bins + 2)[2:].reshape(n_bins, 2)
+    sums = np.bincount(key, weights=values, minlength=2 * n_bins + 2)[2:].reshape(n_bins, 2)
     return count, sums
 
 
@@ -137,12 +143,9 @@ class BinStats:
 
     def add_(self, task: int, idx: np.ndarray, outcome: np.ndarray, values: np.ndarray, n_offered: int):
         """In-place: add values with 0-based bin indices ``idx`` (``-1`` = in no bin) to ``task``."""
-        nb = self.n_bins
-        key = idx + 1
-        key *= 2
-        key += outcome
-        self.count[task] += np.bincount(key, minlength=2 * nb + 2)[2:].reshape(nb, 2)
-        self.conf_sum[task] += np.bincount(key, weights=values, minlength=2 * nb + 2)[2:].reshape(nb, 2)
+        count, sums = _index_stats(idx.copy(), outcome, values, self.n_bins)
+        self.count[task] += count
+        self.conf_sum[task] += sums
         self.total[task] += n_offered
 
     def add_values_(self, task: int, values: np.ndarray, outcome: np.ndarray, edges: np.ndarray,

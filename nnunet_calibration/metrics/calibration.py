@@ -133,8 +133,6 @@ def validate_probabilities(probs: np.ndarray, regions: bool = False,
     lo, hi, worst = np.inf, -np.inf, 0.0
     dummy = np.zeros(probs.shape[1:], np.uint8)
     for pc, _ in _chunks(probs, dummy):
-        if pc.size == 0:
-            continue
         c_lo, c_hi = pc.min(), pc.max()
         if np.isnan(c_lo) or np.isnan(c_hi):
             raise ValueError("probabilities contain NaN")
@@ -274,7 +272,7 @@ class _Chunk:
 
     def sum64_target(self, c: int) -> float:
         """Sum of ``p_c`` over the channel's reference voxels in float64."""
-        return self._cached(("sp", c), lambda: float(self.p[c].take(self.target_index(c)).sum(dtype=np.float64)))
+        return self._cached(("sp", c), lambda: sum64(self.p[c].take(self.target_index(c))))
 
     def above(self, c: int, threshold) -> Tuple[np.ndarray, np.ndarray]:
         """``(p_c[p_c > threshold], target(c)[p_c > threshold])`` in voxel order (comparison in the
@@ -381,8 +379,7 @@ def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: floa
                 count = None
         if count is not None:
             v_pos = v[y]
-            stats.add_binned_(t, count, sums, v.size, v_pos.size, float(v.sum(dtype=np.float64)),
-                              float(v_pos.sum(dtype=np.float64)), v.size)
+            stats.add_binned_(t, count, sums, v.size, v_pos.size, sum64(v), sum64(v_pos), v.size)
         else:
             stats.add_values_(t, v, y, edges)
 

@@ -154,7 +154,6 @@ class _PaddedSurface:
         self.strides = np.array(pad.strides, dtype=np.intp) // pad.itemsize
         self.flat = pad.reshape(-1)
         self.index = np.flatnonzero(self.flat)
-        self._coords = None
 
     def coords(self, which=None) -> np.ndarray:
         """Voxel coordinates ``(n, ndim)`` of all surface voxels, or of ``index[which]``."""

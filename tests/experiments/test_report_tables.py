@@ -291,10 +291,14 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     text = exp_file.read_text()
     inside.write_text(text)
     (inside.parent / "stray.txt").write_text("not part of a report")
-    exp = load_experiment(inside)
-    exp.dataset_name = "Dataset950_Hand"
-    exp.report.update(temperature_scaling=False, vector_scaling=False)
-    out = make_report([exp], tmp_path / "out", progress=False)
+
+    def load():
+        exp = load_experiment(inside)
+        exp.dataset_name = "Dataset950_Hand"
+        exp.report.update(temperature_scaling=False, vector_scaling=False)
+        return exp
+
+    out = make_report([load()], tmp_path / "out", progress=False)
     assert out == inside.parent
     assert inside.read_text() == text  # the same bytes, now the report's copy
     assert not (out / "stray.txt").exists()  # anything else is not kept: the folder is the report
@@ -302,8 +306,5 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     assert rep["experiments"][0]["copy"] == "experiment.yaml"
     assert "copied here as [`experiment.yaml`](experiment.yaml)" in (out / "README.md").read_text()
     # a second report from that very file works again
-    exp = load_experiment(inside)
-    exp.dataset_name = "Dataset950_Hand"
-    exp.report.update(temperature_scaling=False, vector_scaling=False)
-    make_report([exp], tmp_path / "out", progress=False)
+    make_report([load()], tmp_path / "out", progress=False)
     assert inside.read_text() == text
