@@ -25,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.nnunet
 
 _SCRIPT = r'''
-import copy, os, sys
+import copy, gc, os, sys
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -86,8 +86,17 @@ def run(rank, world):
                 print(f"rank {rank} lambda_sdf {lam}: {sum(1 for _ in net.parameters())} parameters with "
                       f"gradients, max |DDP - single| = {worst:.2e}", flush=True)
             opt.step()
+        del ddp, opt, out
     dist.barrier()
+    # DDP's reducer holds the gloo group: release it first, then leave without interpreter
+    # finalisation, where torch 2.14's gloo threads can abort the process ("terminate called
+    # without an active exception", seen once in CI in the one-process DDP test of
+    # test_trainer_units.py). That exit-time race is torch's, not what this test checks.
+    gc.collect()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
