@@ -420,7 +420,8 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
         raise EvaluationInputError(f"{npz}: {probs.shape[0]} channels but dataset.json implies "
                                    f"{lm.num_segmentation_heads} ({'regions' if regions else 'classes incl. background'})")
     try:
-        validate_probabilities(probs, regions is not None)
+        # the same tolerance as the argmax shortcut below, which relies on this check
+        validate_probabilities(probs, regions is not None, SOFTMAX_SUM_TOLERANCE)
     except ValueError as e:
         raise EvaluationInputError(f"{npz}: {e}") from e
     allowed = list(lm.all_labels) + ([lm.ignore_label] if lm.ignore_label is not None else [])

@@ -220,36 +220,31 @@ class _Chunk:
     def __init__(self, p: np.ndarray, lab: np.ndarray, regions, base_threshold=None):
         self.p, self.lab, self.regions = p, lab, regions
         self.base_threshold = base_threshold
-        self._targets = {}
-        self._cache = {}
-        self._rest = {}
-        self._fg = None
-
-    @property
-    def fg(self) -> np.ndarray:
-        if self._fg is None:
-            self._fg = self.lab != 0
-        return self._fg
-
-    def target(self, channel: int) -> np.ndarray:
-        """Binary reference of a channel: ``label == channel`` (softmax) or ``label in region``."""
-        t = self._targets.get(channel)
-        if t is None:
-            if self.regions is None:
-                t = self.lab == channel
-            else:
-                region = self.regions[channel]
-                t = self.lab == region[0]
-                for v in region[1:]:
-                    t |= self.lab == v
-            self._targets[channel] = t
-        return t
+        self._cache = {}  # every cached quantity, by key
+        self._rest = {}  # channel -> {n_bins: (count, sums, edges)}, see rest_stats
 
     def _cached(self, key, make):
         v = self._cache.get(key)
         if v is None:
             v = self._cache[key] = make()
         return v
+
+    @property
+    def fg(self) -> np.ndarray:
+        """Reference foreground mask ``label != 0``."""
+        return self._cached("fg", lambda: self.lab != 0)
+
+    def target(self, channel: int) -> np.ndarray:
+        """Binary reference of a channel: ``label == channel`` (softmax) or ``label in region``."""
+        def make():
+            if self.regions is None:
+                return self.lab == channel
+            region = self.regions[channel]
+            t = self.lab == region[0]
+            for v in region[1:]:
+                t |= self.lab == v
+            return t
+        return self._cached(("target", channel), make)
 
     def n_target(self, c: int) -> int:
         """Number of voxels of the channel's reference."""
@@ -266,10 +261,6 @@ class _Chunk:
             return s1, sum64(w)
         return self._cached(("s", c), make)
 
-    def sum64(self, c: int) -> float:
-        """Sum of ``p_c`` over the chunk in float64."""
-        return self.sums64(c)[0]
-
     def sum64_target(self, c: int) -> float:
         """Sum of ``p_c`` over the channel's reference voxels in float64."""
         return self._cached(("sp", c), lambda: sum64(self.p[c].take(self.target_index(c))))
@@ -278,20 +269,16 @@ class _Chunk:
         """``(p_c[p_c > threshold], target(c)[p_c > threshold])`` in voxel order (comparison in the
         dtype of the probabilities, as ``p_c > threshold`` does)."""
         thr = self.p.dtype.type(threshold)
-        key = ("above", c, thr)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        base = self.base_threshold
-        if base is not None and thr > base:
-            v, y = self.above(c, base)
-            keep = v > thr
-            res = (v[keep], y[keep])
-        else:
+
+        def make():
+            base = self.base_threshold
+            if base is not None and thr > base:
+                v, y = self.above(c, base)
+                keep = v > thr
+                return v[keep], y[keep]
             idx = np.flatnonzero(self.p[c] > thr)
-            res = (self.p[c].take(idx), self.target(c).take(idx))
-        self._cache[key] = res
-        return res
+            return self.p[c].take(idx), self.target(c).take(idx)
+        return self._cached(("above", c, thr), make)
 
     def rest_stats(self, c: int, edges: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """:func:`~._binning.bin_stats` of the channel's values above ``edges[1]`` against its
@@ -392,7 +379,7 @@ def _marginal_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, include_bac
             stats.add_values_(t, ch.p[c], ch.target(c), edges)
         else:  # same statistics as add_values_, from totals shared with other metrics
             count, sums = ch.rest_stats(c, edges)
-            stats.add_binned_(t, count, sums, n, ch.n_target(c), ch.sum64(c), ch.sum64_target(c), n)
+            stats.add_binned_(t, count, sums, n, ch.n_target(c), ch.sums64(c)[0], ch.sum64_target(c), n)
 
 
 def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
@@ -421,14 +408,13 @@ def _sdc_cece_compute(stats: BinStats) -> float:
 
 def _label_prob(ch: _Chunk) -> np.ndarray:
     """Probability of the reference label of every voxel (softmax only), cached per chunk."""
-    q = ch._cache.get("label_prob")
-    if q is None:
+    def make():
         q = ch.p[0].copy()
         for c in range(1, ch.p.shape[0]):
             idx = ch.target_index(c)
             q[idx] = ch.p[c].take(idx)
-        ch._cache["label_prob"] = q
-    return q
+        return q
+    return ch._cached("label_prob", make)
 
 
 def _clip_below(q: np.ndarray, eps: float) -> np.ndarray:
