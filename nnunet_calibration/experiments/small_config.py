@@ -12,8 +12,9 @@ configuration and overrides only what makes it cheap:
 
 * ``spacing``: the 2d in-plane spacing times ``spacing_factor`` (default 2: half the resolution,
   a quarter of the pixels); ``median_image_size_in_voxels`` scaled accordingly;
-* ``patch_size``: the 2d patch divided by ``spacing_factor`` (covers the same field of view), then
-  made divisible by the pooling as nnU-Net's planner does;
+* ``patch_size``: the 2d patch times ``fov_factor / spacing_factor``: it covers ``fov_factor`` of
+  the 2d patch's field of view along each axis (default 1: the same field of view), then made
+  divisible by the pooling as nnU-Net's planner does;
 * the U-Net topology (``n_stages``, ``strides``, ``kernel_sizes``, convolutions per stage) from
   nnU-Net's own ``get_pool_and_conv_props`` for that spacing and patch (bottleneck at least 4
   pixels), at most ``max_stages`` stages and at least 3 (nnU-Net's deep supervision gives the
@@ -55,7 +56,8 @@ from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
 
 DEFAULT_NAME = "2d_small"
 #: chosen by measurement (bench/small_config.py, README "A small configuration for CPU work")
-DEFAULTS = {"spacing_factor": 2.0, "base_features": 16, "max_features": 256, "max_stages": 5, "batch_size": 4}
+DEFAULTS = {"spacing_factor": 2.0, "fov_factor": 1.0, "base_features": 16, "max_features": 256, "max_stages": 5,
+            "batch_size": 4}
 
 
 class SmallConfigError(ValueError):
@@ -87,7 +89,8 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
                         base_features: int = DEFAULTS["base_features"],
                         max_features: int = DEFAULTS["max_features"],
                         max_stages: int = DEFAULTS["max_stages"],
-                        batch_size: int = DEFAULTS["batch_size"]) -> dict:
+                        batch_size: int = DEFAULTS["batch_size"],
+                        fov_factor: float = DEFAULTS["fov_factor"]) -> dict:
     """The plans entry of the small configuration (a dict with ``inherits_from: "2d"``); pure function.
 
     ``plans`` is the content of an nnU-Net plans file with a ``2d`` configuration. See the module
@@ -99,13 +102,13 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
                                f"`nnUNetv2_plan_and_preprocess -d {plans.get('dataset_name', 'ID')} -c 2d` first")
     for key, value, low in (("spacing_factor", spacing_factor, 1e-6), ("base_features", base_features, 1),
                             ("max_features", max_features, 1), ("max_stages", max_stages, 2),
-                            ("batch_size", batch_size, 1)):
+                            ("batch_size", batch_size, 1), ("fov_factor", fov_factor, 1e-6)):
         if not value >= low:
             raise SmallConfigError(f"{key} must be >= {low}, got {value}")
     base = plans["configurations"]["2d"]
     spacing = [float(s) * spacing_factor for s in base["spacing"]]
     median = [float(m) / spacing_factor for m in base["median_image_size_in_voxels"]]
-    patch = [max(8, int(round(p / spacing_factor))) for p in base["patch_size"]]
+    patch = [max(8, int(round(p * fov_factor / spacing_factor))) for p in base["patch_size"]]
     # nnU-Net's own topology rule (bottleneck >= 4 px), limited to max_stages stages
     num_pool, pool_kernels, conv_kernels, patch, _ = get_pool_and_conv_props(spacing, patch, 4, max_stages - 1)
     n_stages = len(pool_kernels)
@@ -130,7 +133,8 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
         "patch_size": [int(p) for p in patch],
         "batch_size": int(batch_size),
         "architecture": arch,
-        "calib_small_config": {"spacing_factor": spacing_factor, "base_features": base_features,
+        "calib_small_config": {"spacing_factor": spacing_factor, "fov_factor": fov_factor,
+                               "base_features": base_features,
                                "max_features": max_features, "max_stages": max_stages,
                                "made_by": "nnunet_calibration.experiments.small_config"},
     }
@@ -175,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
     p.add_argument("--spacing-factor", type=float, default=DEFAULTS["spacing_factor"],
                    help="in-plane spacing = 2d spacing x this (%(default)s)")
+    p.add_argument("--fov-factor", type=float, default=DEFAULTS["fov_factor"],
+                   help="fraction of the 2d patch's field of view the patch covers per axis (%(default)s)")
     p.add_argument("--base-features", type=int, default=DEFAULTS["base_features"], help="%(default)s")
     p.add_argument("--max-features", type=int, default=DEFAULTS["max_features"], help="%(default)s")
     p.add_argument("--max-stages", type=int, default=DEFAULTS["max_stages"], help="%(default)s")
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
     try:
         plans_file, entry = add_small_configuration(
             args.dataset, pre, name=args.configuration, plans=args.plans, overwrite=args.overwrite,
-            spacing_factor=args.spacing_factor, base_features=args.base_features,
+            spacing_factor=args.spacing_factor, fov_factor=args.fov_factor, base_features=args.base_features,
             max_features=args.max_features, max_stages=args.max_stages, batch_size=args.batch_size)
     except SmallConfigError as e:
         print(f"calib-plan-small: error: {e}", file=sys.stderr)

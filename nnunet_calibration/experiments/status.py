@@ -33,59 +33,97 @@ def _log_sort_key(p: Path):
     return nums, p.name
 
 
-def training_progress(fold_folder: str | Path, total_epochs: int | None = None) -> dict:
-    """Progress of one fold read from nnU-Net's ``training_log_*.txt`` files (all runs, oldest first).
+def training_history(fold_folder: str | Path) -> dict[int, dict]:
+    """Per-epoch values of one fold read from nnU-Net's ``training_log_*.txt`` files (all runs, oldest first).
 
-    Conventions: an epoch counts as *done* when nnU-Net logged its ``Epoch time`` line; a resumed
-    run (``--c``) that repeats an epoch number overwrites that epoch's values. ``epoch`` is the
-    number of epochs done; ``current`` the epoch in progress (None when the last one logged is done).
-    ``pseudo_dice`` is the mean over classes (ignoring NaN, as nnU-Net's ``mean_fg_dice``) of the
-    last logged ``Pseudo dice`` list, ``pseudo_dice_per_class`` that list. ``epoch_time`` is the mean
-    of all logged epoch times (s); ``eta`` = ``(total - epoch) * epoch_time`` seconds (0 when done,
-    None without a timing). ``total``: ``total_epochs``, else ``num_epochs`` of the fold's
-    ``calibration_hparams.json``, else nnU-Net's 1000. ``log``: the newest training log (None if none).
+    Returns ``{epoch: {"time": s or None, "train_loss", "val_loss", "pseudo_dice": [per class],
+    "lr"}}`` (missing values None) for the epochs whose ``Epoch time`` line was logged (*done*).
+
+    Resumes: a run continued with ``--c`` starts at the epoch of the checkpoint it loaded, so every
+    epoch an earlier run logged from that epoch on is dropped (it was lost with the crashed run and
+    trained again): a fold that logged 70 epochs, crashed and resumed from the checkpoint of epoch 50
+    counts 50 done epochs, not 69.
     """
     folder = Path(fold_folder)
     logs = sorted(folder.glob("training_log_*.txt"), key=_log_sort_key) if folder.is_dir() else []
-    times: dict[int, float] = {}
-    dice: dict[int, list] = {}
-    current = None
+    history: dict[int, dict] = {}
     for log in logs:
         try:
             text = log.read_text(errors="replace")
         except OSError:
             continue
+        current, first = None, True
         for line in text.splitlines():
             m = _LOG_LINE.match(line)
             if not m:
                 continue
             msg = m.group(1).strip()
-            if msg.startswith("Epoch time:"):
-                if current is not None:
-                    nums = _NUMBER.findall(msg[len("Epoch time:"):])
-                    if nums:
-                        times[current] = float(nums[0])
-            elif msg.startswith("Epoch ") and msg[6:].strip().isdigit():
+            if msg.startswith("Epoch ") and msg[6:].strip().isdigit():
                 current = int(msg[6:].strip())
-                times.pop(current, None)
-                dice.pop(current, None)
-            elif msg.startswith("Pseudo dice") and current is not None:
+                if first:  # a new run starts here: what earlier runs logged from this epoch on is gone
+                    for e in [e for e in history if e >= current]:
+                        del history[e]
+                    first = False
+                history[current] = {"time": None, "train_loss": None, "val_loss": None, "pseudo_dice": None,
+                                    "lr": None, "done": False}
+            elif current is None:
+                continue
+            elif msg.startswith("Epoch time:"):
+                nums = _NUMBER.findall(msg[len("Epoch time:"):])
+                history[current]["time"] = float(nums[0]) if nums else None
+                history[current]["done"] = True
+            elif msg.startswith("Pseudo dice"):
                 body = re.sub(r"np\.float\d*\(", "", msg[len("Pseudo dice"):])
-                dice[current] = [float(x) for x in _NUMBER.findall(body)]
+                history[current]["pseudo_dice"] = [float(x) for x in _NUMBER.findall(body)]
+            else:
+                for key, prefix in (("train_loss", "train_loss"), ("val_loss", "val_loss"),
+                                    ("lr", "Current learning rate:")):
+                    if msg.startswith(prefix):
+                        nums = _NUMBER.findall(msg[len(prefix):])
+                        history[current][key] = float(nums[0]) if nums else None
+    return {e: {k: v for k, v in rec.items() if k != "done"} for e, rec in sorted(history.items()) if rec["done"]}
+
+
+def training_progress(fold_folder: str | Path, total_epochs: int | None = None) -> dict:
+    """Progress of one fold read from nnU-Net's training logs (:func:`training_history`).
+
+    Conventions: an epoch counts as *done* when nnU-Net logged its ``Epoch time`` line; a resumed run
+    (``--c``) drops what earlier runs logged from its first epoch on (see :func:`training_history`).
+    ``epoch`` is the number of epochs done; ``current`` the epoch in progress (None when the last one
+    logged is done). ``pseudo_dice`` is the mean over classes (ignoring NaN, as nnU-Net's
+    ``mean_fg_dice``) of the last done epoch's ``Pseudo dice`` list, ``pseudo_dice_per_class`` that
+    list. ``epoch_time`` is the mean of the done epochs' times (s); ``eta`` = ``(total - epoch) *
+    epoch_time`` seconds (0 when done, None without a timing). ``total``: ``total_epochs``, else
+    ``num_epochs`` of the fold's ``calibration_hparams.json``, else nnU-Net's 1000. ``log``: the newest
+    training log (None if none).
+    """
+    folder = Path(fold_folder)
+    logs = sorted(folder.glob("training_log_*.txt"), key=_log_sort_key) if folder.is_dir() else []
+    history = training_history(folder)
+    current = None
+    if logs:  # the epoch the newest log is in, if it is not done
+        try:
+            started = [int(m.group(1)) for m in re.finditer(r": Epoch (\d+)\s*$", logs[-1].read_text(errors="replace"),
+                                                             re.MULTILINE)]
+        except OSError:
+            started = []
+        if started and started[-1] not in history:
+            current = started[-1]
     if total_epochs is None:
         try:
             total_epochs = int(json.loads((folder / "calibration_hparams.json").read_text())["training"]["num_epochs"])
         except (OSError, ValueError, KeyError, TypeError):
             total_epochs = NNUNET_DEFAULT_EPOCHS
-    done = len(times)
-    last_done = max(times) if times else None
-    in_progress = current if current is not None and current not in times else None
-    last_dice = dice[max(dice)] if dice else None
+    done = len(history)
+    times = [r["time"] for r in history.values() if r["time"] is not None]
+    dice = [r["pseudo_dice"] for r in history.values() if r["pseudo_dice"] is not None]
+    last_dice = dice[-1] if dice else None
     finite = [d for d in (last_dice or []) if not math.isnan(d)]
-    mean_time = sum(times.values()) / len(times) if times else None
+    mean_time = sum(times) / len(times) if times else None
     remaining = max(total_epochs - done, 0)
     eta = 0.0 if remaining == 0 else (remaining * mean_time if mean_time is not None else None)
-    return {"epoch": done, "total": total_epochs, "current": in_progress, "last_epoch": last_done,
+    return {"epoch": done, "total": total_epochs, "current": current,
+            "last_epoch": max(history) if history else None,
             "pseudo_dice": (sum(finite) / len(finite)) if finite else None,
             "pseudo_dice_per_class": last_dice, "epoch_time": mean_time, "eta": eta,
             "log": str(logs[-1]) if logs else None}

@@ -113,3 +113,28 @@ def test_fold_with_log_but_no_checkpoint(tmp_path):
     p["epoch_time"] = 100.0
     assert _without_checkpoint(p, now=mtime + 450)["status"] == "in progress"
     assert _without_checkpoint(p, now=mtime + 501)["status"] == "stopped"
+
+
+def test_progress_counts_from_the_resumed_checkpoint(tmp_path):
+    """A run that logged epochs 0-6, crashed, and was resumed (--c) from the checkpoint of epoch 4: the
+    epochs 4-6 of the dead run are gone, so 5 epochs are done after the resumed run's epoch 4, and the
+    pseudo-Dice is the resumed run's, not the dead epoch 6's; the history keeps one entry per epoch."""
+    from nnunet_calibration.experiments.status import training_history
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    first = []
+    for e in range(7):
+        first += [(9, 0, f"Epoch {e}"), (9, 1, "train_loss -0.1"), (9, 1, "val_loss -0.2"),
+                  (9, 1, f"Pseudo dice [{0.1 * e:.1f}, 0.5]"), (9, 2, "Epoch time: 10.0 s")]
+    _write_log(fold / "training_log_2026_1_9_10_00_00.txt", first + [(9, 3, "Epoch 7")])
+    _write_log(fold / "training_log_2026_1_10_9_00_00.txt", [
+        (10, 0, "Epoch 4"), (10, 1, "Pseudo dice [0.9, 0.9]"), (10, 2, "Epoch time: 20.0 s"), (10, 3, "Epoch 5")])
+    p = training_progress(fold, total_epochs=10)
+    assert (p["epoch"], p["current"], p["last_epoch"]) == (5, 5, 4)
+    assert p["pseudo_dice_per_class"] == [0.9, 0.9]
+    assert p["epoch_time"] == pytest.approx((4 * 10.0 + 20.0) / 5)
+    h = training_history(fold)
+    assert sorted(h) == [0, 1, 2, 3, 4]
+    assert h[3] == {"time": 10.0, "train_loss": -0.1, "val_loss": -0.2, "pseudo_dice": [0.3, 0.5], "lr": None}
+    assert h[4]["pseudo_dice"] == [0.9, 0.9] and h[4]["train_loss"] is None
