@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_calibration.errors import UserError
 from nnunet_calibration.io import CorruptFileError, read_sitk_image
 from nnunet_calibration.utils import remove_stale_staging, staging_dir
 
@@ -49,7 +50,7 @@ NUM_FOLDS = 5
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """Bad input for a converter (missing/unmatched/unreadable file, geometry or label problem,
     duplicate case id, existing target). The message names the file and the problem."""
 

@@ -35,6 +35,8 @@ from typing import Union
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_calibration.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["CorruptFileError", "verify_image_file", "read_sitk_image", "quiet_itk"]
@@ -42,7 +44,7 @@ __all__ = ["CorruptFileError", "verify_image_file", "read_sitk_image", "quiet_it
 _BLOCK = 1 << 22
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(UserError):
     """A file is truncated, corrupted or unreadable; the message names the file."""
 
 

@@ -12,10 +12,15 @@
   ``sigterm_as_interrupt()`` raises ``KeyboardInterrupt`` so that the ``finally``/``except`` clean-up
   runs as for Ctrl-C; a staging folder whose process no longer exists (SIGKILL, power loss) is
   removed by the next run's :func:`remove_stale_staging`.
-- :func:`keep_freed_memory`: glibc allocator settings for processes that evaluate large cases.
+- :func:`keep_freed_memory`: glibc allocator settings for processes that evaluate large cases
+  (process-wide: only the owner of a process calls it, i.e. a console script or a worker process).
+- :func:`write_json_atomic`: the one atomic JSON writer (temporary file in the same folder, fsync,
+  rename).
+- :class:`ArgumentParser`, :func:`cli_main`: the frame of every console script (see :func:`cli_main`).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -24,14 +29,18 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from nnunet_calibration.errors import UserError
+
 __all__ = ["nanmean", "mean_std", "json_clean", "replace_dir", "atomic_dir", "staging_dir",
-           "remove_stale_staging", "sigterm_as_interrupt", "pid_alive", "keep_freed_memory"]
+           "remove_stale_staging", "sigterm_as_interrupt", "pid_alive", "keep_freed_memory", "write_json_atomic",
+           "ArgumentParser", "cli_main"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 _FREED_MEMORY_KEPT = False
@@ -206,3 +215,57 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON to ``path`` so that readers see the old file or the complete new one:
+    a temporary file in the same folder (``.NAME.<random>.tmp``), flushed and fsync'ed, then renamed
+    over ``path``. NaN/inf become ``null`` (:func:`json_clean`). The folder is created if missing."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(json_clean(data), f, indent=indent, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, ``PROG: error: MESSAGE``, exit status 2
+    (argparse's own prints the whole usage block first). Sub-commands inherit it."""
+
+    def error(self, message):  # noqa: D401 - argparse's API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def cli_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+             argv: Sequence[str] | None = None, interrupted: str = "interrupted; nothing written") -> int:
+    """The frame of every console script; returns its exit status.
+
+    * SIGTERM (``kill``, SLURM, ``timeout``) is handled like Ctrl-C from the start: both raise
+      ``KeyboardInterrupt`` inside ``run``, whose ``finally``/``except`` clean-up removes what it was
+      staging; the script then prints ``PROG: interrupted; nothing written`` and exits with 130.
+    * a bad argument: one line from the parser (:class:`ArgumentParser`), exit 2;
+    * a named error (:class:`~nnunet_calibration.errors.UserError` and its subclasses): one line
+      ``PROG: error: MESSAGE``, exit 2;
+    * otherwise ``run``'s return value (``None``: 0). Anything else is a bug and shows its traceback.
+    """
+    prog = parser.prog
+    with sigterm_as_interrupt():
+        try:
+            args = parser.parse_args(argv)
+            return int(run(args) or 0)
+        except UserError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prog}: {interrupted}", file=sys.stderr)
+            return 130

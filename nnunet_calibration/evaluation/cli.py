@@ -5,9 +5,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from nnunet_calibration.utils import sigterm_as_interrupt
+from nnunet_calibration.settings import MetricOptions, add_arguments
+from nnunet_calibration.utils import ArgumentParser, cli_main, keep_freed_memory
 
-from .core import DEFAULT_OPTIONS, EvaluationInputError, evaluate_folders
+from .core import evaluate_folders
 
 DESCRIPTION = """\
 Evaluate nnU-Net v2 predictions saved with probabilities (nnUNetv2_predict --save_probabilities,
@@ -37,9 +38,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULT_OPTIONS
-    p = argparse.ArgumentParser(prog="calib-evaluate", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="calib-evaluate", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pred_folders", nargs="+", metavar="PRED_FOLDER",
                    help="folder(s) with CASE.npz (key 'probabilities') and CASE.pkl; several folders "
                         "(e.g. the five fold_X/validation) are reported together")
@@ -59,57 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="skip cases without prediction or without reference (listed in summary.json "
                         "under 'missing') instead of stopping with an error")
-    p.add_argument("--convention", choices=["default", "sdc-code"], default="default",
-                   help="'default': the metrics as documented (per-class DSC/HD95 in mm, foreground ECE of Eq. 6, "
-                        "CECE over the foreground classes); 'sdc-code': as the SDC authors' evaluation code "
-                        "(EagleAdelaide/SDC-Loss src/sdc/metrics.py), for numbers next to the paper's tables: ECE = "
-                        "binary ECE of 1-p_background vs label!=0 over all voxels (10 bins), CECE over all classes "
-                        "incl. background, DSC/HD95 of the foreground union (HD95 in voxels)")
-    p.add_argument("--n-bins-ece", type=int, default=None,
-                   help=f"bins of ECE (default {d['n_bins_ece']}; 10 with --convention sdc-code)")
-    p.add_argument("--n-bins-cece", type=int, default=d["n_bins_cece"], help="bins of CECE (default %(default)s)")
-    p.add_argument("--n-bins-pece", type=int, default=d["n_bins_pece"], help="bins of pECE (default %(default)s)")
-    p.add_argument("--n-bins-ace", type=int, default=d["n_bins_ace"],
-                   help="bins of mL1-ACE/ECE/MCE and of the reliability plots (default %(default)s)")
-    p.add_argument("--fp-weight", type=float, default=d["fp_weight"],
-                   help="false-positive weight of pECE (default %(default)s)")
-    p.add_argument("--cece-threshold", type=float, default=d["cece_threshold"],
-                   help="CECE keeps voxels with p_c > threshold (default %(default)s)")
-    p.add_argument("--include-background", action="store_true",
-                   help="include the background class in mL1-ACE/ECE/MCE (softmax only)")
-    p.add_argument("--nll-eps", type=float, default=d["nll_eps"],
-                   help="probabilities are clipped to >= eps in NLL (default %(default)s)")
+    metrics = p.add_argument_group("metric options (nnunet_calibration.settings.MetricOptions)")
+    add_arguments(metrics, MetricOptions)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    # SIGTERM (kill, SLURM, timeout) is handled like Ctrl-C: the staging folder is removed
-    try:
-        cases = args.cases
-        if args.cases_from_split is not None:
-            from .core import validation_cases
+def run(args: argparse.Namespace) -> int:
+    options = MetricOptions.from_cli(args)  # range checks: one line, exit 2
+    cases = args.cases
+    if args.cases_from_split is not None:
+        from .core import validation_cases
 
-            cases = (cases or []) + validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
-        with sigterm_as_interrupt():
-            summary = evaluate_folders(
-                args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
-                num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
-                allow_missing=args.allow_missing,
-                convention=args.convention, **({} if args.n_bins_ece is None else {"n_bins_ece": args.n_bins_ece}),
-                n_bins_cece=args.n_bins_cece, n_bins_pece=args.n_bins_pece,
-                n_bins_ace=args.n_bins_ace, fp_weight=args.fp_weight, cece_threshold=args.cece_threshold,
-                include_background=args.include_background, nll_eps=args.nll_eps)
-    except EvaluationInputError as e:
-        print(f"calib-evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # bad option values (bins, ...)
-        print(f"calib-evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("calib-evaluate: interrupted; nothing written", file=sys.stderr)
-        return 130
+        cases = (cases or []) + validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
+    if args.num_processes == 1:
+        keep_freed_memory()  # this process evaluates the cases itself (see keep_freed_memory)
+    summary = evaluate_folders(
+        args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
+        num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
+        allow_missing=args.allow_missing, options=options)
     m, pooled = summary["mean"], summary["pooled"]
 
     def fmt(v):
@@ -130,6 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"skipped (--allow-missing): {len(miss.get('predictions') or [])} case(s) without prediction, "
               f"{len(miss.get('references') or [])} without reference: see summary.json 'missing'")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

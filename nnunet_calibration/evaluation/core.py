@@ -77,19 +77,17 @@ from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from nnunet_calibration.errors import UserError
 from nnunet_calibration.io import CorruptFileError, quiet_itk, verify_image_file
 from nnunet_calibration.metrics import (METRIC_KEYS, CalibrationAccumulator, dice, hd95, image_diagonal,
                                         validate_labels, validate_probabilities)
 from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE
+from nnunet_calibration.settings import MetricOptions
 from nnunet_calibration.utils import (json_clean, keep_freed_memory, nanmean, remove_stale_staging, replace_dir,
                                       staging_dir)
 
 PathLike = Union[str, os.PathLike]
 
-DEFAULT_OPTIONS = dict(n_bins_ece=15, n_bins_cece=10, n_bins_pece=10, n_bins_ace=20, fp_weight=2.0,
-                       cece_threshold=1e-3, include_background=False, nll_eps=1e-7, convention="default")
-#: ``convention="sdc-code"``: the SDC authors' code uses 10 ECE bins (used unless n_bins_ece is given)
-SDC_CODE_N_BINS_ECE = 10
 SDC_CODE_CLASS = "foreground"
 OUR_OUTPUTS = ("summary.json", "per_case.csv")
 
@@ -99,7 +97,7 @@ OUR_OUTPUTS = ("summary.json", "per_case.csv")
 SPACING_RTOL, ORIGIN_ATOL, ORIGIN_RTOL, DIRECTION_ATOL = 1e-4, 1e-3, 1e-5, 1e-4
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(UserError):
     """Bad input (the message names the file and what is wrong)."""
 
 
@@ -389,7 +387,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
 
     ``job``: ``{"case", "folder", "npz", "reference"}`` (optionally ``"file_ending"`` for the
     geometry look-up of a segmentation file); ``regions``: the region label tuples or ``None``;
-    ``options``: keyword options of :class:`CalibrationAccumulator`; ``reader``: nnU-Net
+    ``options``: the metrics' :class:`~nnunet_calibration.settings.MetricOptions`; ``reader``: nnU-Net
     reader/writer instance (default ``SimpleITKIO``).
     """
     npz, ref_path = job["npz"], job["reference"]
@@ -430,12 +428,11 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options: dict,
     except ValueError as e:
         raise EvaluationInputError(f"{ref_path}: {e} (dataset.json labels)") from e
 
-    acc = CalibrationAccumulator(regions=regions is not None, region_labels=regions, ignore_index=lm.ignore_label,
-                                 **options).update(probs, ref)
+    acc = CalibrationAccumulator(options, regions=regions is not None, region_labels=regions,
+                                 ignore_index=lm.ignore_label).update(probs, ref)
     seg = probabilities_to_segmentation(probs, lm, sum_tolerance=SOFTMAX_SUM_TOLERANCE)  # sums checked above
     del probs
-    dsc, hd, seg_flags = segmentation_metrics(seg, ref, lm, class_names, spacing,
-                                              options.get("convention", "default"))
+    dsc, hd, seg_flags = segmentation_metrics(seg, ref, lm, class_names, spacing, options.convention)
     flags += seg_flags
     metrics = {"DSC": dsc, "HD95": hd, "DSC_mean": float(np.mean(list(dsc.values()))),
                "HD95_mean": float(np.mean(list(hd.values())))}
@@ -608,8 +605,7 @@ def _make_staging(out_dir: Path) -> Path:
 
 
 def _run_jobs(jobs, lm, class_names, regions, options, reader, n_proc, bar) -> List[tuple]:
-    if n_proc == 1:
-        keep_freed_memory()  # as in the worker processes
+    if n_proc == 1:  # in this process (the caller decides on its allocator: see calib-evaluate)
         results = []
         for job in jobs:
             status, payload = _worker(job, lm, class_names, regions, options, reader)
@@ -675,12 +671,12 @@ def _run_jobs(jobs, lm, class_names, regions, options, reader, n_proc, bar) -> L
 def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, dataset_json: Optional[PathLike] = None,
                      out_dir: Optional[PathLike] = None, num_processes: int = 1, progress: bool = True,
                      write: bool = True, cases: Optional[Sequence[str]] = None, allow_missing: bool = False,
-                     **metric_options) -> dict:
+                     options: Optional[MetricOptions] = None, **metric_options) -> dict:
     """Evaluate one or more prediction folders against ``gt_folder``; return (and write) the summary.
 
-    ``metric_options``: ``n_bins_ece`` (15), ``n_bins_cece`` (10), ``n_bins_pece`` (10),
-    ``n_bins_ace`` (20), ``fp_weight`` (2.0), ``cece_threshold`` (1e-3), ``include_background``
-    (False, marginal errors only), ``nll_eps`` (1e-7). ``out_dir`` default:
+    ``options``: the metrics' :class:`~nnunet_calibration.settings.MetricOptions` (defaults, ranges and
+    conventions there); or, instead, its fields as keywords (``n_bins_ece=10, ...``), read by
+    ``MetricOptions.from_mapping`` (so ``convention="sdc-code"`` implies 10 ECE bins unless given). ``out_dir`` default:
     ``PRED_FOLDER/calibration_evaluation`` (several folders: in their common parent). With
     ``write=False`` nothing is written. Raises :class:`EvaluationInputError` on bad input.
 
@@ -694,12 +690,10 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     "mL1-MCE", "NLL", "Brier"}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
     "missing": {"predictions": [...], "references": [...]}}``.
     """
-    unknown = set(metric_options) - set(DEFAULT_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown metric options {sorted(unknown)}")
-    options = dict(DEFAULT_OPTIONS, **metric_options)
-    if options["convention"] == "sdc-code" and "n_bins_ece" not in metric_options:
-        options["n_bins_ece"] = SDC_CODE_N_BINS_ECE
+    if options is None:
+        options = MetricOptions.from_mapping(metric_options, "evaluate_folders")
+    elif metric_options:
+        raise TypeError("give either options= or metric keyword options, not both")
     if isinstance(num_processes, bool) or not isinstance(num_processes, (int, np.integer)) or num_processes < 1:
         raise EvaluationInputError(f"num_processes (-np) must be an integer >= 1, got {num_processes!r}")
     if isinstance(pred_folders, (str, os.PathLike)):
@@ -717,12 +711,10 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     except Exception as e:
         raise EvaluationInputError(f"{dj_path}: cannot read dataset.json ({e})") from e
     lm, class_names, regions = label_info(dj, str(dj_path))
-    seg_names = [SDC_CODE_CLASS] if options["convention"] == "sdc-code" else class_names
+    seg_names = [SDC_CODE_CLASS] if options.convention == "sdc-code" else class_names
     file_ending = dj.get("file_ending", ".nii.gz")
     jobs, missing = collect_jobs(pred_folders, gt_folder, file_ending, cases, allow_missing)
     reader = reader_writer(dict(dj, file_ending=file_ending), jobs[0]["reference"])
-    # validate options early (CalibrationAccumulator checks bins)
-    CalibrationAccumulator(regions=regions is not None, region_labels=regions, **options)
     out_dir = Path(out_dir).resolve() if out_dir is not None else default_out_dir(pred_folders)
     staging = _make_staging(out_dir) if write else None  # before computing: an unwritable output fails now
 
@@ -733,8 +725,8 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
         with tqdm(total=len(jobs), desc="calib-evaluate", unit="case", disable=not progress) as bar:
             results = _run_jobs(jobs, lm, class_names, regions, options, reader, n_proc, bar)
         cases_out = [r[0] for r in results]
-        pooled_acc = CalibrationAccumulator(regions=regions is not None, region_labels=regions,
-                                            ignore_index=lm.ignore_label, **options)
+        pooled_acc = CalibrationAccumulator(options, regions=regions is not None, region_labels=regions,
+                                            ignore_index=lm.ignore_label)
         for _, acc in results:
             pooled_acc = pooled_acc + acc
         summary = {
@@ -746,7 +738,7 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
                        "ignore_label": lm.ignore_label,
                        "geometry_tolerance": {"spacing_rtol": SPACING_RTOL, "origin_atol_mm": ORIGIN_ATOL,
                                               "origin_rtol": ORIGIN_RTOL, "direction_atol": DIRECTION_ATOL},
-                       "n_cases": len(cases_out), **options},
+                       "n_cases": len(cases_out), **options.to_dict()},
             "classes": seg_names,
             "calibration_classes": class_names,
             "cases": cases_out,

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
+from nnunet_calibration.errors import UserError
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
 
 DEFAULT_NAME = "2d_small"
@@ -60,7 +61,7 @@ DEFAULTS = {"spacing_factor": 2.0, "fov_factor": 1.0, "base_features": 16, "max_
             "batch_size": 4}
 
 
-class SmallConfigError(ValueError):
+class SmallConfigError(UserError):
     """The dataset is not ready for a small configuration, or the request is invalid."""
 
 

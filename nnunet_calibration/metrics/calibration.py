@@ -47,6 +47,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnunet_calibration.settings.metrics import CONVENTIONS, MetricOptions
+
 from ._binning import CHUNK_VOXELS, BinStats, SumStats, bin_edges, bin_index, bin_stats, fold_bin_stats, sum64
 
 Regions = Optional[Sequence[Union[int, Sequence[int]]]]
@@ -388,7 +390,6 @@ def _pece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
 
 
 #: Names of the metric conventions (see :class:`CalibrationAccumulator`).
-CONVENTIONS = ("default", "sdc-code")
 
 
 def _sdc_ece_compute(stats: BinStats) -> float:
@@ -744,11 +745,14 @@ class CalibrationAccumulator:
     from the summed per-bin statistics, i.e. the exact values one would get by concatenating the
     voxels of all cases into one big case ("pooled"). With a single case it equals the public
     functions (``ece``, ``cece``, ...) on that case. ``a + b`` / ``a.merge(b)`` combine accumulators
-    filled in different processes (same options required). Options and conventions are those of the
-    public functions; ``include_background`` applies to the marginal errors only; ``regions`` /
-    ``region_labels`` as in :func:`resolve_region_labels`.
+    filled in different processes (same options and label layout required).
 
-    Conventions (``convention``):
+    ``options``: a :class:`nnunet_calibration.settings.MetricOptions` (default: its defaults), the
+    options and conventions of the public functions; ``include_background`` applies to the marginal
+    errors only. The label layout: ``regions`` / ``region_labels`` as in :func:`resolve_region_labels`,
+    ``ignore_index`` below.
+
+    Conventions (``options.convention``):
 
     * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`.
     * ``"sdc-code"``: ECE and CECE as the SDC authors' published evaluation code computes them
@@ -768,22 +772,18 @@ class CalibrationAccumulator:
     nnU-Net excludes them from its loss and its DSC). ``None``: no voxel is ignored.
     """
 
-    def __init__(self, n_bins_ece: int = 15, n_bins_cece: int = 10, n_bins_pece: int = 10,
-                 n_bins_ace: int = 20, fp_weight: float = 2.0, cece_threshold: float = 1e-3,
-                 include_background: bool = False, nll_eps: float = 1e-7, regions: bool = False,
-                 region_labels: Regions = None, ignore_index: Optional[int] = None, convention: str = "default"):
-        for n in (n_bins_ece, n_bins_cece, n_bins_pece, n_bins_ace):
+    def __init__(self, options: Optional[MetricOptions] = None, *, regions: bool = False,
+                 region_labels: Regions = None, ignore_index: Optional[int] = None):
+        if options is None:
+            options = MetricOptions()
+        elif not isinstance(options, MetricOptions):
+            raise TypeError(f"options must be a MetricOptions, got {type(options).__name__}")
+        for n in (options.n_bins_ece, options.n_bins_cece, options.n_bins_pece, options.n_bins_ace):
             bin_edges(n)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-        rl = resolve_region_labels(regions, region_labels)
-        self.options = dict(n_bins_ece=int(n_bins_ece), n_bins_cece=int(n_bins_cece),
-                            n_bins_pece=int(n_bins_pece), n_bins_ace=int(n_bins_ace),
-                            fp_weight=float(fp_weight), cece_threshold=float(cece_threshold),
-                            include_background=bool(include_background), nll_eps=float(nll_eps),
-                            regions=bool(regions), region_labels=rl,
-                            ignore_index=None if ignore_index is None else int(ignore_index),
-                            convention=convention)
+        self.options = options
+        #: the label layout: softmax or regions (with their label tuples) and the ignored label
+        self.layout = dict(regions=bool(regions), region_labels=resolve_region_labels(regions, region_labels),
+                           ignore_index=None if ignore_index is None else int(ignore_index))
         self.n_cases = 0
         self.n_channels: Optional[int] = None
         self.stats: Optional[Dict[str, Union[BinStats, SumStats]]] = None
@@ -791,15 +791,15 @@ class CalibrationAccumulator:
     # -- filling ---------------------------------------------------------------------------------
     def _init_stats(self, n_channels: int):
         o = self.options
-        regions = o["region_labels"]
+        regions = self.layout["region_labels"]
         self.n_channels = n_channels
-        sdc = o["convention"] == "sdc-code"
+        sdc = o.convention == "sdc-code"
         self.stats = {
-            "ece": BinStats.zeros(1 if sdc else _ece_tasks(n_channels, regions), o["n_bins_ece"]),
-            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, sdc)), o["n_bins_cece"]),
-            "pece": BinStats.zeros(1, o["n_bins_pece"]),
-            "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o["include_background"])),
-                                       o["n_bins_ace"]),
+            "ece": BinStats.zeros(1 if sdc else _ece_tasks(n_channels, regions), o.n_bins_ece),
+            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, sdc)), o.n_bins_cece),
+            "pece": BinStats.zeros(1, o.n_bins_pece),
+            "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o.include_background)),
+                                       o.n_bins_ace),
             "nll": SumStats(),
             "brier": SumStats(),
         }
@@ -807,8 +807,8 @@ class CalibrationAccumulator:
     def update(self, probs, labels, validate_args: bool = False) -> "CalibrationAccumulator":
         """Add one case. ``validate_args=True`` also checks the values (see :func:`validate_inputs`)."""
         o = self.options
-        probs, labels, regions = _check_types_and_shapes(probs, labels, o["region_labels"])
-        ignore = o["ignore_index"]
+        probs, labels, regions = _check_types_and_shapes(probs, labels, self.layout["region_labels"])
+        ignore = self.layout["ignore_index"]
         if validate_args:
             allowed = None
             if ignore is not None:
@@ -820,13 +820,13 @@ class CalibrationAccumulator:
         elif probs.shape[0] != self.n_channels:
             raise ValueError(f"case has {probs.shape[0]} channels, earlier cases had {self.n_channels}")
         dt = _work_dtype(probs)
-        e_ece, e_cece = bin_edges(o["n_bins_ece"], dt), bin_edges(o["n_bins_cece"], dt)
-        e_pece, e_ace = bin_edges(o["n_bins_pece"], dt), bin_edges(o["n_bins_ace"], dt)
+        e_ece, e_cece = bin_edges(o.n_bins_ece, dt), bin_edges(o.n_bins_cece, dt)
+        e_pece, e_ace = bin_edges(o.n_bins_pece, dt), bin_edges(o.n_bins_ace, dt)
         s = self.stats
-        sdc = o["convention"] == "sdc-code"
+        sdc = o.convention == "sdc-code"
         # CECE and the marginal errors both need, per channel, the voxels above a threshold: gathered
         # once above the smaller one (see _Chunk.above)
-        base = min(dt.type(o["cece_threshold"]), e_ace[1])
+        base = min(dt.type(o.cece_threshold), e_ace[1])
         for pc, lc in _chunks(probs, labels):
             if ignore is not None:
                 keep = lc != ignore
@@ -839,10 +839,10 @@ class CalibrationAccumulator:
                 _pece_kernel(ch, s["ece"], e_ece)  # same statistics: foreground probability, y = fg, 0 in no bin
             else:
                 _ece_kernel(ch, s["ece"], e_ece)
-            _marginal_kernel(ch, s["marginal"], e_ace, o["include_background"])
-            _cece_kernel(ch, s["cece"], e_cece, o["cece_threshold"], sdc)  # after: may fold the ACE bins
+            _marginal_kernel(ch, s["marginal"], e_ace, o.include_background)
+            _cece_kernel(ch, s["cece"], e_cece, o.cece_threshold, sdc)  # after: may fold the ACE bins
             _pece_kernel(ch, s["pece"], e_pece)
-            _nll_kernel(ch, s["nll"], o["nll_eps"])
+            _nll_kernel(ch, s["nll"], o.nll_eps)
             _brier_kernel(ch, s["brier"])
         self.n_cases += 1
         return self
@@ -852,9 +852,10 @@ class CalibrationAccumulator:
         """A new accumulator holding both (neither input is modified)."""
         if not isinstance(other, CalibrationAccumulator):
             raise TypeError(f"cannot merge CalibrationAccumulator with {type(other).__name__}")
-        if other.options != self.options:
-            raise ValueError(f"cannot merge accumulators with different options: {self.options} vs {other.options}")
-        out = CalibrationAccumulator(**self.options)
+        if other.options != self.options or other.layout != self.layout:
+            raise ValueError(f"cannot merge accumulators with different options or label layouts: "
+                             f"{self.options}, {self.layout} vs {other.options}, {other.layout}")
+        out = CalibrationAccumulator(self.options, **self.layout)
         out.n_cases = self.n_cases + other.n_cases
         if self.stats is None or other.stats is None:
             src = self if other.stats is None else other
@@ -875,11 +876,11 @@ class CalibrationAccumulator:
         if self.stats is None:
             return {k: float("nan") for k in METRIC_KEYS}
         s = self.stats
-        if self.options["convention"] == "sdc-code":
+        if self.options.convention == "sdc-code":
             out = {"ECE": _sdc_ece_compute(s["ece"]), "CECE": _sdc_cece_compute(s["cece"])}
         else:
             out = {"ECE": _ece_compute(s["ece"]), "CECE": _cece_compute(s["cece"])}
-        out["pECE"] = _pece_compute(s["pece"], self.options["fp_weight"])
+        out["pECE"] = _pece_compute(s["pece"], self.options.fp_weight)
         out.update(_marginal_compute(s["marginal"]))
         out["NLL"] = _nll_compute(s["nll"])
         out["Brier"] = _brier_compute(s["brier"])
@@ -901,7 +902,7 @@ class CalibrationAccumulator:
         if self.stats is None:
             raise ValueError("accumulator is empty")
         n, conf, freq = self.stats["marginal"].reliability()
-        return bin_edges(self.options["n_bins_ace"], np.float64), n, conf, freq
+        return bin_edges(self.options.n_bins_ace, np.float64), n, conf, freq
 
 
 def _copy_stats(s):

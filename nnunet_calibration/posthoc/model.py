@@ -59,6 +59,8 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_calibration.errors import UserError
+
 from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities, load_reference,
                                                 probabilities_to_segmentation)
 from nnunet_calibration.posthoc import scaling
@@ -78,7 +80,7 @@ ENSEMBLE_CAVEAT = (
     "what was fitted.")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Bad input for fitting or applying (the message names the file and what is wrong)."""
 
 

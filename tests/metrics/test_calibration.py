@@ -11,6 +11,7 @@ import pytest
 from nnunet_calibration.metrics import (CalibrationAccumulator, bin_edges, bin_index, brier, cece, ece,
                                         marginal_calibration_errors, nll, pece, validate_inputs)
 from nnunet_calibration.metrics import calibration as calib
+from nnunet_calibration.settings import MetricOptions, SettingsError
 
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
 
@@ -443,7 +444,7 @@ def test_accumulator_shared_pass_matches_reference_on_confident_cases(case, opts
     else:
         probs, labels = CASES[case]()
         R = None
-    m = CalibrationAccumulator(**opts, **rk(R)).update(probs, labels).compute()
+    m = CalibrationAccumulator(MetricOptions(**opts), **rk(R)).update(probs, labels).compute()
     thr = opts.get("cece_threshold", 1e-3)
     assert m["ECE"] == pytest.approx(ref_ece(probs, labels, 15, R), rel=1e-9, abs=1e-12)
     assert m["CECE"] == pytest.approx(ref_cece(probs, labels, opts.get("n_bins_cece", 10), thr, R), rel=1e-9)
@@ -459,10 +460,10 @@ def test_accumulator_shared_pass_matches_reference_on_confident_cases(case, opts
 @pytest.mark.parametrize("regions", [None, BRATS_REGIONS])
 def test_merge_of_two_halves_equals_whole(regions):
     probs, labels = softmax_case((8, 7, 6), 4, 12) if regions is None else region_case((8, 7, 6), 12)
-    opts = dict(n_bins_ece=9, n_bins_cece=6, n_bins_pece=5, n_bins_ace=11, fp_weight=1.5, **rk(regions))
-    whole = CalibrationAccumulator(**opts).update(probs, labels)
-    a = CalibrationAccumulator(**opts).update(probs[:, :3], labels[:3])
-    b = CalibrationAccumulator(**opts).update(probs[:, 3:], labels[3:])
+    opts = MetricOptions(n_bins_ece=9, n_bins_cece=6, n_bins_pece=5, n_bins_ace=11, fp_weight=1.5)
+    whole = CalibrationAccumulator(opts, **rk(regions)).update(probs, labels)
+    a = CalibrationAccumulator(opts, **rk(regions)).update(probs[:, :3], labels[:3])
+    b = CalibrationAccumulator(opts, **rk(regions)).update(probs[:, 3:], labels[3:])
     # through pickle, as between processes
     merged = pickle.loads(pickle.dumps(a)) + pickle.loads(pickle.dumps(b))
     assert merged.n_cases == 2
@@ -471,17 +472,18 @@ def test_merge_of_two_halves_equals_whole(regions):
         np.testing.assert_array_equal(merged.stats[k].count, whole.stats[k].count)
     # pooled over two *different* cases = metrics of the concatenated voxels
     p2, l2 = softmax_case((8, 7, 6), 4, 13) if regions is None else region_case((8, 7, 6), 13)
-    pooled = CalibrationAccumulator(**opts).update(probs, labels) + CalibrationAccumulator(**opts).update(p2, l2)
+    pooled = CalibrationAccumulator(opts, **rk(regions)).update(probs, labels) + CalibrationAccumulator(
+        opts, **rk(regions)).update(p2, l2)
     cat_p, cat_l = np.concatenate([probs, p2], 1), np.concatenate([labels, l2], 0)
-    _assert_same(pooled.compute(), CalibrationAccumulator(**opts).update(cat_p, cat_l).compute())
+    _assert_same(pooled.compute(), CalibrationAccumulator(opts, **rk(regions)).update(cat_p, cat_l).compute())
     # empty accumulator is neutral
-    _assert_same((CalibrationAccumulator(**opts) + whole).compute(), whole.compute())
+    _assert_same((CalibrationAccumulator(opts, **rk(regions)) + whole).compute(), whole.compute())
 
 
 def test_merge_rejects_different_options():
     probs, labels = softmax_case((4, 4), 3, 1)
-    a = CalibrationAccumulator(n_bins_ace=20).update(probs, labels)
-    b = CalibrationAccumulator(n_bins_ace=10).update(probs, labels)
+    a = CalibrationAccumulator(MetricOptions(n_bins_ace=20)).update(probs, labels)
+    b = CalibrationAccumulator(MetricOptions(n_bins_ace=10)).update(probs, labels)
     with pytest.raises(ValueError, match="different options"):
         a + b
 
@@ -495,7 +497,7 @@ def test_chunking_does_not_change_results(monkeypatch):
 
 def test_reliability_data_from_accumulator():
     probs, labels = softmax_case((6, 7, 8), 3, 22)
-    acc = CalibrationAccumulator(n_bins_ace=5).update(probs, labels)
+    acc = CalibrationAccumulator(MetricOptions(n_bins_ace=5)).update(probs, labels)
     edges, n, conf, freq = acc.reliability()
     assert n.shape == (2, 5)
     for k, c in enumerate((1, 2)):
@@ -564,7 +566,7 @@ def sdc_code_metrics(probs, labels, thr=1e-3, n_bins=10):
 def test_sdc_code_convention_matches_transcription(seed):
     probs, labels = softmax_case((7, 9, 11), 4, seed)
     probs[:, 0, 0, :4] = np.array([1, 0, 0, 0], np.float32)[:, None]  # p_fg = 0: in no bin, counted in N
-    acc = CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels).compute()
+    acc = CalibrationAccumulator(MetricOptions(convention="sdc-code", n_bins_ece=10)).update(probs, labels).compute()
     e, c = sdc_code_metrics(probs, labels)
     assert acc["ECE"] == pytest.approx(e, rel=1e-9)
     assert acc["CECE"] == pytest.approx(c, rel=1e-9)
@@ -573,13 +575,13 @@ def test_sdc_code_convention_matches_transcription(seed):
     assert acc["ECE"] != pytest.approx(default["ECE"])
     # pooled over two cases = the transcription on the concatenated voxels
     p2, l2 = softmax_case((5, 9, 11), 4, seed + 10)
-    both = (CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(probs, labels)
-            + CalibrationAccumulator(convention="sdc-code", n_bins_ece=10).update(p2, l2)).compute()
+    both = (CalibrationAccumulator(MetricOptions(convention="sdc-code", n_bins_ece=10)).update(probs, labels)
+            + CalibrationAccumulator(MetricOptions(convention="sdc-code", n_bins_ece=10)).update(p2, l2)).compute()
     e, c = sdc_code_metrics(np.concatenate([probs.reshape(4, -1), p2.reshape(4, -1)], 1),
                             np.concatenate([labels.reshape(-1), l2.reshape(-1)]))
     assert both["ECE"] == pytest.approx(e, rel=1e-9) and both["CECE"] == pytest.approx(c, rel=1e-9)
     with pytest.raises(ValueError, match="convention"):
-        CalibrationAccumulator(convention="paper")
+        CalibrationAccumulator(MetricOptions(convention="paper"))
 
 
 def test_ignore_index_removes_voxels():

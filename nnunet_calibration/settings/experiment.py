@@ -1,0 +1,389 @@
+"""The experiment file (YAML): its schema as frozen dataclasses, and its loader.
+
+Example (every key except ``name``, ``dataset`` and ``trainers`` is optional; the sections' keys are
+the fields of :class:`~.training.Training`, :class:`~.metrics.MetricOptions`, :class:`Report`,
+:class:`Slurm` and :class:`NnunetPaths`, with their defaults and rules)::
+
+    name: acdc-calibration            # used for the state folder and results/<name>/
+    dataset: 27                       # nnU-Net dataset id or DatasetXXX_Name (must be preprocessed)
+    configuration: 2d                 # any configuration of the plans (2d, 3d_fullres, ...)
+    plans: nnUNetPlans
+    folds: [0, 1, 2, 3, 4]            # default 0-4
+    device: auto                      # cpu | cuda | auto (cuda when SLURM gpus > 0 or CUDA is present)
+    training:                         # for every trainer (Training), through NNUNET_CALIB_HPARAMS
+      num_epochs: 1000
+    trainers:
+      - nnUNetTrainerDiceCE           # a bare name
+      - nnUNetTrainerSDC_DC
+      - name: nnUNetTrainerSDC        # a hyperparameter variant: its own label and results folder
+        label: SDC_alpha0.2
+        hparams: {alpha: 0.2}
+    baseline: nnUNetTrainerDiceCE     # label of the Wilcoxon reference (default: the DiceCE trainer)
+    evaluation:
+      num_processes: 1
+      options: {}                     # MetricOptions
+    report: {}                        # Report
+    slurm: {}                         # Slurm
+    nnunet_paths:                     # default: the nnUNet_raw/_preprocessed/_results environment variables
+      results: /data/nnUNet_results
+    state_dir: .calib_state           # default: <nnUNet_results>/calib_experiments/<name>
+
+Relative paths are taken relative to the experiment file's folder. The loader
+(:func:`load_experiment`) refuses a file that is not UTF-8, not YAML, repeats a key at any level,
+names an unknown key (the message lists the valid ones) or holds a value outside its rule (every
+float finite). Checks against nnU-Net (dataset, plans, trainers and their loss hyperparameters)
+follow in :func:`nnunet_calibration.experiments.nnunet_checks.validate`.
+
+Where trainings are stored (hyperparameter variants): a trainer entry *with* ``hparams`` trains
+with ``nnUNet_results`` set to ``<nnUNet_results>/calib_variants/<label>`` (its own nnU-Net results
+tree), entries without use ``<nnUNet_results>`` itself; see :mod:`nnunet_calibration.experiments.folds`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from ._typed import (BOOL, NON_NEGATIVE_INT, POSITIVE_INT, TEXT, ANY_TEXT, Rule, Settings, SettingsError, is_int,
+                     one_of, setting)
+from .metrics import MetricOptions
+from .training import Training
+
+#: the report's table columns, in order (the evaluator's summary keys; DSC/HD95: mean over foreground classes)
+REPORT_METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier")
+DEFAULT_FOLDS = (0, 1, 2, 3, 4)
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+LABEL = Rule(lambda v: isinstance(v, str) and bool(LABEL_RE.match(v)), "a name of letters, digits and _ . + -")
+OPTIONAL_TEXT = Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a non-empty text or null")
+
+
+class ExperimentError(SettingsError):
+    """An invalid experiment file or set-up; the message names the file and what is wrong."""
+
+
+# -- SLURM formats -------------------------------------------------------------------------------
+_MEM_RE = re.compile(r"^\d+(\.\d+)?[KMGT]?B?$", re.IGNORECASE)
+# SLURM's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_TIME_RE = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds of a SLURM ``--time`` value (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``); None if invalid."""
+    m = _TIME_RE.match(str(text).strip())
+    if not m:
+        return None
+    if m.group(1) is not None:
+        d, h, mi, se = (int(x) if x else 0 for x in m.group(1, 2, 3, 4))
+        return ((d * 24 + h) * 60 + mi) * 60 + se
+    parts = [int(x) for x in m.group(5, 6, 7) if x is not None]
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+_TIME = Rule(lambda v: v is None or (isinstance(v, str) and slurm_time_seconds(v) is not None),
+             'a quoted SLURM time such as "24:00:00", "1-00:00:00" or "120" (minutes); YAML reads an unquoted '
+             '24:00:00 as a number')
+_MEM = Rule(lambda v: v is None or (is_int(v) and v > 0) or (isinstance(v, str) and bool(_MEM_RE.match(v.strip()))),
+            "SLURM's --mem: MB as an integer or a text like 32G")
+_ARGS = Rule(lambda v: isinstance(v, (str, tuple, list)) and (isinstance(v, str) or all(isinstance(a, str) for a in v)),
+             "a list of sbatch options (texts)")
+_OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null")
+
+
+@dataclass(frozen=True)
+class Slurm(Settings):
+    """``slurm:``: resources and time-limit handling of the SLURM backend."""
+
+    SECTION = "slurm"
+
+    gpus: int = setting(0, NON_NEGATIVE_INT, "--gres=gpu:N (0: none); > 1: nnU-Net's multi-GPU mode (-num_gpus N)")
+    cpus: int = setting(4, POSITIVE_INT, "--cpus-per-task")
+    mem: str | None = setting("16G", _MEM, "--mem")
+    time: str | None = setting("24:00:00", _TIME, "--time of a training task")
+    partition: str | None = setting(None, OPTIONAL_TEXT, "--partition")
+    extra_args: tuple = setting((), _ARGS, "further sbatch options")
+    report_cpus: int = setting(2, POSITIVE_INT, "--cpus-per-task of the report job")
+    report_mem: str | None = setting("8G", _MEM, "--mem of the report job")
+    report_time: str | None = setting("04:00:00", _TIME, "--time of the report job")
+    report_partition: str | None = setting(None, OPTIONAL_TEXT, "--partition of the report job (default: partition)")
+    signal_seconds: int = setting(600, NON_NEGATIVE_INT, "SIGUSR1 this long before the limit (--signal=B:USR1@N); "
+                                                         "0: none; default 600, at most half of time")
+    requeue: bool = setting(True, BOOL, "on that signal: finish the epoch, checkpoint, requeue the task (--c)")
+    max_parallel: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
+                                       "at most this many tasks of a trainer at once (--array=...%N); null: no limit")
+
+    def __post_init__(self):
+        for k in ("mem", "report_mem"):
+            if is_int(getattr(self, k)):
+                object.__setattr__(self, k, str(getattr(self, k)))
+        if isinstance(self.extra_args, str):
+            object.__setattr__(self, "extra_args", tuple(self.extra_args.split()))
+        super().__post_init__()
+
+    @classmethod
+    def prepare(cls, data: dict) -> dict:
+        limit = slurm_time_seconds(data.get("time", cls.time)) if data.get("time", cls.time) else None
+        if "signal_seconds" not in data and limit is not None and isinstance(limit, int):
+            data["signal_seconds"] = min(600, limit // 2)  # default: 600 s, at most half the limit
+        return data
+
+    def check(self) -> None:
+        limit = slurm_time_seconds(self.time) if self.time else None
+        if self.signal_seconds and limit is not None and self.signal_seconds >= limit:
+            raise SettingsError(f"signal_seconds ({self.signal_seconds} s) must be shorter than time "
+                                f"({self.time!r} = {limit} s)")
+
+
+_RANK = Rule(lambda v: isinstance(v, (list, tuple)) and bool(v) and all(m in REPORT_METRICS for m in v),
+             f"a non-empty list of metric names of {list(REPORT_METRICS)}")
+
+
+@dataclass(frozen=True)
+class Report(Settings):
+    """``report:``: what the experiment's report holds."""
+
+    SECTION = "report"
+
+    output_root: str | None = setting(None, OPTIONAL_TEXT, "the report goes to OUTPUT_ROOT/<name>/ (relative to the "
+                                                           "experiment file; default: ./results)")
+    temperature_scaling: bool = setting(True, BOOL, "cross-fitted + TS rows")
+    vector_scaling: bool = setting(True, BOOL, "cross-fitted + VS rows (one temperature per channel)")
+    threshold_sweep: bool = setting(True, BOOL, "the softmax-threshold sweep (DSC++ paper, Fig. 4)")
+    max_fit_voxels: int = setting(200_000, POSITIVE_INT, "voxels sampled per trainer to fit the post-hoc scalings")
+    rank_metrics: tuple | None = setting(None, _RANK, "metrics of the Friedman ranks (default: every column)")
+    note: str = setting("", ANY_TEXT, "a note printed at the top of the report")
+
+    @property
+    def ranked(self) -> tuple:
+        return tuple(self.rank_metrics or REPORT_METRICS)
+
+
+@dataclass(frozen=True)
+class Evaluation(Settings):
+    """``evaluation:``: how finished folds are scored."""
+
+    SECTION = "evaluation"
+
+    num_processes: int = setting(1, POSITIVE_INT, "cases evaluated in parallel processes")
+    options: MetricOptions = setting(MetricOptions(), None, "the metrics' options")
+
+
+@dataclass(frozen=True)
+class NnunetPaths(Settings):
+    """``nnunet_paths:``: nnU-Net's folders (default: the environment variables ``nnUNet_raw`` ...)."""
+
+    SECTION = "nnunet_paths"
+
+    raw: str | None = setting(None, OPTIONAL_TEXT, "nnUNet_raw")
+    preprocessed: str | None = setting(None, OPTIONAL_TEXT, "nnUNet_preprocessed")
+    results: str | None = setting(None, OPTIONAL_TEXT, "nnUNet_results")
+
+
+@dataclass(frozen=True)
+class TrainerEntry(Settings):
+    """One entry of ``trainers:``: a trainer class, its label (row name, variant folder) and overrides."""
+
+    SECTION = "trainers[]"
+
+    name: str = setting("", TEXT, "nnU-Net trainer class name")
+    label: str = setting("", LABEL, "row name (default: the class name; with hparams the class name and values)")
+    hparams: dict = setting(dict, None, "overrides of Training keys and of the trainer's loss hyperparameters")
+
+    @property
+    def is_variant(self) -> bool:
+        return bool(self.hparams)
+
+    @classmethod
+    def read(cls, item, where: str) -> "TrainerEntry":
+        if isinstance(item, str) and item.strip():
+            return cls(item, item)
+        if not isinstance(item, dict) or "name" not in item:
+            raise SettingsError(f"{where} must be a trainer name or a mapping with 'name'")
+        hp = item.get("hparams") or {}
+        if not isinstance(hp, dict):
+            raise SettingsError(f"{where}.hparams must be a mapping")
+        # the Training keys are checked now; the loss keys against the trainer class (nnunet_checks.validate)
+        Training.from_mapping({k: v for k, v in hp.items() if k in Training.keys()}, f"{where}.hparams")
+        name = item["name"]
+        if not (isinstance(name, str) and name.strip()):
+            raise SettingsError(f"{where}.name must be a trainer class name, got {name!r}")
+        label = item.get("label") or (name + "_" + "_".join(f"{k}{v}" for k, v in sorted(hp.items())) if hp else name)
+        return cls.from_mapping(dict(item, label=str(label), hparams=dict(hp)), where)
+
+
+_DEVICE = one_of(("cpu", "cuda", "auto"))
+_FOLDS = Rule(lambda v: isinstance(v, tuple) and bool(v) and all(is_int(f) and f >= 0 for f in v)
+              and len(set(v)) == len(v), "a list of distinct non-negative integers")
+_DATASET = Rule(lambda v: isinstance(v, str) and v.strip() != "", "an nnU-Net dataset id or DatasetXXX_Name")
+
+
+@dataclass(frozen=True)
+class Experiment(Settings):
+    """One experiment file, checked (frozen). ``path``: the file; ``dataset_name``: the
+    ``DatasetXXX_Name`` folder, filled by :func:`nnunet_calibration.experiments.nnunet_checks.validate`."""
+
+    name: str = setting("", LABEL, "used for the state folder and results/<name>/")
+    dataset: str = setting("", _DATASET, "nnU-Net dataset id or DatasetXXX_Name")
+    trainers: tuple = setting((), Rule(lambda v: isinstance(v, tuple) and bool(v), "a non-empty list"), "trainers")
+    configuration: str = setting("2d", TEXT, "a configuration of the plans")
+    plans: str = setting("nnUNetPlans", TEXT, "plans identifier")
+    folds: tuple = setting(DEFAULT_FOLDS, _FOLDS, "folds to train")
+    device: str = setting("auto", _DEVICE, "cpu, cuda or auto")
+    training: Training = setting(Training(), None, "training settings of every trainer")
+    baseline: str | None = setting(None, OPTIONAL_TEXT, "label of the Wilcoxon reference")
+    evaluation: Evaluation = setting(Evaluation(), None, "how folds are scored")
+    report: Report = setting(Report(), None, "the report")
+    slurm: Slurm = setting(Slurm(), None, "the SLURM backend")
+    nnunet_paths: NnunetPaths = setting(NnunetPaths(), None, "nnU-Net's folders")
+    state_dir: str | None = setting(None, OPTIONAL_TEXT, "state and logs (default <nnUNet_results>/calib_experiments/<name>)")
+    path: Path | None = field(default=None, metadata={"file": False})
+    dataset_name: str | None = field(default=None, metadata={"file": False})
+
+    def check(self) -> None:
+        labels = [t.label for t in self.trainers]
+        dup = sorted({l for l in labels if labels.count(l) > 1})
+        if dup:
+            raise SettingsError(f"trainer labels repeat: {dup} (give each hyperparameter variant its own label)")
+        plain = [t.name for t in self.trainers if not t.is_variant]
+        twice = sorted({n for n in plain if plain.count(n) > 1})
+        if twice:
+            raise SettingsError(f"trainer {twice[0]} is listed twice without hparams: both would train into the same "
+                                f"nnU-Net folder")
+        if self.baseline is not None and self.baseline not in labels:
+            raise SettingsError(f"baseline {self.baseline!r} is not a trainer label; labels: {labels}")
+
+    @classmethod
+    def prepare(cls, data: dict) -> dict:
+        if "name" in data and is_int(data["name"]):
+            data["name"] = str(data["name"])
+        if "dataset" in data and is_int(data["dataset"]):
+            data["dataset"] = str(data["dataset"])
+        if is_int(data.get("folds")):
+            data["folds"] = [data["folds"]]
+        return data
+
+    # -- what the file's values mean ------------------------------------------------------------
+    def resolve(self, p: str) -> Path:
+        """A path of the file: ``~`` and ``$VARS`` expanded, relative to the file's folder."""
+        p = Path(os.path.expandvars(os.path.expanduser(str(p))))
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    def nnunet_folder(self, key: str) -> Path:
+        """``key`` in raw / preprocessed / results: from the file, else the environment."""
+        given = getattr(self.nnunet_paths, key)
+        if given:
+            return self.resolve(given)
+        env = os.environ.get(f"nnUNet_{key}")
+        if not env:
+            raise ExperimentError(f"{self.path}: nnUNet_{key} is not set (set the environment variable or "
+                                  f"nnunet_paths: {{{key}: ...}} in the experiment file)")
+        return Path(env).resolve()
+
+    @property
+    def state_folder(self) -> Path:
+        """Where the experiment keeps its state and logs."""
+        if self.state_dir:
+            return self.resolve(self.state_dir)
+        return self.nnunet_folder("results") / "calib_experiments" / self.name
+
+    def report_dir(self, output_root: str | os.PathLike | None = None) -> Path:
+        if output_root is not None:
+            return Path(output_root).resolve() / self.name
+        if self.report.output_root is not None:
+            return self.resolve(self.report.output_root) / self.name
+        return Path("results").resolve() / self.name
+
+    def hparams_for(self, entry: TrainerEntry) -> dict:
+        """What a trainer entry trains with: the common ``training`` keys, then the entry's overrides."""
+        return {**self.training.overrides(), **entry.hparams}
+
+    def trainer(self, label: str) -> TrainerEntry:
+        for t in self.trainers:
+            if t.label == label:
+                return t
+        raise ExperimentError(f"{self.path}: no trainer labelled {label!r}; labels: {[t.label for t in self.trainers]}")
+
+    @property
+    def baseline_label(self) -> str | None:
+        if self.baseline:
+            return self.baseline
+        for names in (("nnUNetTrainerDiceCE",), ("nnUNetTrainerDiceCE", "nnUNetTrainer")):
+            for t in self.trainers:
+                if t.name in names and (len(names) > 1 or not t.is_variant):
+                    return t.label
+        return None
+
+    def with_dataset_name(self, name: str) -> "Experiment":
+        return replace(self, dataset_name=name)
+
+
+# -- loading -------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path):
+    """The YAML content of a UTF-8 file, refusing repeated keys; errors name the file."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExperimentError(f"{path}: is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                              f"save the experiment file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_experiment(path: str | os.PathLike) -> Experiment:
+    """Read and check an experiment file (every key and value; not yet against nnU-Net)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ExperimentError(f"experiment file not found: {path}")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path}: must be a mapping (key: value) at the top level")
+    for k in ("name", "dataset", "trainers"):
+        if k not in raw:
+            raise ExperimentError(f"{path}: missing required key {k!r}")
+    try:
+        data = dict(raw)
+        if isinstance(data["trainers"], list):
+            data["trainers"] = [TrainerEntry.read(t, f"trainers[{i}]") for i, t in enumerate(data["trainers"])]
+        elif not isinstance(data["trainers"], tuple):
+            raise SettingsError(f"trainers must be a non-empty list, got {data['trainers']!r}")
+        for key in ("name", "dataset"):
+            if isinstance(data[key], bool) or not isinstance(data[key], (str, int)):
+                raise SettingsError(f"{key} must be a text, got {data[key]!r}")
+        return Experiment.from_mapping(data, "top level", path=path)
+    except ExperimentError:
+        raise
+    except SettingsError as e:
+        raise ExperimentError(f"{path}: {e}") from None
+
+
+def dump_yaml(data) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
