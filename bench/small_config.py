@@ -106,7 +106,7 @@ GRID = _grid()
 
 # -- set-up --------------------------------------------------------------------------------------
 def _env(work: Path) -> dict:
-    from nnunet_calibration.experiments.config import with_plugin_trainers
+    from nnunet_calibration.experiments.environment import with_plugin_trainers
     from nnunet_calibration.nnunet_utils import nnunet_env
 
     env = nnunet_env(work)
@@ -154,7 +154,8 @@ def prepare_configuration(cand: Candidate, dataset_dir: Path, env: dict, work: P
 
 
 def experiment(cand: Candidate, work: Path):
-    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
 
     f = work / "experiments" / f"{cand.name}.yaml"
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,8 @@ def postprocessed(cand: Candidate, exp, dataset_dir: Path, work: Path) -> dict:
     from nnunetv2.postprocessing.remove_connected_components import (apply_postprocessing_to_folder,
                                                                      determine_postprocessing)
 
+    from nnunet_calibration.experiments.folds import fold_folder
+
     root = work / "eval" / cand.name
     spec = exp.trainers[0]
     ref = dataset_dir / "gt_segmentations"
@@ -214,7 +217,7 @@ def postprocessed(cand: Candidate, exp, dataset_dir: Path, work: Path) -> dict:
         if not (root / f"fold_{fold}" / "pp_fns.json").is_file():
             shutil.rmtree(raw, ignore_errors=True)
             raw.mkdir(parents=True)
-            for f in (exp.fold_folder(spec, fold) / "validation").glob("*.nii.gz"):
+            for f in (fold_folder(exp, spec, fold) / "validation").glob("*.nii.gz"):
                 shutil.copy2(f, raw / f.name)
             pp_fns, pp_kwargs = determine_postprocessing(str(raw), str(ref), plans, dsj, num_processes=1,
                                                          keep_postprocessed_files=False)
@@ -251,6 +254,7 @@ def _curve(history: dict, points: int = 8, window: int = 5) -> list[float]:
 
 
 def measure(cand: Candidate, exp, dataset_dir: Path, work: Path) -> dict:
+    from nnunet_calibration.experiments.folds import fold_folder
     from nnunet_calibration.experiments.status import training_history
 
     cache = work / "eval" / cand.name / "result.json"
@@ -262,7 +266,7 @@ def measure(cand: Candidate, exp, dataset_dir: Path, work: Path) -> dict:
     pp_dirs = postprocessed(cand, exp, dataset_dir, work)
     curves, times = [], []
     for fold in FOLDS:
-        folder = exp.fold_folder(spec, fold)
+        folder = fold_folder(exp, spec, fold)
         hist = training_history(folder)
         t = [h["time"] for h in hist.values() if h["time"] is not None]
         times.append(float(np.median(t)) / cand.schedule[1])
@@ -397,7 +401,7 @@ def main(argv=None) -> int:
         done = run_local(exp, progress=False, parallel=args.parallel)
         failed = [k for k, (_, rc) in done.items() if rc]
         if failed:
-            print(f"{cand.name}: FAILED trainings {failed}; logs in {exp.state_dir / 'logs'}", flush=True)
+            print(f"{cand.name}: FAILED trainings {failed}; logs in {exp.state_folder / 'logs'}", flush=True)
             continue
         r = measure(cand, exp, dataset_dir, work)
         results.append(r)

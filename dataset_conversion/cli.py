@@ -7,20 +7,20 @@ Usage::
 
 Writes ``$nnUNet_raw/DatasetXXX_Name`` and ``$nnUNet_preprocessed/DatasetXXX_Name/splits_final.json``.
 On bad input it prints ``calib-convert: error: ...`` (naming the file) to stderr and exits with
-status 1; nothing is written then. Ctrl-C and SIGTERM remove the staging folder and exit with 130.
+status 2; nothing is written then. Ctrl-C and SIGTERM remove the staging folder and exit with 130.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from nnunet_calibration.utils import sigterm_as_interrupt
+from nnunet_calibration.utils import ArgumentParser, cli_main
 
 from ._common import DEFAULT_SPLIT_SEED, ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="calib-convert",
         description="Convert an ACDC, FLARE21/22, BraTS 2019/2020/2021 or MSD Task05_Prostate download into "
                     "an nnU-Net v2 raw dataset ($nnUNet_raw/DatasetXXX_Name) with a patient-wise 5-fold "
@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     from . import CONVERTERS  # imports nnunetv2; after argument parsing so that --help stays fast
 
     kwargs = dict(overwrite=args.overwrite, raw_root=args.nnunet_raw, preprocessed_root=args.nnunet_preprocessed,
@@ -48,20 +47,15 @@ def main(argv=None) -> int:
     if args.dataset in ("flare", "brats"):
         kwargs["release"] = args.release
     elif args.release is not None:
-        print("calib-convert: error: --release is only used for flare and brats", file=sys.stderr)
-        return 2
-    try:
-        with sigterm_as_interrupt():  # SIGTERM like Ctrl-C: the staging folder is removed
-            result = CONVERTERS[args.dataset](args.source, args.dataset_id, **kwargs)
-    except ConversionError as e:
-        print(f"calib-convert: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("calib-convert: interrupted; nothing written", file=sys.stderr)
-        return 130
+        raise ConversionError("--release is only used for flare and brats")
+    result = CONVERTERS[args.dataset](args.source, args.dataset_id, **kwargs)
     print(f"wrote {result.dataset_dir} ({result.num_training} training, {result.num_test} test cases) "
           f"and {result.splits_file}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from nnunet_calibration.errors import UserError
 
 __all__ = ["nanmean", "mean_std", "json_clean", "replace_dir", "atomic_dir", "staging_dir",
            "remove_stale_staging", "sigterm_as_interrupt", "pid_alive", "keep_freed_memory", "write_json_atomic",
-           "ArgumentParser", "cli_main"]
+           "write_text_atomic", "ArgumentParser", "cli_main"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 _FREED_MEMORY_KEPT = False
@@ -217,18 +217,16 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON to ``path`` so that readers see the old file or the complete new one:
-    a temporary file in the same folder (``.NAME.<random>.tmp``), flushed and fsync'ed, then renamed
-    over ``path``. NaN/inf become ``null`` (:func:`json_clean`). The folder is created if missing."""
-    import json
-
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` so that readers see the old file or the complete new one: a temporary
+    file in the same folder (``.NAME.<random>.tmp``), flushed and fsync'ed, then renamed over ``path``.
+    The folder is created if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(json_clean(data), f, indent=indent, allow_nan=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -236,6 +234,13 @@ def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
+    """:func:`write_text_atomic` of ``data`` as JSON (NaN/inf become ``null``, :func:`json_clean`)."""
+    import json
+
+    return write_text_atomic(path, json.dumps(json_clean(data), indent=indent, allow_nan=False))
 
 
 class ArgumentParser(argparse.ArgumentParser):

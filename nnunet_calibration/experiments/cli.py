@@ -13,7 +13,7 @@ returns. Running again resumes: finished folds are skipped, nothing is trained t
 estimated time left and log (``--watch`` refreshes it). Exit status of ``train-fold`` (one SLURM
 task): the training's, or 75 when it was stopped by the time-limit signal (see
 :mod:`nnunet_calibration.experiments.slurm`).
-See :mod:`nnunet_calibration.experiments.config` for the file format.
+See :mod:`nnunet_calibration.settings.experiment` for the file format.
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ import argparse
 import shlex
 import sys
 
-from nnunet_calibration.experiments.config import ExperimentError, load_experiment, validate
+from nnunet_calibration.settings import ExperimentError, load_experiment
+from nnunet_calibration.utils import ArgumentParser, cli_main
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calib-experiment", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="calib-experiment", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,status,report,check}")
     r = sub.add_parser("run", help="train unfinished folds (local) or submit them (slurm)")
     r.add_argument("experiment")
@@ -56,95 +57,106 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path, check_trainers=True):
+    from nnunet_calibration.experiments.nnunet_checks import validate
+
     return validate(load_experiment(path), check_trainers=check_trainers)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
     command = "calib-experiment " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        if args.cmd == "check":
-            exp = _load(args.experiment)
-            from nnunet_calibration.experiments.runner import check_recorded_hparams
+    commands = {"check": _check, "run": _run, "status": _status, "report": _report, "train-fold": _train_fold}
+    return cli_main(_parser(), lambda args: commands[args.cmd](args, command), argv)
 
-            check_recorded_hparams(exp)
-            print(f"{exp.path}: OK ({exp.dataset_name} {exp.configuration}, {len(exp.trainers)} trainers, "
-                  f"folds {list(exp.folds)})")
+
+def _check(args, command: str) -> int:
+    from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams
+
+    exp = _load(args.experiment)
+    check_recorded_hparams(exp)
+    print(f"{exp.path}: OK ({exp.dataset_name} {exp.configuration}, {len(exp.trainers)} trainers, "
+          f"folds {list(exp.folds)})")
+    return 0
+
+
+def _submit(exp, output_root) -> int:
+    from nnunet_calibration.experiments.slurm import submit
+
+    rec = submit(exp, output_root)
+    for label, r in rec["trainers"].items():
+        print(f"submitted {label}: job array {r['job_id']} (folds {r['folds']})")
+    for label, sk in rec["skipped"].items():
+        for fold, why in sk.items():
+            print(f"skipped {label} fold {fold}: {why}")
+    if rec["report"].get("reused"):
+        print(f"nothing new to submit; report job {rec['report']['job_id']} is still waiting")
+    else:
+        print(f"report job {rec['report']['job_id']} (runs after every fold succeeded; "
+              f"SLURM cancels it if a fold fails)")
+    print(f"state and logs: {exp.state_folder}; follow with: calib-experiment status {exp.path}")
+    return 0
+
+
+def _run(args, command: str) -> int:
+    from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams
+    from nnunet_calibration.experiments.runner import run_local
+
+    exp = _load(args.experiment)
+    check_recorded_hparams(exp)
+    if args.backend == "slurm":
+        return _submit(exp, args.output_root)
+    done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
+    failed = [k for k, (_, rc) in done.items() if rc != 0]
+    for (label, fold), (what, rc) in done.items():
+        print(f"{label} fold {fold}: {what}" + (f" -> FAILED (exit {rc})" if rc else ""))
+    if not args.no_report:
+        from nnunet_calibration.experiments.report import make_report
+
+        out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
+        print(f"report: {out / 'README.md'}")
+    if failed:
+        print(f"{len(failed)} fold(s) failed; see: calib-experiment status {exp.path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args, command: str) -> int:
+    from nnunet_calibration.experiments.folds import FoldStatus
+    from nnunet_calibration.experiments.status import fold_statuses, format_statuses, report_job_status, watch
+
+    exp = _load(args.experiment, check_trainers=False)
+    if args.watch is not None:
+        if args.watch <= 0:
+            raise ExperimentError(f"--watch needs a positive number of seconds, got {args.watch}")
+        try:
+            rows = watch(exp, args.watch)
+        except KeyboardInterrupt:
             return 0
-        if args.cmd == "run":
-            from nnunet_calibration.experiments.runner import check_recorded_hparams
+    else:
+        rows = fold_statuses(exp)
+        print(format_statuses(rows))
+        rep = report_job_status(exp)
+        if rep:
+            print(f"report job {rep['job_id']}: {rep['state']} (log: {rep['log']})")
+    return 1 if any(r["status"] == FoldStatus.FAILED for r in rows) else 0
 
-            exp = _load(args.experiment)
-            check_recorded_hparams(exp)
-            if args.backend == "slurm":
-                from nnunet_calibration.experiments.slurm import submit
 
-                rec = submit(exp, args.output_root)
-                for label, r in rec["trainers"].items():
-                    print(f"submitted {label}: job array {r['job_id']} (folds {r['folds']})")
-                for label, sk in rec["skipped"].items():
-                    for fold, why in sk.items():
-                        print(f"skipped {label} fold {fold}: {why}")
-                if rec["report"].get("reused"):
-                    print(f"nothing new to submit; report job {rec['report']['job_id']} is still waiting")
-                else:
-                    print(f"report job {rec['report']['job_id']} (runs after every fold succeeded; "
-                          f"SLURM cancels it if a fold fails)")
-                print(f"state and logs: {exp.state_dir}; follow with: calib-experiment status {exp.path}")
-                return 0
-            from nnunet_calibration.experiments.runner import run_local
+def _report(args, command: str) -> int:
+    from nnunet_calibration.experiments.report import make_report
 
-            done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
-            failed = [k for k, (_, rc) in done.items() if rc != 0]
-            for (label, fold), (what, rc) in done.items():
-                print(f"{label} fold {fold}: {what}" + (f" -> FAILED (exit {rc})" if rc else ""))
-            if not args.no_report:
-                from nnunet_calibration.experiments.report import make_report
+    exps = [_load(p, check_trainers=False) for p in args.experiments]
+    out = make_report(exps, args.output_root, command=command, name=args.name, progress=not args.quiet)
+    print(f"report: {out / 'README.md'}")
+    return 0
 
-                out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
-                print(f"report: {out / 'README.md'}")
-            if failed:
-                print(f"{len(failed)} fold(s) failed; see: calib-experiment status {exp.path}", file=sys.stderr)
-                return 1
-            return 0
-        if args.cmd == "status":
-            from nnunet_calibration.experiments.status import fold_statuses, format_statuses, report_job_status
 
-            exp = _load(args.experiment, check_trainers=False)
-            if args.watch is not None:
-                from nnunet_calibration.experiments.status import watch
+def _train_fold(args, command: str) -> int:
+    from nnunet_calibration.experiments.environment import resolve_device
+    from nnunet_calibration.experiments.slurm import train_fold_main
 
-                if args.watch <= 0:
-                    raise ExperimentError(f"--watch needs a positive number of seconds, got {args.watch}")
-                try:
-                    rows = watch(exp, args.watch)
-                except KeyboardInterrupt:
-                    return 0
-                return 1 if any(r["status"] == "failed" for r in rows) else 0
-            rows = fold_statuses(exp)
-            print(format_statuses(rows))
-            rep = report_job_status(exp)
-            if rep:
-                print(f"report job {rep['job_id']}: {rep['state']} (log: {rep['log']})")
-            return 1 if any(r["status"] == "failed" for r in rows) else 0
-        if args.cmd == "report":
-            from nnunet_calibration.experiments.report import make_report
-
-            exps = [_load(p, check_trainers=False) for p in args.experiments]
-            out = make_report(exps, args.output_root, command=command, name=args.name, progress=not args.quiet)
-            print(f"report: {out / 'README.md'}")
-            return 0
-        if args.cmd == "train-fold":
-            from nnunet_calibration.experiments.runner import train_fold_main
-
-            exp = _load(args.experiment, check_trainers=False)
-            device = exp.resolve_device(slurm=True) if args.device == "auto" else args.device
-            return train_fold_main(exp, args.trainer, args.fold, device)
-    except ExperimentError as e:
-        print(f"calib-experiment: error: {e}", file=sys.stderr)
-        return 2
-    return 2
+    exp = _load(args.experiment, check_trainers=False)
+    device = resolve_device(exp, slurm=True) if args.device == "auto" else args.device
+    return train_fold_main(exp, args.trainer, args.fold, device)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,16 @@ from typing import Mapping
 
 import yaml
 
-from dataset_conversion import ConversionError, convert_acdc
-from nnunet_calibration.experiments.config import (ExperimentError, load_experiment, validate,
-                                                   with_plugin_trainers)
+from dataset_conversion import convert_acdc
+from nnunet_calibration.experiments.environment import with_plugin_trainers
+from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams, validate
 from nnunet_calibration.experiments.report import make_report
-from nnunet_calibration.experiments.runner import check_recorded_hparams, run_local
+from nnunet_calibration.experiments.runner import run_local
+from nnunet_calibration.experiments.small_config import add_small_configuration, preprocess_atomically
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+from nnunet_calibration.settings import dump_yaml, load_experiment
 from nnunet_calibration.synthetic import make_synthetic_dataset
-from nnunet_calibration.experiments.small_config import SmallConfigError, add_small_configuration
+from nnunet_calibration.utils import ArgumentParser, cli_main
 
 ACDC_ID = 27
 SYNTH_ID = 990
@@ -71,9 +73,67 @@ def demo_environment(work: Path, base: Mapping[str, str] | None = None) -> tuple
     return folders, with_plugin_trainers(env)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="calib-demo", description=__doc__.split("\n\n")[0])
+def _dataset(args, folders: dict) -> tuple[int, str]:
+    """Step 1: the dataset (ACDC converted, or the synthetic one). Returns (dataset id, template)."""
+    if not args.source:
+        if not list(folders["raw"].glob(f"Dataset{SYNTH_ID:03d}_*")):
+            print("[1/4] writing the synthetic dataset ...", flush=True)
+            make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
+        else:
+            print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
+        return SYNTH_ID, "demo_synthetic.yaml"
+    if not list(folders["raw"].glob(f"Dataset{ACDC_ID:03d}_*")):
+        print(f"[1/4] converting {args.source} (calib-convert acdc) ...", flush=True)
+        convert_acdc(Path(args.source).resolve(), ACDC_ID, raw_root=folders["raw"],
+                     preprocessed_root=folders["preprocessed"], progress=not args.quiet)
+    else:
+        print(f"[1/4] dataset already converted in {folders['raw']}", flush=True)
+    return ACDC_ID, "demo_acdc.yaml"
+
+
+def _plan(cfg: dict, dataset_id: int, folders: dict, env: dict, work: Path) -> None:
+    """Step 2: nnU-Net's planning and preprocessing (ACDC: the small configuration only)."""
+    configuration = cfg.get("configuration", "2d")
+    small = cfg.pop("small_configuration", {})
+    if _preprocessed(folders["preprocessed"], dataset_id, configuration):
+        print(f"[2/4] already planned and preprocessed ({configuration})", flush=True)
+    elif configuration == "2d":
+        print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
+        run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
+                    "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
+    else:
+        # nnU-Net's planner (no preprocessing of the full 2d configuration), then the small configuration,
+        # preprocessed alone with nnU-Net's own preprocessing
+        print(f"[2/4] nnUNetv2_plan_experiment + calib-plan-small -c {configuration} ...", flush=True)
+        run_nnunet(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "1",
+                    "--verify_dataset_integrity"], env, log_path=work / "fingerprint.log")
+        run_nnunet(["nnUNetv2_plan_experiment", "-d", str(dataset_id)], env, log_path=work / "plan.log")
+        add_small_configuration(dataset_id, folders["preprocessed"], name=configuration, overwrite=True, **small)
+        preprocess_atomically(dataset_id, folders["preprocessed"], configuration, "nnUNetPlans", env)
+
+
+def _experiment_file(cfg: dict, args, dataset_id: int, folders: dict, work: Path, command: str) -> Path:
+    """Step 3: the experiment file the demo runs (the template with the command line's overrides)."""
+    if args.name:
+        cfg["name"] = args.name
+    if args.iterations is not None:
+        cfg["training"]["num_iterations_per_epoch"] = args.iterations
+    if args.epochs is not None:
+        cfg["training"]["num_epochs"] = args.epochs
+    if args.iterations is not None or args.epochs is not None:
+        cfg.setdefault("report", {})["note"] = (
+            f"{cfg.get('report', {}).get('note', '')} OVERRIDDEN by the command line: training "
+            f"{cfg['training']} (see the command below).").strip()
+    cfg["dataset"] = dataset_id
+    cfg["nnunet_paths"] = {k: str(v) for k, v in folders.items()}
+    cfg["state_dir"] = str(work / "state" / cfg["name"])
+    exp_file = work / f"{cfg['name']}.yaml"
+    exp_file.write_text(f"# written by {command}\n" + dump_yaml(cfg))
+    return exp_file
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="calib-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("source", nargs="?", help="ACDC folder (e.g. ../shared/data/acdc-subset); none: synthetic data")
     p.add_argument("--work", default="demo_work", help="work folder (default ./demo_work)")
     p.add_argument("--output-root", default="results", help="report goes to OUTPUT_ROOT/<name>/ (default results)")
@@ -83,80 +143,43 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1),
                    help="folds trained side by side (default: 2 on a machine with 2 or more cores)")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    command = "calib-demo " + " ".join(shlex.quote(a) for a in argv)
+    return p
 
+
+def _check_source(source: str | None) -> None:
+    from dataset_conversion import ConversionError
+
+    if source and not Path(source).is_dir():
+        raise ConversionError(f"{source}: no such folder (an ACDC download with database/training/patientXXX/)")
+
+
+def run(args, command: str) -> int:
+    _check_source(args.source)  # before any folder is made
     work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    # nnU-Net commands get `env` explicitly; the experiment carries its folders (nnunet_paths), from which the
-    # runner builds each training's environment: nothing here writes to os.environ
-    folders, env = demo_environment(work)
-
+    made = [d for d in (work, *(work / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")))
+            if not d.exists()]
     try:
-        if args.source:
-            source = Path(args.source).resolve()
-            dataset_id, template = ACDC_ID, "demo_acdc.yaml"
-            if not list(folders["raw"].glob(f"Dataset{ACDC_ID:03d}_*")):
-                print(f"[1/4] converting {source} (calib-convert acdc) ...", flush=True)
-                convert_acdc(source, ACDC_ID, raw_root=folders["raw"], preprocessed_root=folders["preprocessed"],
-                             progress=not args.quiet)
-            else:
-                print(f"[1/4] dataset already converted in {folders['raw']}", flush=True)
-        else:
-            dataset_id, template = SYNTH_ID, "demo_synthetic.yaml"
-            if not list(folders["raw"].glob(f"Dataset{SYNTH_ID:03d}_*")):
-                print("[1/4] writing the synthetic dataset ...", flush=True)
-                make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
-            else:
-                print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
-        cfg = _template(template)
-        configuration = cfg.get("configuration", "2d")
-        if not _preprocessed(folders["preprocessed"], dataset_id, configuration):
-            if configuration == "2d":
-                print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
-                run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
-                            "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
-            else:
-                # plan (nnU-Net's planner, no preprocessing of the full 2d configuration), then add the small
-                # configuration and preprocess only that one with nnU-Net's own preprocessing
-                print(f"[2/4] nnUNetv2_plan_experiment + calib-plan-small -c {configuration} ...", flush=True)
-                run_nnunet(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "1",
-                            "--verify_dataset_integrity"], env, log_path=work / "fingerprint.log")
-                run_nnunet(["nnUNetv2_plan_experiment", "-d", str(dataset_id)], env, log_path=work / "plan.log")
-                add_small_configuration(dataset_id, folders["preprocessed"], name=configuration, overwrite=True,
-                                        **cfg.pop("small_configuration", {}))
-                run_nnunet(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1"], env,
-                           log_path=work / "preprocess.log")
-        else:
-            print(f"[2/4] already planned and preprocessed ({configuration})", flush=True)
-        cfg.pop("small_configuration", None)
-
-        if args.name:
-            cfg["name"] = args.name
-        if args.iterations is not None:
-            cfg["training"]["num_iterations_per_epoch"] = args.iterations
-        if args.epochs is not None:
-            cfg["training"]["num_epochs"] = args.epochs
-        if args.iterations is not None or args.epochs is not None:
-            cfg.setdefault("report", {})["note"] = (
-                f"{cfg.get('report', {}).get('note', '')} OVERRIDDEN by the command line: training "
-                f"{cfg['training']} (see the experiment line below).").strip()
-        cfg["dataset"] = dataset_id
-        cfg["nnunet_paths"] = {k: str(v) for k, v in folders.items()}
-        cfg["state_dir"] = str(work / "state" / cfg["name"])
-        exp_file = work / f"{cfg['name']}.yaml"
-        exp_file.write_text(f"# written by {command}\n" + yaml.safe_dump(cfg, sort_keys=False))
-        exp = validate(load_experiment(exp_file))
-        print(f"[3/4] experiment {exp_file}: {', '.join(t.label for t in exp.trainers)} x folds {list(exp.folds)} "
-              f"(logs in {exp.state_dir / 'logs'})", flush=True)
-        check_recorded_hparams(exp)
-        done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
-        failed = [f"{l} fold {f}" for (l, f), (_, rc) in done.items() if rc]
-        print("[4/4] report ...", flush=True)
-        out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
-    except (ExperimentError, RuntimeError, ConversionError, SmallConfigError) as e:
-        print(f"calib-demo: error: {e}", file=sys.stderr)
-        return 2
+        work.mkdir(parents=True, exist_ok=True)
+        # nnU-Net commands get `env` explicitly; the experiment carries its folders (nnunet_paths): nothing
+        # here writes to os.environ
+        folders, env = demo_environment(work)
+        dataset_id, template = _dataset(args, folders)
+    except BaseException:
+        for d in reversed(made):  # only the folders this run made, and only if still empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    cfg = _template(template)
+    _plan(cfg, dataset_id, folders, env, work)
+    exp_file = _experiment_file(cfg, args, dataset_id, folders, work, command)
+    exp = validate(load_experiment(exp_file))
+    print(f"[3/4] experiment {exp_file}: {', '.join(t.label for t in exp.trainers)} x folds {list(exp.folds)} "
+          f"(logs in {exp.state_folder / 'logs'})", flush=True)
+    check_recorded_hparams(exp)
+    done = run_local(exp, progress=not args.quiet, parallel=args.parallel)
+    failed = [f"{l} fold {f}" for (l, f), (_, rc) in done.items() if rc]
+    print("[4/4] report ...", flush=True)
+    out = make_report([exp], args.output_root, command=command, progress=not args.quiet)
     print("")
     print(f"Done. Report: {out / 'README.md'}")
     print(f"      table: {out / 'table.csv'}; plots: {out}/*.png")
@@ -167,6 +190,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "calib-demo " + " ".join(shlex.quote(a) for a in argv)
+    return cli_main(_parser(), lambda args: run(args, command), argv)
 
 
 if __name__ == "__main__":

@@ -1,148 +1,142 @@
-"""Running an experiment's (trainer, fold) trainings: fold state, the local backend, one fold's job.
-
-Fold state on disk (nnU-Net's own files in ``fold_X``):
-
-- ``finished``: ``checkpoint_final.pth`` and ``validation/summary.json`` exist and the validation
-  folder holds the ``.npz`` probabilities (if they are missing, only ``nnUNetv2_train ... --val --npz``
-  is run to write them: no training);
-- ``interrupted``: ``checkpoint_latest.pth`` (or a final checkpoint without validation) exists:
-  continued with ``--c``;
-- ``not started``: neither.
+"""The local backend: one fold's ``nnUNetv2_train`` command and environment, and every unfinished fold run
+on this machine (one after another, or ``--parallel N`` side by side).
 
 Every training runs ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -p PLANS --npz -device DEVICE``
-with ``nnUNet_results`` of its trainer entry and ``NNUNET_CALIB_HPARAMS`` (see
-:mod:`nnunet_calibration.experiments.config`). Output goes to ``<state>/logs/<label>_fold<F>.log``.
+(``--c`` for an interrupted fold, only ``--val --npz`` for a finished fold without probabilities,
+nothing for a finished one; states: :mod:`.folds`) with ``nnUNet_results`` of its trainer entry and
+``NNUNET_CALIB_HPARAMS`` (:mod:`nnunet_calibration.settings.training`). Output goes to
+``<state>/logs/<label>_fold<F>.log``. Interrupted (Ctrl-C, SIGTERM), the backend stops the trainings it
+started (their process groups) before it returns; they continue with ``--c`` from their last
+checkpoint on the next run.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
 
-from nnunet_calibration.experiments.config import (Experiment, ExperimentError, TrainerSpec, hparams_env_value,
-                                                   recorded_hparams)
+from nnunet_calibration.experiments.environment import experiment_env, resolve_device
+from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
+                                                  read_local_state, results_root, write_local_state)
 from nnunet_calibration.nnunet_utils import nnunet_command, training_env
-from nnunet_calibration.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
-
-FINISHED, INTERRUPTED, NOT_STARTED = "finished", "interrupted", "not started"
+from nnunet_calibration.settings import HPARAMS_ENV, Experiment, ExperimentError, TrainerEntry, hparams_env_value
 
 
-def fold_state(exp: Experiment, spec: TrainerSpec, fold: int) -> str:
-    d = exp.fold_folder(spec, fold)
-    if (d / "checkpoint_final.pth").is_file() and (d / "validation" / "summary.json").is_file():
-        return FINISHED
-    if (d / "checkpoint_latest.pth").is_file() or (d / "checkpoint_final.pth").is_file():
-        return INTERRUPTED
-    return NOT_STARTED
-
-
-def has_npz(exp: Experiment, spec: TrainerSpec, fold: int) -> bool:
-    return any((exp.fold_folder(spec, fold) / "validation").glob("*.npz"))
-
-
-def log_path(exp: Experiment, label: str, fold: int | str) -> Path:
-    return exp.state_dir / "logs" / f"{label}_fold{fold}.log"
-
-
-def check_recorded_hparams(exp: Experiment) -> None:
-    """Refuse to reuse a fold trained with other hyperparameters than the experiment asks for."""
-    for spec in exp.trainers:
-        want = exp.hparams_for(spec)
-        for fold in exp.folds:
-            folder = exp.fold_folder(spec, fold)
-            got = recorded_hparams(folder)
-            if got is None or fold_state(exp, spec, fold) == NOT_STARTED:
-                continue
-            if json.loads(json.dumps(got, sort_keys=True)) != json.loads(json.dumps(want, sort_keys=True)):
-                raise ExperimentError(
-                    f"{exp.path}: {folder} was trained with hyperparameters {got}, but this experiment asks for "
-                    f"{want} for {spec.label}; it would be reused as is. Give the entry its own label with "
-                    f"'hparams' (own results folder), use other nnunet_paths.results, or remove that folder.")
-
-
-def train_command(exp: Experiment, spec: TrainerSpec, fold: int, device: str,
+def train_command(exp: Experiment, entry: TrainerEntry, fold: int, device: str,
                   num_gpus: int = 1) -> list[str] | None:
     """The ``nnUNetv2_train`` argv for this fold's state, or None when it is finished.
 
     ``num_gpus > 1`` (CUDA only) adds nnU-Net's multi-GPU mode ``-num_gpus N`` (DDP, one process per GPU).
     """
-    state = fold_state(exp, spec, fold)
-    base = nnunet_command("nnUNetv2_train") + [exp.dataset_name, exp.configuration, str(fold), "-tr", spec.name,
+    state = fold_state(exp, entry, fold)
+    base = nnunet_command("nnUNetv2_train") + [exp.dataset_name, exp.configuration, str(fold), "-tr", entry.name,
                                                 "-p", exp.plans, "--npz", "-device", device]
     if num_gpus > 1 and device == "cuda":
         base += ["-num_gpus", str(num_gpus)]
-    if state == FINISHED:
-        return None if has_npz(exp, spec, fold) else base + ["--val"]
-    if state == INTERRUPTED:
+    if state == FoldStatus.FINISHED:
+        return None if has_npz(exp, entry, fold) else base + ["--val"]
+    if state == FoldStatus.INTERRUPTED:
         return base + ["--c"]
     return base
 
 
-def fold_env(exp: Experiment, spec: TrainerSpec, base: dict | None = None) -> dict:
-    env = training_env(exp.nnunet_env(base))
-    env["nnUNet_results"] = str(exp.results_root(spec))
-    value = hparams_env_value(exp.hparams_for(spec))
+def fold_env(exp: Experiment, entry: TrainerEntry, device: str, base: dict | None = None) -> dict:
+    """One fold's training environment: :func:`~.environment.experiment_env` for ``device`` (on the CPU
+    also ``nnUNet_n_proc_DA=0``), its ``nnUNet_results`` and ``NNUNET_CALIB_HPARAMS``, and this Python
+    environment's ``bin`` first on ``PATH`` (nnU-Net's console scripts, the plugin)."""
+    env = experiment_env(exp, base, device)
+    if device == "cpu":
+        env = training_env(env)
+    env["nnUNet_results"] = str(results_root(exp, entry))
+    value = hparams_env_value(exp.hparams_for(entry))
     if value is None:
-        env.pop("NNUNET_CALIB_HPARAMS", None)
+        env.pop(HPARAMS_ENV, None)
     else:
-        env["NNUNET_CALIB_HPARAMS"] = value
-    # the job's python environment first on PATH (nnU-Net's console scripts, the plugin)
+        env[HPARAMS_ENV] = value
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
 
-def _local_state_file(exp: Experiment) -> Path:
-    return exp.state_dir / "local_runs.json"
+class _Children:
+    """The trainings this process started (each in its own process group), stopped on interrupt."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, cmd, env, out) -> subprocess.Popen:
+        with self.lock:
+            if self.stopping:
+                raise KeyboardInterrupt("stopping")
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.add(proc)
+        return proc
+
+    def done(self, proc) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop_all(self, grace: float = 30.0) -> None:
+        """SIGTERM to every running training's process group, SIGKILL after ``grace`` seconds."""
+        with self.lock:
+            self.stopping = True
+            procs = list(self.procs)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
 
 
-def read_local_state(exp: Experiment) -> dict:
-    f = _local_state_file(exp)
-    if f.is_file():
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
-            return {}
-    return {}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def run_fold(exp: Experiment, spec: TrainerSpec, fold: int, device: str, log: Path | None = None,
-             append: bool = False, extra_env: dict | None = None) -> tuple[str, int]:
+def run_fold(exp: Experiment, entry: TrainerEntry, fold: int, device: str, log: Path | None = None,
+             append: bool = False, extra_env: dict | None = None, children: _Children | None = None
+             ) -> tuple[str, int]:
     """Train (or resume, or re-validate) one fold. Returns (what was done, return code).
 
     ``extra_env``: variables added to the fold's environment where not already set there (e.g.
     ``OMP_NUM_THREADS`` when folds run side by side)."""
-    cmd = train_command(exp, spec, fold, device)
+    cmd = train_command(exp, entry, fold, device)
     if cmd is None:
         return "skipped (finished)", 0
     what = "validation only (--val --npz)" if "--val" in cmd else ("resumed (--c)" if "--c" in cmd else "trained")
-    env = fold_env(exp, spec)
+    env = fold_env(exp, entry, device)
     for k, v in (extra_env or {}).items():
         env.setdefault(k, v)
-    if log is None:
-        proc = subprocess.run(cmd, env=env)
-        return what, proc.returncode
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a" if append else "w") as fh:
-        fh.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} {what}: {' '.join(cmd)}\n")
-        fh.write(f"# nnUNet_results={env['nnUNet_results']} NNUNET_CALIB_HPARAMS={env.get('NNUNET_CALIB_HPARAMS')}\n")
-        fh.flush()
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return what, proc.returncode
+    children = children or _Children()
+    out = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "a" if append else "w")
+        out.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')} {what}: {' '.join(cmd)}\n")
+        out.write(f"# nnUNet_results={env['nnUNet_results']} {HPARAMS_ENV}={env.get(HPARAMS_ENV)}\n")
+        out.flush()
+    try:
+        proc = children.start(cmd, env, out)
+        try:
+            rc = proc.wait()
+        finally:
+            children.done(proc)
+    finally:
+        if out is not None:
+            out.close()
+    return what, rc
 
 
 def side_by_side_env(parallel: int, cores: int | None = None) -> dict:
@@ -163,134 +157,54 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     """Run every unfinished (trainer, fold). Returns {(label, fold): (what, rc)}.
 
     ``parallel``: how many folds train side by side (default 1: one after another). With more than
-    one, each training gets :func:`side_by_side_env` (``OMP_NUM_THREADS = max(1, cores // parallel)``,
-    ``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets them. On 2 cores two trainings side by
-    side and one after another took about the same time per training (8.3 s vs 7.3 s per epoch of
-    ``2d_small``).
+    one, each training gets :func:`side_by_side_env` unless the environment sets them. On 2 cores two
+    trainings side by side and one after another took about the same time per training.
 
     Order: fold by fold (every trainer's fold 0, then every trainer's fold 1, ...), so that a study
-    stopped part-way has all its methods on the same folds.
+    stopped part-way has all its methods on the same folds. Interrupted (``KeyboardInterrupt``, i.e.
+    Ctrl-C or SIGTERM under :func:`nnunet_calibration.utils.cli_main`), the running trainings are
+    stopped (SIGTERM to their process groups, SIGKILL after 30 s) before the interrupt goes on.
     """
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ExperimentError(f"parallel must be an integer >= 1, got {parallel!r}")
-    device = exp.resolve_device(slurm=False)
+    device = resolve_device(exp, slurm=False)
     state = read_local_state(exp)
-    done = {}
-    todo = []
+    done, todo = {}, []
     for fold in exp.folds:
-        for spec in exp.trainers:
-            if train_command(exp, spec, fold, device) is None:
-                done[(spec.label, fold)] = ("skipped (finished)", 0)
+        for entry in exp.trainers:
+            if train_command(exp, entry, fold, device) is None:
+                done[(entry.label, fold)] = ("skipped (finished)", 0)
             else:
-                todo.append((spec, fold))
+                todo.append((entry, fold))
     extra = side_by_side_env(parallel)
+    children = _Children()
     bar = tqdm(total=len(todo), desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
 
-    def record(spec: TrainerSpec, fold: int, what: str, rc: int) -> None:
-        log = log_path(exp, spec.label, fold)
-        done[(spec.label, fold)] = (what, rc)
-        state[f"{spec.label}/{fold}"] = {"status": "finished" if rc == 0 else "failed", "what": what,
-                                         "returncode": rc, "log": str(log),
-                                         "time": _dt.datetime.now().isoformat(timespec="seconds")}
-        _write_json_atomic(_local_state_file(exp), state)
+    def record(entry: TrainerEntry, fold: int, what: str, rc: int) -> None:
+        log = log_path(exp, entry.label, fold)
+        done[(entry.label, fold)] = (what, rc)
+        state[f"{entry.label}/{fold}"] = {"status": str(FoldStatus.FINISHED if rc == 0 else FoldStatus.FAILED), "what": what,
+                                          "returncode": rc, "log": str(log),
+                                          "time": _dt.datetime.now().isoformat(timespec="seconds")}
+        write_local_state(exp, state)
         bar.update(1)
         if rc != 0:
-            tqdm.write(f"FAILED: {spec.label} fold {fold} (exit {rc}); log: {log}")
+            tqdm.write(f"FAILED: {entry.label} fold {fold} (exit {rc}); log: {log}")
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:  # threads only wait for subprocesses
-        futures = {}
-        for spec, fold in todo:
-            futures[pool.submit(run_fold, exp, spec, fold, device, log_path(exp, spec.label, fold),
-                                extra_env=extra)] = (spec, fold)
+    pool = ThreadPoolExecutor(max_workers=parallel)  # threads only wait for subprocesses
+    try:
+        futures = {pool.submit(run_fold, exp, entry, fold, device, log_path(exp, entry.label, fold),
+                               extra_env=extra, children=children): (entry, fold) for entry, fold in todo}
         for fut in as_completed(futures):
-            spec, fold = futures[fut]
-            bar.set_postfix_str(f"{spec.label} fold {fold} done")
+            entry, fold = futures[fut]
+            bar.set_postfix_str(f"{entry.label} fold {fold} done")
             what, rc = fut.result()
-            record(spec, fold, what, rc)
-    bar.close()
-    return done
-
-
-def fold_num_gpus(exp: Experiment, device: str) -> int:
-    """GPUs one fold trains on: ``slurm.gpus`` on CUDA (nnU-Net's ``-num_gpus``), else 1."""
-    return max(1, int(exp.slurm.gpus)) if device == "cuda" else 1
-
-
-def _requeue(job_id: str) -> tuple[bool, str]:
-    scontrol = shutil.which("scontrol")
-    if scontrol is None:
-        return False, "scontrol not found on PATH"
-    try:
-        proc = subprocess.run([scontrol, "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, str(e)
-    return proc.returncode == 0, proc.stdout.strip()
-
-
-def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: dict | None = None) -> int:
-    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout).
-
-    Time limits (``slurm.signal_seconds``): SLURM sends the warning signal (``SIGUSR1``) to this
-    process (the batch step, ``--signal=B:USR1@N``); it is forwarded to the training's process group,
-    whose trainer finishes its epoch, writes ``checkpoint_latest.pth`` and exits with
-    :data:`~nnunet_calibration.trainers.timelimit.TIMELIMIT_EXIT_CODE`. Then, if ``slurm.requeue``,
-    the task requeues itself (``scontrol requeue $SLURM_JOB_ID``): it runs again later, finds the
-    checkpoint and continues with ``--c``. Returns the training's exit status, or
-    ``TIMELIMIT_EXIT_CODE`` when the fold was stopped by the signal (requeued or not).
-    """
-    env = dict(os.environ if env is None else env)
-    spec = exp.trainer(label)
-    cmd = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
-    if cmd is None:
-        print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
-        return 0
-    print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
-    child_env = fold_env(exp, spec, env)
-    sig = stop_signal(env)
-    received: list[int] = []
-    proc: subprocess.Popen | None = None
-
-    def forward(signum, frame):  # noqa: ARG001
-        received.append(signum)
-        print(f"{label} fold {fold}: received {signal.Signals(signum).name} (time limit near): the training "
-              f"stops after its current epoch with a checkpoint", flush=True)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signum)  # the training and, under DDP, its worker processes
-            except ProcessLookupError:
-                pass
-
-    previous = signal.signal(sig, forward)
-    try:
-        # its own process group, so that the signal reaches nnU-Net's DDP workers too; the training
-        # starts with the signal ignored: nnU-Net's multi-GPU parent process (mp.spawn) has no trainer
-        # and would otherwise be killed by it, while every trainer installs its own handler
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)
+            record(entry, fold, what, rc)
+    except BaseException:
+        children.stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
-        signal.signal(sig, previous)
-    stopped = rc == TIMELIMIT_EXIT_CODE or (received and rc != 0)
-    if not stopped or fold_state(exp, spec, fold) == FINISHED:
-        return rc
-    state = fold_state(exp, spec, fold)
-    print(f"{label} fold {fold}: stopped by the time limit (exit {rc}); fold {state}", flush=True)
-    job = env.get("SLURM_JOB_ID")
-    if exp.slurm.requeue and job and state == INTERRUPTED:
-        ok, out = _requeue(job)
-        if ok:
-            print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
-                  flush=True)
-        else:
-            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run "
-                  f"calib-experiment run again to continue", flush=True)
-    else:
-        print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "
-              f"run again to continue with --c", flush=True)
-    return TIMELIMIT_EXIT_CODE
+        bar.close()
+    pool.shutdown(wait=True)
+    return done

@@ -4,7 +4,7 @@ Everything goes through SLURM's own client programs (``sbatch``, ``squeue``, ``s
 cluster is found the usual way (``slurm.conf`` or ``SLURM_CONF``).
 
 - Each array task runs ``python -m nnunet_calibration.experiments.cli train-fold EXPERIMENT
-  --trainer LABEL --fold $SLURM_ARRAY_TASK_ID --device DEVICE``, which decides at run time between
+  --trainer LABEL --fold $SLURM_ARRAY_TASK_ID --device DEVICE`` (:func:`train_fold_main`), which decides at run time between
   a fresh training, ``--c`` (interrupted) and nothing (finished): a requeued or re-submitted task
   never trains twice. Its output: ``<state>/logs/<label>_fold<F>.log``.
 - The report job depends on all arrays with ``--dependency=afterok:ID:ID... --kill-on-invalid-dep=yes``:
@@ -32,20 +32,24 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_calibration.experiments.config import Experiment, ExperimentError, hparams_env_value
-from nnunet_calibration.experiments.runner import fold_num_gpus, log_path, train_command
-from nnunet_calibration.timelimit import stop_signal
+from nnunet_calibration.experiments.environment import experiment_env, resolve_device
+from nnunet_calibration.experiments.folds import FoldStatus, fold_state, log_path, results_root
+from nnunet_calibration.experiments.runner import fold_env, train_command
+from nnunet_calibration.settings import HPARAMS_ENV, Experiment, ExperimentError, hparams_env_value
+from nnunet_calibration.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
+from nnunet_calibration.utils import write_json_atomic
 
 _PASS_ENV = ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_npp", "nnUNet_nps",
              "nnUNet_n_proc_DA", "OMP_NUM_THREADS", "SLURM_CONF")
 
 
 def jobs_file(exp: Experiment) -> Path:
-    return exp.state_dir / "slurm_jobs.json"
+    return exp.state_folder / "slurm_jobs.json"
 
 
 def read_jobs(exp: Experiment) -> dict:
@@ -104,7 +108,7 @@ def _common_env(exp: Experiment) -> dict:
         except ExperimentError:
             if key != "raw":
                 raise
-    base = exp.nnunet_env()
+    base = experiment_env(exp, device=resolve_device(exp, slurm=True))
     for k in _PASS_ENV:
         if base.get(k):
             env[k] = base[k]
@@ -181,11 +185,11 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
     """Submit the unfinished folds (one array per trainer) and the report job; return the record."""
     _need("sbatch")
     s = exp.slurm
-    device = exp.resolve_device(slurm=True)
+    device = resolve_device(exp, slurm=True)
     active = active_tasks(exp)
-    sdir = exp.state_dir / "slurm"
+    sdir = exp.state_folder / "slurm"
     sdir.mkdir(parents=True, exist_ok=True)
-    (exp.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (exp.state_folder / "logs").mkdir(parents=True, exist_ok=True)
     py = sys.executable
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "trainers": {}, "report": None,
               "skipped": {}}
@@ -196,17 +200,17 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
             if (spec.label, fold) in active:
                 skipped[fold] = f"already {active[(spec.label, fold)][1].lower()} as job {active[(spec.label, fold)][0]}"
             elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:
-                skipped[fold] = "finished"
+                skipped[fold] = str(FoldStatus.FINISHED)
             else:
                 folds.append(fold)
         record["skipped"][spec.label] = skipped
         if not folds:
             continue
         env = dict(common)
-        env["nnUNet_results"] = str(exp.results_root(spec))
+        env["nnUNet_results"] = str(results_root(exp, spec))
         hp = hparams_env_value(exp.hparams_for(spec))
         if hp:
-            env["NNUNET_CALIB_HPARAMS"] = hp
+            env[HPARAMS_ENV] = hp
         opts = [f"--job-name=calib_{exp.name}_{spec.label}", f"--array={array_spec(folds, s.max_parallel)}",
                 f"--output={log_path(exp, spec.label, '%a')}", "--open-mode=append"]
         opts += _resource_opts(s, s.gpus, s.cpus, s.mem, s.time, s.partition)
@@ -226,7 +230,7 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
         # nothing new to train and the earlier report job still waits: do not start a second one
         record["report"] = {"job_id": last_report, "depends_on": [], "script": None, "reused": True}
         return record
-    opts = [f"--job-name=calib_{exp.name}_report", f"--output={exp.state_dir / 'logs' / 'report.log'}",
+    opts = [f"--job-name=calib_{exp.name}_report", f"--output={exp.state_folder / 'logs' / 'report.log'}",
             "--open-mode=append"]
     opts += _resource_opts(s, 0, s.report_cpus, s.report_mem, s.report_time, s.report_partition or s.partition)
     command = [py, "-m", "nnunet_calibration.experiments.cli", "report", str(exp.path)]
@@ -238,7 +242,91 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
     record["report"] = {"job_id": _sbatch(script, extra), "depends_on": deps, "script": str(script)}
     jobs = read_jobs(exp)
     jobs["submissions"].append(record)
-    tmp = jobs_file(exp).with_suffix(".tmp")
-    tmp.write_text(json.dumps(jobs, indent=2))
-    os.replace(tmp, jobs_file(exp))
+    write_json_atomic(jobs_file(exp), jobs)
     return record
+
+
+# -- one array task ------------------------------------------------------------------------------
+def fold_num_gpus(exp: Experiment, device: str) -> int:
+    """GPUs one fold trains on: ``slurm.gpus`` on CUDA (nnU-Net's ``-num_gpus``), else 1."""
+    return max(1, int(exp.slurm.gpus)) if device == "cuda" else 1
+
+
+def _requeue(job_id: str) -> tuple[bool, str]:
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return False, "scontrol not found on PATH"
+    try:
+        proc = subprocess.run([scontrol, "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    return proc.returncode == 0, proc.stdout.strip()
+
+
+def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: dict | None = None) -> int:
+    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout).
+
+    Time limits (``slurm.signal_seconds``): SLURM sends the warning signal (``SIGUSR1``) to this
+    process (the batch step, ``--signal=B:USR1@N``); it is forwarded to the training's process group,
+    whose trainer finishes its epoch, writes ``checkpoint_latest.pth`` and exits with
+    :data:`~nnunet_calibration.trainers.timelimit.TIMELIMIT_EXIT_CODE`. Then, if ``slurm.requeue``,
+    the task requeues itself (``scontrol requeue $SLURM_JOB_ID``): it runs again later, finds the
+    checkpoint and continues with ``--c``. Returns the training's exit status, or
+    ``TIMELIMIT_EXIT_CODE`` when the fold was stopped by the signal (requeued or not).
+    """
+    env = dict(os.environ if env is None else env)
+    spec = exp.trainer(label)
+    cmd = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
+    if cmd is None:
+        print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
+        return 0
+    print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
+    child_env = fold_env(exp, spec, device, env)
+    sig = stop_signal(env)
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):  # noqa: ARG001
+        received.append(signum)
+        print(f"{label} fold {fold}: received {signal.Signals(signum).name} (time limit near): the training "
+              f"stops after its current epoch with a checkpoint", flush=True)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signum)  # the training and, under DDP, its worker processes
+            except ProcessLookupError:
+                pass
+
+    previous = signal.signal(sig, forward)
+    try:
+        # its own process group, so that the signal reaches nnU-Net's DDP workers too; the training
+        # starts with the signal ignored: nnU-Net's multi-GPU parent process (mp.spawn) has no trainer
+        # and would otherwise be killed by it, while every trainer installs its own handler
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(sig, previous)
+    stopped = rc == TIMELIMIT_EXIT_CODE or (received and rc != 0)
+    if not stopped or fold_state(exp, spec, fold) == FoldStatus.FINISHED:
+        return rc
+    state = fold_state(exp, spec, fold)
+    print(f"{label} fold {fold}: stopped by the time limit (exit {rc}); fold {state}", flush=True)
+    job = env.get("SLURM_JOB_ID")
+    if exp.slurm.requeue and job and state == FoldStatus.INTERRUPTED:
+        ok, out = _requeue(job)
+        if ok:
+            print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
+                  flush=True)
+        else:
+            print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run "
+                  f"calib-experiment run again to continue", flush=True)
+    else:
+        print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "
+              f"run again to continue with --c", flush=True)
+    return TIMELIMIT_EXIT_CODE

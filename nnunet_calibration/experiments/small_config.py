@@ -44,16 +44,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from nnunet_calibration.errors import UserError
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+from nnunet_calibration.utils import ArgumentParser, cli_main, replace_dir, write_json_atomic, write_text_atomic
 
 DEFAULT_NAME = "2d_small"
 #: chosen by measurement (bench/small_config.py, README "A small configuration for CPU work")
@@ -107,6 +107,10 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
         if not value >= low:
             raise SmallConfigError(f"{key} must be >= {low}, got {value}")
     base = plans["configurations"]["2d"]
+    missing = [k for k in ("spacing", "patch_size", "median_image_size_in_voxels", "architecture") if k not in base]
+    if missing:
+        raise SmallConfigError(f"the plans' '2d' configuration lacks {missing}: not a plans file of nnU-Net 2.x "
+                               f"(re-run nnUNetv2_plan_experiment)")
     spacing = [float(s) * spacing_factor for s in base["spacing"]]
     median = [float(m) / spacing_factor for m in base["median_image_size_in_voxels"]]
     patch = [max(8, int(round(p * fov_factor / spacing_factor))) for p in base["patch_size"]]
@@ -141,17 +145,6 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
     }
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def add_small_configuration(dataset: str | int, preprocessed: str | os.PathLike, name: str = DEFAULT_NAME,
                             plans: str = "nnUNetPlans", overwrite: bool = False, **settings) -> tuple[Path, dict]:
     """Add the small configuration to the dataset's plans file (atomically). Returns (plans file, entry)."""
@@ -166,15 +159,47 @@ def add_small_configuration(dataset: str | int, preprocessed: str | os.PathLike,
         raise SmallConfigError("the small configuration cannot be named '2d' (it inherits from it)")
     entry = small_configuration(content, name=name, plans_name=plans, **settings)
     content["configurations"][name] = entry
-    _write_json_atomic(plans_file, content)
+    write_json_atomic(plans_file, content, indent=4)
     return plans_file, entry
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="calib-plan-small", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See `python -c 'import nnunet_calibration.experiments.small_config as m; "
-                                       "help(m)'` for what is changed.")
+def preprocess_atomically(dataset: str | int, preprocessed: str | os.PathLike, name: str, plans: str, env: dict,
+                          num_processes: int = 1, previous_plans: str | None = None) -> None:
+    """Run ``nnUNetv2_preprocess`` for the configuration ``name`` so that nothing is half-written: nnU-Net
+    writes into a staging ``data_identifier`` (``<id>.tmp-<pid>``) that is renamed at the end. On an
+    error or interrupt the staging folder is removed and the plans file gets back ``previous_plans``
+    (its text before the configuration was added; None: left as is)."""
+    plans_file = find_plans_file(dataset, preprocessed, plans)
+    content = json.loads(plans_file.read_text())
+    final = content["configurations"][name]["data_identifier"]
+    staging = f"{final}.tmp-{os.getpid()}"
+    content["configurations"][name]["data_identifier"] = staging
+    write_json_atomic(plans_file, content, indent=4)
+    try:
+        run_nnunet(["nnUNetv2_preprocess", "-d", str(dataset), "-plans_name", plans, "-c", name,
+                    "-np", str(num_processes)], env)
+        target = plans_file.parent / final
+        if target.exists():
+            replace_dir(plans_file.parent / staging, target)
+        else:
+            os.replace(plans_file.parent / staging, target)
+        content["configurations"][name]["data_identifier"] = final
+        write_json_atomic(plans_file, content, indent=4)
+    except BaseException:
+        shutil.rmtree(plans_file.parent / staging, ignore_errors=True)
+        if previous_plans is not None:
+            write_text_atomic(plans_file, previous_plans)
+        else:
+            content["configurations"][name]["data_identifier"] = final
+            write_json_atomic(plans_file, content, indent=4)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="calib-plan-small", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="See `python -c 'import nnunet_calibration.experiments.small_config as m; "
+                              "help(m)'` for what is changed.")
     p.add_argument("dataset", help="dataset id or DatasetXXX_Name (planned with nnUNetv2_plan_and_preprocess -c 2d)")
     p.add_argument("-c", "--configuration", default=DEFAULT_NAME, help=f"name of the new configuration ({DEFAULT_NAME})")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
@@ -189,33 +214,36 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
     p.add_argument("--no-preprocess", action="store_true", help="only write the plans entry")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="preprocessing processes (1)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> int:
     env = nnunet_env()
     pre = env.get("nnUNet_preprocessed")
     if not pre:
-        print("calib-plan-small: error: nnUNet_preprocessed is not set", file=sys.stderr)
-        return 2
-    try:
-        plans_file, entry = add_small_configuration(
-            args.dataset, pre, name=args.configuration, plans=args.plans, overwrite=args.overwrite,
-            spacing_factor=args.spacing_factor, fov_factor=args.fov_factor, base_features=args.base_features,
-            max_features=args.max_features, max_stages=args.max_stages, batch_size=args.batch_size)
-    except SmallConfigError as e:
-        print(f"calib-plan-small: error: {e}", file=sys.stderr)
-        return 2
+        raise SmallConfigError("nnUNet_preprocessed is not set")
+    before = find_plans_file(args.dataset, pre, args.plans).read_text()
+    plans_file, entry = add_small_configuration(
+        args.dataset, pre, name=args.configuration, plans=args.plans, overwrite=args.overwrite,
+        spacing_factor=args.spacing_factor, fov_factor=args.fov_factor, base_features=args.base_features,
+        max_features=args.max_features, max_stages=args.max_stages, batch_size=args.batch_size)
     kw = entry["architecture"]["arch_kwargs"]
     print(f"added {args.configuration!r} to {plans_file}: spacing {entry['spacing']}, patch {entry['patch_size']}, "
           f"batch {entry['batch_size']}, {kw['n_stages']} stages, features {kw['features_per_stage']}")
     if not args.no_preprocess:
         print(f"preprocessing {args.configuration} with nnUNetv2_preprocess ...", flush=True)
         try:
-            run_nnunet(["nnUNetv2_preprocess", "-d", str(args.dataset), "-plans_name", args.plans, "-c",
-                        args.configuration, "-np", str(args.num_processes)], env)
+            preprocess_atomically(args.dataset, pre, args.configuration, args.plans, env, args.num_processes,
+                                  previous_plans=before)
         except RuntimeError as e:
             print(f"calib-plan-small: error: {e}", file=sys.stderr)
             return 1
         print(f"done: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr TRAINER")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(_parser(), run, argv)
 
 
 if __name__ == "__main__":

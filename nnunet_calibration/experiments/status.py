@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_calibration.experiments.config import Experiment, ExperimentError
-from nnunet_calibration.experiments.runner import (FINISHED, INTERRUPTED, NOT_STARTED, fold_state, has_npz, log_path,
-                                                   read_local_state)
+from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
+                                                  read_local_state)
+from nnunet_calibration.settings import Experiment, ExperimentError
 
 
 #: nnU-Net's default number of epochs (when neither the experiment nor the fold records one)
@@ -169,32 +169,32 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
             st = fold_state(exp, spec, fold)
             log = log_path(exp, spec.label, fold)
             rec = {"label": spec.label, "trainer": spec.name, "fold": fold, "status": st, "detail": "",
-                   "log": str(log) if log.exists() else "", "folder": str(exp.fold_folder(spec, fold)),
-                   "progress": training_progress(exp.fold_folder(spec, fold), _total_epochs(exp, spec))}
+                   "log": str(log) if log.exists() else "", "folder": str(fold_folder(exp, spec, fold)),
+                   "progress": training_progress(fold_folder(exp, spec, fold), _total_epochs(exp, spec))}
             key = (spec.label, fold)
             if key in active:
                 jid, state = active[key]
                 rec["status"] = state.lower()
                 rec["detail"] = f"SLURM job {jid}"
-            elif st == FINISHED:
+            elif st == FoldStatus.FINISHED:
                 if not has_npz(exp, spec, fold):
                     rec["detail"] = "validation without --npz probabilities (run again to add them)"
-            elif key in submitted and st == INTERRUPTED and _stopped_at_time_limit(log):
+            elif key in submitted and st == FoldStatus.INTERRUPTED and _stopped_at_time_limit(log):
                 rec["detail"] = (f"SLURM job {submitted[key]} stopped at its time limit with a checkpoint, not "
                                  f"requeued; run again to continue (--c)")
                 rec["log"] = str(log)
             elif key in submitted:
-                rec["status"] = "failed"
+                rec["status"] = FoldStatus.FAILED
                 rec["detail"] = f"SLURM job {submitted[key]} ended without a finished fold ({st})"
                 rec["log"] = str(log)
-            elif local.get(f"{spec.label}/{fold}", {}).get("status") == "failed":
+            elif local.get(f"{spec.label}/{fold}", {}).get("status") == FoldStatus.FAILED:
                 r = local[f"{spec.label}/{fold}"]
-                rec["status"] = "failed"
+                rec["status"] = FoldStatus.FAILED
                 rec["detail"] = f"local run exited with {r.get('returncode')} at {r.get('time')} ({st})"
                 rec["log"] = r.get("log", str(log))
-            elif st == INTERRUPTED:
+            elif st == FoldStatus.INTERRUPTED:
                 rec["detail"] = "checkpoint present; run again to continue (--c)"
-            elif st == NOT_STARTED and rec["progress"]["log"]:
+            elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
                 rec.update(_without_checkpoint(rec["progress"]))
             if slurm_note and not rec["detail"]:
                 rec["detail"] = slurm_note
@@ -218,8 +218,8 @@ def _without_checkpoint(progress: dict, now: float | None = None) -> dict:
         return {}
     limit = max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
     if age <= limit:
-        return {"status": "in progress", "detail": "no checkpoint yet (nnU-Net saves every 50 epochs and at the end)"}
-    return {"status": "stopped", "detail": f"log silent for {_duration(age)} and no checkpoint: the next run "
+        return {"status": FoldStatus.IN_PROGRESS, "detail": "no checkpoint yet (nnU-Net saves every 50 epochs and at the end)"}
+    return {"status": FoldStatus.STOPPED, "detail": f"log silent for {_duration(age)} and no checkpoint: the next run "
                                            "starts this fold again"}
 
 
@@ -253,7 +253,7 @@ def report_job_status(exp: Experiment) -> dict | None:
         state = queue.get(jid) or slurm.job_state(jid) or "unknown (no longer listed by SLURM)"
     except ExperimentError as e:
         state = f"unknown ({e})"
-    return {"job_id": jid, "state": state, "log": str(exp.state_dir / "logs" / "report.log")}
+    return {"job_id": jid, "state": state, "log": str(exp.state_folder / "logs" / "report.log")}
 
 
 def _duration(seconds: float | None) -> str:
@@ -288,7 +288,7 @@ def format_statuses(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_DONE_STATES = ("finished", "failed")
+_DONE_STATES = (FoldStatus.FINISHED, FoldStatus.FAILED)
 
 
 def watch(exp: Experiment, interval: float = 60.0, rounds: int | None = None, stream=None,

@@ -9,7 +9,6 @@ valid voxels (torch semantics). "mean over voxels and classes of t_c" = mean ove
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -408,20 +407,15 @@ class DSCPlusPlusLoss(CalibrationLoss):
         return loss
 
 
-def _n_bins(n_bins, num_bins, where: str) -> int:
-    """``n_bins`` (the metrics' name), accepting the deprecated ``num_bins`` for one release."""
-    if num_bins is not None:
-        warnings.warn(f"{where}: 'num_bins' is deprecated, use 'n_bins' (as the metrics do)",
-                      DeprecationWarning, stacklevel=3)
-        n_bins = num_bins
+def _n_bins(n_bins) -> int:
+    """``n_bins`` as an int >= 1 (the metrics' name; ``num_bins`` was renamed to it)."""
     n_bins = int(n_bins)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     return n_bins
 
 
-def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], n_bins: int = 20, *,
-                       num_bins: Optional[int] = None) -> Tensor:
+def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], n_bins: int = 20) -> Tensor:
     """Marginal L1 average calibration error (Barfoot et al., MICCAI 2024), differentiable.
 
     For each sample ``b`` and channel ``c``: the valid voxels are hard-binned by ``p`` into
@@ -430,7 +424,7 @@ def hard_binned_l1_ace(probs: Tensor, onehot: Tensor, valid: Optional[Tensor], n
     ``|mean(p) - mean(y)|``; mean over non-empty bins; then mean over ``(b, c)`` pairs having at
     least one valid voxel. The bin assignment is constant, so gradients flow through the bin means.
     """
-    nb = _n_bins(n_bins, num_bins, "hard_binned_l1_ace")
+    nb = _n_bins(n_bins)
     b, c = probs.shape[:2]
     p = probs.reshape(b, c, -1)
     y = onehot.reshape(b, c, -1).to(p.dtype)
@@ -460,7 +454,7 @@ class ACELoss(CalibrationLoss):
 
     * mL1-ACE: :func:`hard_binned_l1_ace` on softmax probabilities of ALL classes (background
       included, as the reference ``include_background=True``) or on the region sigmoids;
-      ``n_bins = 20`` (``num_bins`` is accepted with a DeprecationWarning for one release).
+      ``n_bins = 20``.
     * Dice: nnU-Net's Dice term (:class:`~.dice.SoftDice`: do_bg False/True, smooth 1e-5,
       ``batch_dice`` from the plans, negative sign), so that ``ce + dice`` matches nnU-Net's DiceCE
       baseline; the ACE paper used MONAI's DiceLoss (1 - Dice, background included, per sample).
@@ -473,13 +467,12 @@ class ACELoss(CalibrationLoss):
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 0.0, ace_weight: float = 1.0,
                  n_bins: int = 20, batch_dice: bool = False, ddp: bool = False, *,
-                 regions: bool = False, ignore_label: Optional[int] = None, spacing=None,
-                 num_bins: Optional[int] = None):
+                 regions: bool = False, ignore_label: Optional[int] = None, spacing=None):
         super().__init__(regions=regions, ignore_label=ignore_label, spacing=spacing)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.ace_weight = float(ace_weight)
-        self.n_bins = _n_bins(n_bins, num_bins, "ACELoss")
+        self.n_bins = _n_bins(n_bins)
         self.batch_dice = bool(batch_dice)
         self.ddp = bool(ddp)
 

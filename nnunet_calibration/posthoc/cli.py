@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from nnunet_calibration.posthoc.model import (CALIBRATION_FILE, DEFAULT_MAX_VOXELS, ENSEMBLE_CAVEAT, CalibrationError,
                                               apply_calibration, fit_model, format_summary)
+from nnunet_calibration.utils import ArgumentParser, cli_main
 
 DESCRIPTION = f"""\
 Post-hoc calibration of a trained nnU-Net v2 model.
@@ -24,8 +25,8 @@ Softmax (labels) and sigmoid (regions) models are both handled. Exit status 2 on
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calib-calibrate", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="calib-calibrate", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help=f"fit on the validation predictions, write MODEL_FOLDER/{CALIBRATION_FILE}")
     f.add_argument("model_folder", metavar="MODEL_FOLDER",
@@ -52,28 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args, command: str) -> int:
+    if args.command == "fit":
+        if args.max_voxels is not None and args.max_voxels < 0:
+            raise CalibrationError(f"--max-voxels must be >= 0, got {args.max_voxels}")
+        rec = fit_model(args.model_folder, args.folds, args.method, args.max_voxels or None, args.seed,
+                        args.gt, command=command, progress=not args.no_progress)
+        for line in format_summary(rec):
+            print(line)
+        print(f"written: {args.model_folder}/{CALIBRATION_FILE}")
+    else:
+        rec = apply_calibration(args.pred_folder, args.model_folder, args.out_folder, progress=not args.no_progress)
+        print(f"{rec['applied_to']['cases']} cases written to {args.out_folder} "
+              f"(segmentations {rec['applied_to']['segmentations']})")
+        print("note: " + ENSEMBLE_CAVEAT)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "fit":
-            if args.max_voxels is not None and args.max_voxels < 0:
-                raise CalibrationError(f"--max-voxels must be >= 0, got {args.max_voxels}")
-            rec = fit_model(args.model_folder, args.folds, args.method, args.max_voxels or None, args.seed,
-                            args.gt, command=shlex.join(["calib-calibrate", *argv]), progress=not args.no_progress)
-            for line in format_summary(rec):
-                print(line)
-            print(f"written: {args.model_folder}/{CALIBRATION_FILE}")
-        else:
-            rec = apply_calibration(args.pred_folder, args.model_folder, args.out_folder,
-                                    progress=not args.no_progress)
-            print(f"{rec['applied_to']['cases']} cases written to {args.out_folder} "
-                  f"(segmentations {rec['applied_to']['segmentations']})")
-            print("note: " + ENSEMBLE_CAVEAT)
-    except CalibrationError as e:
-        print(f"calib-calibrate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = shlex.join(["calib-calibrate", *argv])
+    return cli_main(build_parser(), lambda args: run(args, command), argv)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -60,10 +59,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_calibration.errors import UserError
-
 from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities, load_reference,
                                                 probabilities_to_segmentation)
 from nnunet_calibration.posthoc import scaling
+from nnunet_calibration.utils import remove_stale_staging, staging_dir, write_json_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -202,19 +201,6 @@ def _package_version() -> str:
         return "unknown"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, method: str = "temperature",
               max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, seed: int = 0, gt_folder: Optional[PathLike] = None,
               command: Optional[str] = None, progress: bool = True, write: bool = True) -> dict:
@@ -258,7 +244,7 @@ def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, met
     }
     by_fold = res.by_group()
     if len(by_fold) >= 2:
-        cf = scaling.crossfit_temperatures(by_fold, is_regions, method)
+        cf, _ = scaling.crossfit(by_fold, is_regions, method)
         n = sum(len(v[0]) for v in by_fold.values())
         before = sum(scaling.nll(*by_fold[k], is_regions) * len(by_fold[k][0]) for k in by_fold) / n
         after = sum(scaling.nll(*by_fold[k], is_regions, cf[k]) * len(by_fold[k][0]) for k in by_fold) / n
@@ -334,7 +320,8 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
             raise CalibrationError(f"{pkl}: missing; its image properties are needed to write the segmentation")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_staging(out)  # a killed run's staging folder (its pid is gone)
+    tmp = staging_dir(out)
     try:
         for name in COPIED_JSON:
             if (pred / name).is_file():

@@ -311,26 +311,37 @@ def fit(log_probs: np.ndarray, target: np.ndarray, regions: bool, method: str = 
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
-def crossfit_temperatures(per_fold: Mapping[int, tuple[np.ndarray, np.ndarray]], regions: bool,
-                          method: str = "temperature", max_voxels: int | None = None, seed: int = 0) -> dict:
-    """Cross-fitted parameters: for fold ``k``, fitted on the rows of all *other* folds.
+def crossfit(per_fold: Mapping[int, tuple[np.ndarray, np.ndarray]], regions: bool, method: str = "temperature",
+             max_voxels: int | None = None, seed: int = 0) -> tuple[dict, bool]:
+    """Cross-fitted parameters: for fold ``k``, fitted (:func:`fit`) on the rows of all *other* folds.
 
     ``per_fold``: ``{fold: (log_probs (N_k, C), target)}`` (e.g. :meth:`VoxelReservoir.by_group`).
     The other folds' rows are concatenated in increasing fold order (every row weighs the same, so
-    a fold with more voxels weighs more) and passed to :func:`fit` with ``max_voxels`` and ``seed``.
-    Returns ``{fold: float}`` (temperature) or ``{fold: ndarray (C,)}`` (vector). Needs at least two
-    folds.
+    a fold with more voxels weighs more). Returns ``({fold: params}, True)``: a temperature (float)
+    or ``ndarray (C,)`` (vector) per fold. With a single fold there are no other folds: it is fitted
+    on itself and ``False`` says so (the caller must report it as in-sample).
     """
     folds = sorted(per_fold)
-    if len(folds) < 2:
-        raise ValueError(f"cross-fitting needs at least two folds, got {folds}")
+    if not folds:
+        return {}, False
+    if len(folds) == 1:
+        lp, y = per_fold[folds[0]]
+        return {folds[0]: fit(np.asarray(lp), np.asarray(y), regions, method, max_voxels, seed)}, False
     out = {}
     for k in folds:
         others = [f for f in folds if f != k]
         lp = np.concatenate([np.asarray(per_fold[f][0]) for f in others])
         y = np.concatenate([np.asarray(per_fold[f][1]) for f in others])
         out[k] = fit(lp, y, regions, method, max_voxels, seed)
-    return out
+    return out, True
+
+
+def fit_all(per_fold: Mapping[int, tuple[np.ndarray, np.ndarray]], regions: bool, method: str = "temperature",
+            max_voxels: int | None = None, seed: int = 0):
+    """Parameters fitted on the rows of every fold together (in-sample)."""
+    folds = sorted(per_fold)
+    return fit(np.concatenate([np.asarray(per_fold[f][0]) for f in folds]),
+               np.concatenate([np.asarray(per_fold[f][1]) for f in folds]), regions, method, max_voxels, seed)
 
 
 # -- applying ------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def setting(default, rule: Rule | None, help: str = "", **meta):
 
     ``meta``: ``cli=False`` keeps the field out of :func:`add_arguments`; ``file=False`` makes it an
     attribute that is not a key of the file (set by code, e.g. the file's own path)."""
-    kw = {"default_factory": default} if callable(default) and not isinstance(default, type) else {"default": default}
+    factory = default in (dict, list) or (callable(default) and not isinstance(default, type))
+    kw = {"default_factory": default} if factory else {"default": default}
     return field(metadata={"rule": rule, "help": help, **meta}, **kw)
 
 

@@ -136,7 +136,7 @@ class Slurm(Settings):
     def check(self) -> None:
         limit = slurm_time_seconds(self.time) if self.time else None
         if self.signal_seconds and limit is not None and self.signal_seconds >= limit:
-            raise SettingsError(f"signal_seconds ({self.signal_seconds} s) must be shorter than time "
+            raise SettingsError(f"signal_seconds ({self.signal_seconds} s) must be shorter than slurm.time "
                                 f"({self.time!r} = {limit} s)")
 
 
@@ -375,9 +375,6 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
             data["trainers"] = [TrainerEntry.read(t, f"trainers[{i}]") for i, t in enumerate(data["trainers"])]
         elif not isinstance(data["trainers"], tuple):
             raise SettingsError(f"trainers must be a non-empty list, got {data['trainers']!r}")
-        for key in ("name", "dataset"):
-            if isinstance(data[key], bool) or not isinstance(data[key], (str, int)):
-                raise SettingsError(f"{key} must be a text, got {data[key]!r}")
         return Experiment.from_mapping(data, "top level", path=path)
     except ExperimentError:
         raise

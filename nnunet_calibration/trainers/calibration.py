@@ -34,13 +34,8 @@ optimiser, schedule and inference are nnU-Net's defaults.
   from the plans, background excluded for labels / included for regions, weight 1 next to the
   loss's weight 1; for regions with an ignore label the calibration loss is scaled by the number
   of regions, as nnU-Net's ``DC_and_BCE_loss`` scales its BCE).
-* Renamed trainers keep their old names for one release (:data:`RENAMED_TRAINERS`): importing
-  them, or nnU-Net's ``-tr`` lookup, gives a subclass of the new trainer carrying the old name
-  (so old result folders keep their name) that warns with a ``DeprecationWarning``.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -58,8 +53,6 @@ class nnUNetTrainerCalibLossBase(nnUNetTrainerHparamsBase):
 
     #: registry key of the loss in :func:`nnunet_calibration.losses.build_loss`: the loss's one name
     loss_key: str | None = None
-    #: constructor arguments that define this variant (not overridable per run)
-    loss_fixed: dict = {}
     #: add nnU-Net's default Dice term (``_DC`` variants)
     add_dice: bool = False
 
@@ -75,9 +68,10 @@ class nnUNetTrainerCalibLossBase(nnUNetTrainerHparamsBase):
         """Hyperparameters passed to the loss constructor (besides regions / ignore label / Dice args)."""
         return {**self.loss_hparams, **self.loss_fixed}
 
-    def registry_name(self) -> str:
+    @classmethod
+    def registry_name(cls) -> str:
         """Name in :func:`nnunet_calibration.losses.build_loss` (``<key>_dc`` adds nnU-Net's Dice)."""
-        return f"{self.loss_key}_dc" if self.add_dice else self.loss_key
+        return f"{cls.loss_key}_dc" if cls.add_dice else cls.loss_key
 
     def build_calibration_loss(self) -> torch.nn.Module:
         """The per-resolution loss (not yet wrapped for deep supervision)."""
@@ -96,8 +90,6 @@ class nnUNetTrainerCalibLossBase(nnUNetTrainerHparamsBase):
 
     def used_hparams(self) -> dict:
         out = super().used_hparams()
-        out["loss_key"] = self.registry_name()
-        out["loss_fixed"] = dict(self.loss_fixed)
         out["dice_term"] = bool(self.add_dice)
         out["regions"] = bool(self.label_manager.has_regions)
         out["ignore_label"] = self.label_manager.ignore_label
@@ -209,11 +201,10 @@ class nnUNetTrainerDSCPlusPlusCE(nnUNetTrainerCalibLossBase):
 
 
 class nnUNetTrainerACEBase(nnUNetTrainerCalibLossBase):
-    """Base of the mL1-ACE combinations (Barfoot et al., MICCAI 2024): 20 hard bins (``n_bins``;
-    the old key ``num_bins`` is accepted for one release), equal term weights. The Dice term (where
-    present) is nnU-Net's (``batch_dice`` from the plans). Not a trainer by itself."""
+    """Base of the mL1-ACE combinations (Barfoot et al., MICCAI 2024): 20 hard bins (``n_bins``),
+    equal term weights. The Dice term (where present) is nnU-Net's (``batch_dice`` from the plans).
+    Not a trainer by itself."""
     loss_hparams = {"n_bins": 20}
-    deprecated_hparams = {"num_bins": "n_bins"}
 
 
 class nnUNetTrainerCE_ACE(nnUNetTrainerACEBase):
@@ -327,46 +318,3 @@ def _is_trainer(obj) -> bool:
 
 #: every runnable trainer of this module, in definition order (derived from the classes)
 CALIBRATION_TRAINERS = [obj for name, obj in list(globals().items()) if _is_trainer(obj) and name == obj.__name__]
-
-
-# ----------------------------------------------------------------------------------------------
-# Renamed names, importable (and found by nnU-Net's -tr lookup) for one release
-# ----------------------------------------------------------------------------------------------
-class _DeprecatedName:
-    """Mixin of a renamed trainer: warns when constructed (the class is created on first access)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        warnings.warn(f"{type(self).__name__} is deprecated, use {self.renamed_to}", DeprecationWarning,
-                      stacklevel=2)
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-
-#: old trainer name -> new trainer class (or base class); see the module docstring
-RENAMED_TRAINERS = {
-    "nnUNetTrainerNACL_mean": nnUNetTrainerNACL,
-    "nnUNetTrainerNACL_mean_DC": nnUNetTrainerNACL_DC,
-    "nnUNetTrainerCalibLoss": nnUNetTrainerCalibLossBase,
-}
-_deprecated_classes: dict = {}
-
-
-def deprecated_class(old: str) -> type:
-    """The class of a renamed name: a subclass of the new class carrying the old name (runnable
-    trainers, so old result folders keep their name), or the new class itself (base classes)."""
-    new = RENAMED_TRAINERS[old]
-    if new.loss_key is None:
-        return new
-    if old not in _deprecated_classes:
-        _deprecated_classes[old] = type(old, (_DeprecatedName, new), {
-            "__module__": __name__, "__qualname__": old, "renamed_to": new.__name__,
-            "__doc__": f"Deprecated name of {new.__name__} (removed in the next release)."})
-    return _deprecated_classes[old]
-
-
-def __getattr__(name: str):
-    if name in RENAMED_TRAINERS:
-        warnings.warn(f"{name} is deprecated, use {RENAMED_TRAINERS[name].__name__}", DeprecationWarning,
-                      stacklevel=2)
-        return deprecated_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

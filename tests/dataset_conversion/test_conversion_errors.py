@@ -343,7 +343,7 @@ def test_cli_error_exit_code_and_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
     rc = main(["brats", str(src), "-d", "21", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "calib-convert: error:" in err and str(seg) in err and "7" in err
     assert not any((tmp_path / "raw").iterdir())
 
@@ -359,11 +359,11 @@ def test_cli_subprocess_success_and_existing_target(tmp_path):
     ds = tmp_path / "raw" / "Dataset022_BraTS2021"
     assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 5
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert p.returncode == 1 and "--overwrite" in p.stderr and str(ds) in p.stderr
+    assert p.returncode == 2 and "--overwrite" in p.stderr and str(ds) in p.stderr
     p = subprocess.run(cmd + ["--overwrite", "--no-progress"], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     p = subprocess.run(cmd + ["--release", "2019"], env=env, capture_output=True, text=True)
-    assert p.returncode == 1 and "no BraTS19_* case folders" in p.stderr
+    assert p.returncode == 2 and "no BraTS19_* case folders" in p.stderr
 
 
 def test_cli_sigterm_removes_staging_and_stale_staging_is_removed(tmp_path):

@@ -2,7 +2,8 @@
 import pytest
 
 from experiments_testlib import write_experiment
-from nnunet_calibration.experiments.config import ExperimentError, load_experiment
+from nnunet_calibration.experiments.folds import model_folder, results_root
+from nnunet_calibration.settings import ExperimentError, load_experiment
 
 
 def test_defaults_variants_and_results_folders(tmp_path, monkeypatch):
@@ -15,21 +16,21 @@ def test_defaults_variants_and_results_folders(tmp_path, monkeypatch):
     assert exp.folds == (0, 1, 2, 3, 4) and exp.configuration == "2d" and exp.plans == "nnUNetPlans"
     labels = [t.label for t in exp.trainers]
     assert labels == ["nnUNetTrainerDiceCE", "nnUNetTrainerSDC_alpha0.2", "SDC_a03"]
-    exp.dataset_name = "Dataset027_ACDC"
+    exp = exp.with_dataset_name("Dataset027_ACDC")
     # plain trainers train into nnUNet_results itself, each variant into its own nnU-Net results tree
-    assert exp.results_root(exp.trainers[0]) == (tmp_path / "res").resolve()
-    a, b = (exp.model_folder(t) for t in exp.trainers[1:])
+    assert results_root(exp, exp.trainers[0]) == (tmp_path / "res").resolve()
+    a, b = (model_folder(exp, t) for t in exp.trainers[1:])
     assert a != b and a.name == b.name == "nnUNetTrainerSDC__nnUNetPlans__2d"
     assert exp.hparams_for(exp.trainers[2]) == {"num_epochs": 5, "alpha": 0.3}
     assert exp.baseline_label == "nnUNetTrainerDiceCE"
-    assert exp.state_dir == (tmp_path / "res" / "calib_experiments" / "e1").resolve()
+    assert exp.state_folder == (tmp_path / "res" / "calib_experiments" / "e1").resolve()
 
 
 @pytest.mark.parametrize("cfg, msg", [
     ({"trainers": ["A", "A"]}, "labels repeat"),
     ({"trainers": ["A", {"name": "A", "label": "A2"}]}, "listed twice without hparams"),
     ({"trainers": []}, "non-empty list"),
-    ({"folds": [0, 0]}, "folds repeat"),
+    ({"folds": [0, 0]}, "folds must be a list of distinct non-negative integers"),
     ({"folds": ["x"]}, "non-negative integers"),
     ({"epochs": 3}, "unknown key(s) ['epochs']"),
     ({"slurm": {"gpu": 1}}, "slurm: unknown key(s) ['gpu']"),
@@ -51,3 +52,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "x.yaml").write_text("name: [unclosed")
     with pytest.raises(ExperimentError, match="not valid YAML"):
         load_experiment(tmp_path / "x.yaml")
+
+
+def test_repeated_keys_and_non_finite_numbers_are_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently; the loader refuses them, at any level, naming
+    the lines. Every float must be finite (.nan / .inf are refused)."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: e\ndataset: 1\ntrainers: [A]\ntraining:\n  num_epochs: 3\n  num_epochs: 5\n")
+    with pytest.raises(ExperimentError, match=r"'num_epochs' is given twice \(lines 5 and 6\)"):
+        load_experiment(f)
+    f.write_text("name: e\ndataset: 1\ntrainers: [A]\ntrainers: [B]\n")
+    with pytest.raises(ExperimentError, match="'trainers' is given twice"):
+        load_experiment(f)
+    for key in ("initial_lr: .inf", "weight_decay: .inf", "initial_lr: .nan"):
+        f.write_text(f"name: e\ndataset: 1\ntrainers: [A]\ntraining:\n  {key}\n")
+        with pytest.raises(ExperimentError, match=f"training.{key.split(':')[0]} must be a .*finite number"):
+            load_experiment(f)

@@ -110,7 +110,8 @@ def test_rerun_trains_nothing_and_resumes_interrupted(local_run):
     fold = r.results / "Dataset901_SynthLabels" / "nnUNetTrainerLS_DC__nnUNetPlans__2d" / "fold_1"
     shutil.move(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
     (fold / "validation" / "summary.json").unlink()
-    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
     from nnunet_calibration.experiments.status import fold_statuses
 
     exp = validate(load_experiment(r.exp_file), check_trainers=False)
@@ -119,7 +120,7 @@ def test_rerun_trains_nothing_and_resumes_interrupted(local_run):
     before = {k: v for k, v in _snapshot(r.results).items() if "LS_DC__nnUNetPlans__2d/fold_1" not in k}
     rc = cli.main(["run", str(r.exp_file), "--output-root", str(r.tmp / "results"), "--quiet", "--no-report"])
     assert rc == 0
-    log = (exp.state_dir / "logs" / "nnUNetTrainerLS_DC_fold1.log").read_text()
+    log = (exp.state_folder / "logs" / "nnUNetTrainerLS_DC_fold1.log").read_text()
     assert "resumed (--c)" in log and " --c" in log
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     after = {k: v for k, v in _snapshot(r.results).items() if "LS_DC__nnUNetPlans__2d/fold_1" not in k}

@@ -64,7 +64,8 @@ def slurm(request):
 
 
 def _status(exp_file):
-    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
     from nnunet_calibration.experiments.status import fold_statuses, report_job_status
 
     exp = validate(load_experiment(exp_file), check_trainers=False)
@@ -139,7 +140,7 @@ def _slurm_state(cluster, task: str) -> str:
 
 def _logs(exp) -> str:
     out = []
-    for f in sorted((exp.state_dir / "logs").glob("*.log")):
+    for f in sorted((exp.state_folder / "logs").glob("*.log")):
         out.append(f"--- {f}\n" + "\n".join(f.read_text().splitlines()[-25:]))
     return "\n".join(out)
 
@@ -170,7 +171,8 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     assert "submitted nnUNetTrainerDiceCE: job array" in printed
 
     # submitting again while the folds are queued or running submits no second training
-    from nnunet_calibration.experiments.config import load_experiment, validate
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
     from nnunet_calibration.experiments.slurm import read_jobs, submit
 
     exp_ok = validate(load_experiment(ok))
@@ -200,7 +202,7 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     check_table_against_evaluator("slurm-ok", report.parent, {"nnUNetTrainerDiceCE": model}, [0, 1], ds.name,
                                   Path(ds.env["nnUNet_preprocessed"]), tmp_path / "direct")
     # the jobs ran in this Python environment and wrote their logs to the state folder
-    log0 = (exp_ok.state_dir / "logs" / "nnUNetTrainerDiceCE_fold0.log").read_text()
+    log0 = (exp_ok.state_folder / "logs" / "nnUNetTrainerDiceCE_fold0.log").read_text()
     assert "nnUNetv2_train" in log0 and str(Path(os.sys.executable).parent) in log0
     jobs = read_jobs(exp_ok)
     assert jobs["submissions"][0]["report"]["depends_on"] == [jobs["submissions"][0]["trainers"]
@@ -249,8 +251,9 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     import numpy as np
     import torch
 
-    from nnunet_calibration.experiments.config import load_experiment, validate
-    from nnunet_calibration.experiments.runner import FINISHED, fold_state
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
+    from nnunet_calibration.experiments.folds import FoldStatus, fold_folder, fold_state
     from nnunet_calibration.experiments.slurm import read_jobs
     from nnunet_calibration.experiments.status import training_progress
     from nnunet_calibration.trainers.timelimit import TIMELIMIT_EXIT_CODE
@@ -271,12 +274,12 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     capsys.readouterr()
     exp = validate(load_experiment(f))
     spec = exp.trainers[0]
-    fold = exp.fold_folder(spec, 0)
+    fold = fold_folder(exp, spec, 0)
     sub = read_jobs(exp)["submissions"][0]["trainers"]["nnUNetTrainerDiceCE"]
     task = f"{sub['job_id']}_0"
     script = Path(sub["script"]).read_text()
     assert "--signal=B:USR1@60" in script and "--requeue" in script and "--array=0%1" in script
-    log = exp.state_dir / "logs" / "nnUNetTrainerDiceCE_fold0.log"
+    log = exp.state_folder / "logs" / "nnUNetTrainerDiceCE_fold0.log"
     text = lambda: log.read_text() if log.is_file() else ""  # noqa: E731
     diag = lambda: f"log {log}:\n{text()[-3000:]}\n{_logs(exp)}"  # noqa: E731
 
@@ -302,7 +305,7 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     _wait_for("the requeued task to run again", lambda: _running_again(task), 300, diag_all)
 
     report = out_root / "slurm-requeue" / "README.md"
-    _wait_for("the fold and the report", lambda: fold_state(exp, spec, 0) == FINISHED and report.is_file(), 420,
+    _wait_for("the fold and the report", lambda: fold_state(exp, spec, 0) == FoldStatus.FINISHED and report.is_file(), 420,
               diag_all, interval=3)
     # the second run continued from the checkpoint (--c) in the same SLURM task
     assert "resumed" in text() or "--c" in text().split("requeued SLURM job", 1)[1]

@@ -16,7 +16,8 @@ import torch
 
 from experiments_testlib import SHORT, write_experiment
 from nnunet_calibration.experiments import cli
-from nnunet_calibration.experiments.config import load_experiment, validate
+from nnunet_calibration.experiments.nnunet_checks import validate
+from nnunet_calibration.settings import load_experiment
 from nnunet_calibration.experiments.status import (NNUNET_DEFAULT_EPOCHS, fold_statuses, format_statuses,
                                                    training_progress, watch)
 

@@ -12,9 +12,9 @@ import pytest
 
 from experiments_testlib import write_experiment
 from nnunet_calibration.experiments import cli
-from nnunet_calibration.experiments.config import (EVALUATION_OPTION_RULES, SLURM_VALUE_RULES, TRAINING_VALUE_RULES,
-                                                   ExperimentError, SlurmSettings, load_experiment,
-                                                   slurm_time_seconds, validate)
+from nnunet_calibration.experiments.nnunet_checks import validate
+from nnunet_calibration.settings import (Evaluation, ExperimentError, MetricOptions, NnunetPaths, Report, Slurm, Training,
+                                         load_experiment, slurm_time_seconds)
 
 BASE = dict(name="e", dataset=1, trainers=["nnUNetTrainerDiceCE"])
 
@@ -38,9 +38,11 @@ def _bad(tmp_path, cfg, msg):
     ("num_val_iterations_per_epoch", -1, "positive integer"),
     ("batch_size", 0, "positive integer"),
     ("save_every", 0, "positive integer"),
-    ("initial_lr", 0, "positive number"),
-    ("initial_lr", "fast", "positive number"),
-    ("weight_decay", -1e-5, "non-negative number"),
+    ("initial_lr", 0, "positive finite number"),
+    ("initial_lr", "fast", "positive finite number"),
+    ("initial_lr", float("inf"), "positive finite number"),
+    ("weight_decay", -1e-5, "non-negative finite number"),
+    ("weight_decay", float("nan"), "non-negative finite number"),
     ("oversample_foreground_percent", 1.5, "number in [0, 1]"),
 ])
 def test_training_values(tmp_path, key, value, what):
@@ -71,7 +73,7 @@ def test_training_values(tmp_path, key, value, what):
     ({"slurm": {"time": 86400}}, "YAML reads an unquoted"),
     ({"slurm": {"time": "tomorrow"}}, "slurm.time must be a quoted SLURM time"),
     ({"slurm": {"report_time": "1:2:3:4"}}, "slurm.report_time must be"),
-    ({"slurm": {"partition": 3}}, "slurm.partition must be a partition name"),
+    ({"slurm": {"partition": 3}}, "slurm.partition must be a non-empty text or null"),
     ({"slurm": {"extra_args": 5}}, "slurm.extra_args must be a list of sbatch options"),
     ({"slurm": {"signal_seconds": -1}}, "slurm.signal_seconds must be a non-negative integer"),
     ({"slurm": {"requeue": "yes"}}, "slurm.requeue must be true or false"),
@@ -81,12 +83,15 @@ def test_training_values(tmp_path, key, value, what):
     ({"slurm": {"gpu": 1}}, "slurm: unknown key(s) ['gpu']; valid keys: "),
     ({"slurm": "gpu"}, "slurm must be a mapping"),
     ({"nnunet_paths": {"result": "/x"}}, "nnunet_paths: unknown key(s) ['result']; valid keys: "),
-    ({"nnunet_paths": {"results": 3}}, "nnunet_paths.results must be a folder path"),
+    ({"nnunet_paths": {"results": 3}}, "nnunet_paths.results must be a non-empty text or null"),
     ({"trainers": [{"name": "X", "hparam": {}}]}, "trainers[0]: unknown key(s) ['hparam']; valid keys: "),
     ({"trainers": [{"name": 3}]}, "trainers[0].name must be a trainer class name"),
     ({"dataset": [27]}, "dataset must be an nnU-Net dataset id"),
-    ({"configuration": 2}, "configuration must be a text"),
-    ({"plans": ""}, "plans must be a text"),
+    ({"configuration": 2}, "configuration must be a non-empty text"),
+    ({"plans": ""}, "plans must be a non-empty text"),
+    ({"report": {"rank_metrics": ["DSC", "AUC"]}}, "report.rank_metrics must be a non-empty list of metric names of"),
+    ({"trainers": [{"name": "nnUNetTrainerSDC", "label": "v", "hparams": {"alpha": float("nan")}}],
+      "evaluation": {"options": {"fp_weight": float("inf")}}}, "evaluation.options.fp_weight must be a positive finite"),
     ({"training": [1]}, "training must be a mapping"),
     ({"epochs": 3}, "top level: unknown key(s) ['epochs']; valid keys: "),
 ])
@@ -99,20 +104,22 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     for k in ("signal_seconds", "requeue", "max_parallel", "gpus", "time"):
         assert k in msg
     msg = _bad(tmp_path, {"evaluation": {"options": {"nbins": 3}}}, "evaluation.options")
-    for k in EVALUATION_OPTION_RULES:
+    for k in MetricOptions.keys():
         assert k in msg
 
 
-def test_rules_cover_every_setting():
-    """The rule tables name exactly the trainers' training keys, the evaluator's options and the SLURM fields."""
-    from nnunet_calibration.evaluation.core import DEFAULT_OPTIONS
-    from nnunet_calibration.trainers.base import TRAINING_KEYS
+def test_one_list_of_keys_and_defaults():
+    """Each section's keys, defaults and rules are its settings class's fields: the defaults pass their own
+    rules, calib-evaluate's metric options are exactly MetricOptions' fields, and nnU-Net's training keys the
+    trainers accept are Training's."""
+    from nnunet_calibration.evaluation.cli import build_parser
 
-    assert set(TRAINING_VALUE_RULES) == set(TRAINING_KEYS)
-    assert set(EVALUATION_OPTION_RULES) == set(DEFAULT_OPTIONS)
-    assert set(SLURM_VALUE_RULES) == set(SlurmSettings.__dataclass_fields__)
-    for key, default in DEFAULT_OPTIONS.items():  # the evaluator's defaults pass their own rule
-        assert EVALUATION_OPTION_RULES[key][0](default), key
+    for cls in (Training, MetricOptions, Report, Slurm, Evaluation, NnunetPaths):
+        cls()  # checked when made
+    options = {a.dest for a in build_parser()._actions}
+    assert set(MetricOptions.keys()) <= options
+    assert Training.keys() == ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
+                               "weight_decay", "oversample_foreground_percent", "save_every", "batch_size")
 
 
 def test_good_file_and_defaults(tmp_path):
@@ -124,8 +131,10 @@ def test_good_file_and_defaults(tmp_path):
         report={"temperature_scaling": False, "rank_metrics": ["DSC", "ECE"]}))
     exp = load_experiment(f)
     assert exp.slurm.gpus == 2 and exp.slurm.mem == "32000" and exp.slurm.max_parallel == 2
-    assert exp.slurm.extra_args == ["--account=x", "--qos=y"] and exp.slurm.requeue is True
-    d = SlurmSettings()
+    assert exp.slurm.extra_args == ("--account=x", "--qos=y") and exp.slurm.requeue is True
+    assert exp.evaluation.options == MetricOptions(n_bins_ece=10, include_background=True)
+    assert exp.report.ranked == ("DSC", "ECE")
+    d = Slurm()
     assert (d.signal_seconds, d.requeue, d.max_parallel) == (600, True, None)
     # the default warning is at most half of a short limit; an explicit one must be shorter than the limit
     short = write_experiment(tmp_path / "short.yaml", **dict(BASE, slurm={"time": "00:10:00"}))
@@ -182,9 +191,12 @@ def test_configuration_must_be_preprocessed(tmp_path):
 
 @pytest.mark.parametrize("trainer, msg", [
     ({"name": "nnUNetTrainerSDC", "label": "a", "hparams": {"alpha": "big"}},
-     "trainer a: hyperparameter alpha must be a number (default 0.1), got 'big'"),
+     "trainer a: hyperparameter alpha must be a finite number (default 0.1), got 'big'"),
+    ({"name": "nnUNetTrainerSDC", "label": "a", "hparams": {"alpha": float("nan")}},
+     "trainer a: hyperparameter alpha must be a finite number (default 0.1), got nan"),
     ({"name": "nnUNetTrainerSDC", "label": "a", "hparams": {"alpah": 0.2}},
-     "trainer a: unknown hyperparameter(s) ['alpah']; valid for nnUNetTrainerSDC: "),
+     "trainer a: unknown hyperparameter(s) ['alpah']; valid: "),
+    ({"name": "nnUNetTrainerNACL_mean", "label": "a"}, "trainer nnUNetTrainerNACL_mean was renamed to nnUNetTrainerNACL"),
 ])
 def test_loss_hparams_checked_against_the_trainer(tmp_path, trainer, msg):
     pre = _preprocessed(tmp_path, with_data=True)
@@ -193,15 +205,6 @@ def test_loss_hparams_checked_against_the_trainer(tmp_path, trainer, msg):
     with pytest.raises(ExperimentError) as e:
         validate(load_experiment(f))
     assert msg in str(e.value)
-
-
-def test_rank_metrics_checked(tmp_path):
-    pre = _preprocessed(tmp_path, with_data=True)
-    f = write_experiment(tmp_path / "e.yaml", **dict(BASE, dataset=123, report={"rank_metrics": ["DSC", "AUC"]},
-                                                     nnunet_paths={"preprocessed": str(pre),
-                                                                   "results": str(tmp_path / "res")}))
-    with pytest.raises(ExperimentError, match=r"report.rank_metrics: unknown metric\(s\) \['AUC'\]"):
-        validate(load_experiment(f), check_trainers=False)
 
 
 def test_check_and_run_refuse_before_submitting(tmp_path, capsys):
@@ -216,18 +219,17 @@ def test_check_and_run_refuse_before_submitting(tmp_path, capsys):
 
 # -- SLURM options and the training command built from the settings ----------------------------
 def test_sbatch_options_from_settings(tmp_path):
-    from nnunet_calibration.experiments.runner import fold_num_gpus, train_command
-    from nnunet_calibration.experiments.slurm import array_spec, timelimit_opts
+    from nnunet_calibration.experiments.runner import train_command
+    from nnunet_calibration.experiments.slurm import array_spec, fold_num_gpus, timelimit_opts
 
     assert array_spec([0, 1, 2, 3, 4], 2) == "0,1,2,3,4%2"
     assert array_spec([3], None) == "3"
-    assert timelimit_opts(SlurmSettings()) == ["--signal=B:USR1@600", "--requeue"]
-    assert timelimit_opts(SlurmSettings(signal_seconds=0, requeue=False)) == ["--no-requeue"]
+    assert timelimit_opts(Slurm()) == ["--signal=B:USR1@600", "--requeue"]
+    assert timelimit_opts(Slurm(signal_seconds=0, requeue=False)) == ["--no-requeue"]
 
     f = write_experiment(tmp_path / "e.yaml", **dict(BASE, slurm={"gpus": 4}, nnunet_paths={
         "results": str(tmp_path / "res")}))
-    exp = load_experiment(f)
-    exp.dataset_name = "Dataset001_X"
+    exp = load_experiment(f).with_dataset_name("Dataset001_X")
     spec = exp.trainers[0]
     assert fold_num_gpus(exp, "cuda") == 4 and fold_num_gpus(exp, "cpu") == 1
     cmd = train_command(exp, spec, 0, "cuda", fold_num_gpus(exp, "cuda"))

@@ -5,6 +5,7 @@ folders with ``.npz`` probabilities, no training) and run :func:`make_report` / 
 report`` on it: the evaluator and the report's code are real, only the "trained network" is made up.
 """
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,8 @@ import SimpleITK as sitk
 import yaml
 
 from nnunet_calibration.experiments import cli, posthoc
-from nnunet_calibration.experiments.config import ExperimentError, load_experiment
+from nnunet_calibration.posthoc import scaling
+from nnunet_calibration.settings import ExperimentError, Report, load_experiment
 from nnunet_calibration.experiments.report import (METRICS, ExperimentResult, MethodResult, ReportData, build_report,
                                                    gather, make_report, render, tables)
 from nnunet_calibration.metrics import CalibrationAccumulator
@@ -97,22 +99,9 @@ def test_empty_report_is_an_error(tmp_path):
 
 
 # -- cross-fitting -------------------------------------------------------------------------------
-def test_crossfit_leaves_the_fold_out():
-    # fit = mean of the targets: fold k's parameter is the mean over the other folds' voxels
-    per_fold = {0: (np.zeros((2, 1)), np.array([1.0, 1.0])), 1: (np.zeros((1, 1)), np.array([4.0])),
-                2: (np.zeros((3, 1)), np.array([0.0, 0.0, 3.0]))}
-    fit = lambda lp, y, regions: float(np.mean(y))  # noqa: E731
-    params, cross = tables.crossfit(per_fold, fit, False)
-    assert cross
-    assert params == {0: pytest.approx((4 + 3) / 4), 1: pytest.approx((1 + 1 + 3) / 5), 2: pytest.approx(6 / 3)}
-    assert tables.fit_all(per_fold, fit, False) == pytest.approx(9 / 6)
-    one, cross = tables.crossfit({3: per_fold[0]}, fit, False)
-    assert one == {3: 1.0} and not cross
-
-
 def _nll_softmax(p, y, t):
     """Mean -log softmax(log p / t)[y] over voxels: p (N, C), y (N,)."""
-    z = np.log(np.clip(p, posthoc.EPS, 1 - posthoc.EPS)) / t
+    z = np.log(np.clip(p, scaling.PROB_FLOOR, 1 - scaling.PROB_FLOOR)) / t
     z -= z.max(1, keepdims=True)
     return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
 
@@ -131,8 +120,8 @@ def test_crossfit_temperatures_equal_hand_computation():
         p = np.exp(scale * logits)
         p /= p.sum(1, keepdims=True)
         raw[k] = (p, y)
-        per_fold[k] = (tables.log_probabilities(p), y)
-    params, cross = tables.crossfit(per_fold, tables.SCALINGS["TS"].fit, False)
+        per_fold[k] = (scaling.log_probabilities(p, False), y)
+    params, cross = scaling.crossfit(per_fold, False, tables.SCALINGS["TS"].method)
     assert cross
     for k in range(3):
         p = np.concatenate([raw[f][0] for f in range(3) if f != k])
@@ -180,17 +169,22 @@ def _make_layout(root: Path, finished: bool = True) -> tuple[Path, dict]:
     return exp_file, cases
 
 
+def _without_posthoc(exp):
+    """The experiment as validate() would give it, without the post-hoc rows."""
+    report = dataclasses.replace(exp.report, temperature_scaling=False, vector_scaling=False)
+    return dataclasses.replace(exp, report=report).with_dataset_name("Dataset950_Hand")
+
+
 def _nll_case(probs, y, params):
     """The evaluator's NLL of one case after scaling with ``params``: mean -log max(q[y], 1e-7)."""
-    q = posthoc.scale_probabilities(probs, params)
+    q = scaling.apply_scaling(probs, params, False)
     qy = np.where(y == 1, q[1], q[0])
     return float(np.mean(-np.log(np.maximum(qy.astype(np.float64), 1e-7))))
 
 
 def test_cross_fitted_rows_equal_hand_computation(tmp_path):
     exp_file, cases = _make_layout(tmp_path)
-    exp = load_experiment(exp_file)
-    exp.dataset_name = "Dataset950_Hand"  # what validate() sets (it would need nnU-Net plans)
+    exp = load_experiment(exp_file).with_dataset_name("Dataset950_Hand")  # what validate() sets (needs nnU-Net plans)
     out = make_report([exp], tmp_path / "out", progress=False)
     rep = json.loads((out / "report.json").read_text())
     with open(out / "table.csv") as fh:
@@ -241,8 +235,7 @@ def test_cross_fitted_rows_equal_hand_computation(tmp_path):
 def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
     """The report's reliability statistics are the metrics accumulator's ECE bins (one binning)."""
     exp_file, cases = _make_layout(tmp_path)
-    exp = load_experiment(exp_file)
-    exp.dataset_name = "Dataset950_Hand"
+    exp = load_experiment(exp_file).with_dataset_name("Dataset950_Hand")
     info = gather.DatasetInfo(exp)
     rows = gather.gather_method(exp, exp.trainers[0], info, tmp_path / "work", progress=False)
     acc = CalibrationAccumulator()
@@ -259,9 +252,7 @@ def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
 
 def test_report_without_posthoc_rows(tmp_path):
     exp_file, _ = _make_layout(tmp_path)
-    exp = load_experiment(exp_file)
-    exp.dataset_name = "Dataset950_Hand"
-    exp.report.update(temperature_scaling=False, vector_scaling=False)
+    exp = _without_posthoc(load_experiment(exp_file))
     out = make_report([exp], tmp_path / "out", progress=False)
     with open(out / "table.csv") as fh:
         assert [r["method"] for r in csv.DictReader(fh)] == ["nnUNetTrainerDiceCE"]
@@ -293,10 +284,7 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     (inside.parent / "stray.txt").write_text("not part of a report")
 
     def load():
-        exp = load_experiment(inside)
-        exp.dataset_name = "Dataset950_Hand"
-        exp.report.update(temperature_scaling=False, vector_scaling=False)
-        return exp
+        return _without_posthoc(load_experiment(inside))
 
     out = make_report([load()], tmp_path / "out", progress=False)
     assert out == inside.parent

@@ -6,6 +6,7 @@ import pytest
 from scipy import stats as st
 
 from nnunet_calibration.experiments import posthoc, stats
+from nnunet_calibration.posthoc import scaling
 
 
 def test_friedman_ranks_hand_computed():
@@ -74,10 +75,10 @@ def test_temperature_scaling_recovers_softmax_temperature(t_true):
     # the model reports softmax(t_true * z): scaling its log-probabilities by 1/T recovers q at T = t_true
     p = np.exp(t_true * z - (t_true * z).max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    t = posthoc.fit_temperature(p, y)
+    t = scaling.fit_temperature(scaling.log_probabilities(p, False), y, False)
     assert t == pytest.approx(t_true, rel=0.03)
     # and the scaled probabilities equal q
-    scaled = posthoc.scale_probabilities(p.T[:, :100], t_true)
+    scaled = scaling.apply_scaling(p.T[:, :100], t_true, False)
     np.testing.assert_allclose(scaled, q.T[:, :100], atol=1e-5)
 
 
@@ -88,9 +89,9 @@ def test_temperature_scaling_recovers_sigmoid_temperature():
     q = 1 / (1 + np.exp(-z))
     y = (rng.random((n, r)) < q).astype(np.uint8)
     p = 1 / (1 + np.exp(-t_true * z))
-    t = posthoc.fit_temperature(p, y, sigmoid=True)
+    t = scaling.fit_temperature(scaling.log_probabilities(p, True), y, True)
     assert t == pytest.approx(t_true, rel=0.03)
-    np.testing.assert_allclose(posthoc.scale_probabilities(p.T, t_true, sigmoid=True), q.T, atol=1e-4)
+    np.testing.assert_allclose(scaling.apply_scaling(p.T, t_true, True), q.T, atol=1e-4)
 
 
 def test_threshold_sweep_matches_direct_computation():
@@ -138,9 +139,9 @@ def test_vector_scaling_recovers_per_region_temperatures():
     q = 1 / (1 + np.exp(-z))
     y = (rng.random((n, 3)) < q).astype(np.uint8)
     p = 1 / (1 + np.exp(-t_true * z))
-    t = posthoc.fit_vector_temperatures(p, y, sigmoid=True)
+    t = scaling.fit_vector_scaling(scaling.log_probabilities(p, True), y, True)
     np.testing.assert_allclose(t, t_true, rtol=0.03)
-    np.testing.assert_allclose(posthoc.scale_probabilities(p.T, t_true, sigmoid=True), q.T, atol=1e-4)
+    np.testing.assert_allclose(scaling.apply_scaling(p.T, t_true, True), q.T, atol=1e-4)
 
 
 def test_vector_scaling_softmax_matches_direct_minimum():
@@ -153,7 +154,7 @@ def test_vector_scaling_softmax_matches_direct_minimum():
     y = (q.cumsum(1) > rng.random((n, 1))).argmax(1)
     p = np.exp(2.0 * z - (2.0 * z).max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    t = posthoc.fit_vector_temperatures(p, y)
+    t = np.asarray(scaling.fit_vector_scaling(scaling.log_probabilities(p, False), y, False))
     logp = np.log(p)
 
     def nll(tv):
@@ -167,4 +168,4 @@ def test_vector_scaling_softmax_matches_direct_minimum():
         for b in grid:
             for c in grid:
                 assert nll(t * np.array([a, b, c])) >= best - 1e-9
-    assert nll(t) <= nll(np.full(3, posthoc.fit_temperature(p, y))) + 1e-12
+    assert nll(t) <= nll(np.full(3, scaling.fit_temperature(scaling.log_probabilities(p, False), y, False))) + 1e-12

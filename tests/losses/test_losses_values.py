@@ -239,20 +239,17 @@ def test_regions_dscpp_ace_sdc(ndim):
     np.testing.assert_allclose(val.item(), expect, rtol=1e-7)
 
 
-def test_n_bins_name_and_deprecated_num_bins():
-    """Bins are ``n_bins`` as in the metrics; ``num_bins`` still works for one release, with a warning."""
+def test_n_bins_name():
+    """Bins are ``n_bins`` as in the metrics (the pre-release name ``num_bins`` is an error)."""
     from nnunet_calibration.losses import hard_binned_l1_ace
 
     z, lab, valid, zt, target = make(2, seed=4)
-    with pytest.warns(DeprecationWarning, match="num_bins"):
-        old = build_loss("ace_ce", num_bins=7)
-    assert old.n_bins == 7
-    torch.testing.assert_close(old(zt, target), build_loss("ace_ce", n_bins=7)(zt, target))
+    assert build_loss("ace_ce", n_bins=7).n_bins == 7
+    with pytest.raises(ValueError, match="num_bins"):
+        build_loss("ace_ce", num_bins=7)
     p, y = torch.softmax(zt.detach(), 1), torch.nn.functional.one_hot(target[:, 0].long(), 4).movedim(-1, 1)
-    with pytest.warns(DeprecationWarning):
-        a = hard_binned_l1_ace(p, y, None, num_bins=5)
+    a = hard_binned_l1_ace(p, y, None, n_bins=5)
     np.testing.assert_allclose(a.item(), R.ref_ace(p.numpy(), y.numpy(), None, bins=5), rtol=1e-9)
-    assert hard_binned_l1_ace(p, y, None, n_bins=5).item() == a.item()
     with pytest.raises(ValueError, match="n_bins"):
         ACELoss(n_bins=0)
 

@@ -97,8 +97,8 @@ def test_crossfit_equals_hand_computation():
         z = rng.normal(0, 1.5, (400, 3))
         y = _draw_labels(np.exp(_log_softmax(z)), rng)
         per_fold[k] = (_log_softmax(t_k * z), y)
-    got = scaling.crossfit_temperatures(per_fold, regions=False)
-    assert sorted(got) == [0, 1, 2]
+    got, cross = scaling.crossfit(per_fold, regions=False)
+    assert sorted(got) == [0, 1, 2] and cross
     for k in per_fold:
         lp = np.concatenate([per_fold[j][0] for j in per_fold if j != k])
         y = np.concatenate([per_fold[j][1] for j in per_fold if j != k])
@@ -109,10 +109,11 @@ def test_crossfit_equals_hand_computation():
         assert got[k] == pytest.approx(ref, rel=1e-3)
     # the folds differ, so the cross-fitted temperatures differ from each other and from the pooled fit
     assert len({round(v, 3) for v in got.values()}) == 3
-    vec = scaling.crossfit_temperatures(per_fold, regions=False, method="vector")
+    vec, _ = scaling.crossfit(per_fold, regions=False, method="vector")
     assert all(v.shape == (3,) for v in vec.values())
-    with pytest.raises(ValueError, match="at least two folds"):
-        scaling.crossfit_temperatures({0: per_fold[0]}, regions=False)
+    # one fold: nothing else to fit on, fitted in-sample and said so
+    one, cross = scaling.crossfit({0: per_fold[0]}, regions=False)
+    assert not cross and one[0] == pytest.approx(scaling.fit(*per_fold[0], False))
 
 
 def test_apply_scaling_equals_logit_scaling_and_handles_underflow():

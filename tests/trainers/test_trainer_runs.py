@@ -131,21 +131,4 @@ def test_nnunet_finds_trainer_by_name(trainer, nnunet_root):
     assert recursive_find_trainer_class_by_name(trainer) is getattr(T, trainer)
 
 
-@pytest.mark.nnunet
-def test_renamed_trainer_still_trains_and_predicts(synthetic_labels, tmp_path):
-    """A renamed trainer (old name, one release): stock nnUNetv2_train / nnUNetv2_predict find it,
-    its result folder keeps the old name, it trains the new trainer's loss and warns."""
-    old, new = "nnUNetTrainerNACL_mean_DC", "nnUNetTrainerNACL_DC"
-    model, pred, out = train_and_predict(old, synthetic_labels, "2d", tmp_path, SHORT)
-    try:
-        assert model.name.startswith(old + "__") and (model / "fold_0" / "checkpoint_final.pth").is_file()
-        with pytest.warns(DeprecationWarning):
-            cls = getattr(T, old)
-        assert issubclass(cls, getattr(T, new))
-        check_checkpoint_loads_strictly(cls, model, "2d")
-        check_probabilities(pred, synthetic_labels, n_channels=4, regions=False)
-        used = read_hparams(model)
-        assert used["trainer"] == old and used["loss"] == "nacl_dc"
-    finally:
-        remove(model)
-        remove(pred)
+

@@ -77,7 +77,7 @@ def test_morphological_trainers_inherit_from_the_trainer_whose_loss_they_modify(
             assert issubclass(m_dc, m) and issubclass(m_dc, base_dc) and m_dc.add_dice
             assert m.loss_key == m_dc.loss_key and m.loss_key.startswith(loss.lower() + "_")
             assert m.loss_hparams["margin_on"] == "probs" and m.loss_hparams["alpha"] == 0.1
-            built = build_loss(m_dc.registry_name(m_dc.__new__(m_dc)), **m.loss_hparams)
+            built = build_loss(m_dc.registry_name(), **m.loss_hparams)
             assert built.name == m.loss_key + "_dc" and built.loss.margin_on == "probs"
     # NACL: the default kernel is NACL's own ("mean"); the SDC paper's "min" has its own trainer
     assert T.nnUNetTrainerNACL.loss_key == "nacl" and build_loss("nacl").kernel == "mean"
@@ -90,33 +90,22 @@ def test_morphological_trainers_inherit_from_the_trainer_whose_loss_they_modify(
                                      ("nnUNetTrainerNACL_mean_DC", "nnUNetTrainerNACL_DC"),
                                      ("nnUNetTrainerCalibBase", "nnUNetTrainerHparamsBase"),
                                      ("nnUNetTrainerCalibLoss", "nnUNetTrainerCalibLossBase")])
-def test_renamed_names_importable_with_deprecation_warning(old, new, nnunet_root):
-    """Old names: importable for one release with a DeprecationWarning, and found by nnU-Net's own
-    -tr lookup (old result folders: runnable trainers keep their name as a subclass of the new one)."""
-    import importlib
-
+def test_renamed_names_are_errors_naming_the_new_name(old, new, nnunet_root):
+    """Names renamed before the first release are not trainers: using one is an error that says the new
+    name, and nnU-Net's own -tr lookup does not find them (it would train another loss under an old name)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    assert old in T.DEPRECATED_NAMES and T.DEPRECATED_NAMES[old] == new
-    assert old not in T.__all__ and old not in T.TRAINER_NAMES
-    with pytest.warns(DeprecationWarning, match=old):
-        cls = getattr(T, old)
-    assert issubclass(cls, getattr(T, new))
-    if getattr(getattr(T, new), "loss_key", None) is not None:
-        assert cls.__name__ == old and cls is not getattr(T, new)
-    module = "nnunet_calibration.trainers.base" if "CalibBase" in old else "nnunet_calibration.trainers.calibration"
-    with pytest.warns(DeprecationWarning):
-        assert getattr(importlib.import_module(module), old) is cls
-    with pytest.warns(DeprecationWarning):
-        assert recursive_find_trainer_class_by_name(old) is cls
+    assert T.RENAMED[old] == new and old not in T.__all__ and old not in T.TRAINER_NAMES
+    with pytest.raises(AttributeError, match=f"{old} was renamed to {new}"):
+        getattr(T, old)
+    with pytest.raises(RuntimeError):
+        recursive_find_trainer_class_by_name(old)
 
 
 def test_loss_keys_exist_and_table1_defaults():
     for cls in T.CALIBRATION_TRAINERS:
         # registry name valid and the hyperparameters accepted by the loss constructor
-        trainer_like = cls.__new__(cls)
-        name = cls.registry_name(trainer_like)
-        build_loss(name, **cls.loss_hparams)
+        build_loss(cls.registry_name(), **cls.loss_hparams)
     assert T.nnUNetTrainerFocal.loss_hparams == {"gamma": 3.0}
     assert T.nnUNetTrainerECP.loss_hparams == {"lam": 0.1}
     assert T.nnUNetTrainerLS.loss_hparams == {"alpha": 0.1}
@@ -314,7 +303,7 @@ def test_deep_supervision_weights_equal_nnunet_default(configuration, synthetic_
 @pytest.mark.nnunet
 def test_unknown_hparam_key_in_constructor(synthetic_labels, monkeypatch):
     monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "num_epochs=1,gama=2")
-    with pytest.raises(ValueError, match=r"unknown key.*gama.*valid keys.*gamma"):
+    with pytest.raises(ValueError, match=r"unknown hyperparameter.*gama.*valid.*gamma"):
         make_trainer(T.nnUNetTrainerFocal, synthetic_labels.preprocessed, initialize=False)
     monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "gamma=2")
     tr = make_trainer(T.nnUNetTrainerFocal, synthetic_labels.preprocessed, initialize=False)
@@ -323,12 +312,10 @@ def test_unknown_hparam_key_in_constructor(synthetic_labels, monkeypatch):
 
 
 @pytest.mark.nnunet
-def test_ace_num_bins_key_still_accepted(synthetic_labels, monkeypatch):
+def test_ace_n_bins_key(synthetic_labels, monkeypatch):
     monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "num_bins=7")
-    with pytest.warns(DeprecationWarning, match="num_bins"):
-        tr = make_trainer(T.nnUNetTrainerCE_ACE, synthetic_labels.preprocessed, initialize=False)
-    assert tr.loss_hparams == {"n_bins": 7}
-    assert ds_wrapper(tr._build_loss()).loss.n_bins == 7
+    with pytest.raises(ValueError, match=r"unknown hyperparameter.*num_bins.*n_bins"):
+        make_trainer(T.nnUNetTrainerCE_ACE, synthetic_labels.preprocessed, initialize=False)
     monkeypatch.setenv("NNUNET_CALIB_HPARAMS", "n_bins=5")
     tr = make_trainer(T.nnUNetTrainerCE_ACE, synthetic_labels.preprocessed, initialize=False)
     assert ds_wrapper(tr._build_loss()).loss.n_bins == 5

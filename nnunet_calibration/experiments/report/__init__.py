@@ -18,7 +18,7 @@
 
 Missing folds are never dropped silently: the ``Folds`` column shows ``present/expected``, and a
 section lists each missing fold's status and log. A report without any finished fold is an error
-(:class:`~nnunet_calibration.experiments.config.ExperimentError`), and nothing is written.
+(:class:`~nnunet_calibration.settings.ExperimentError`), and nothing is written.
 
 Everything is written into a temporary folder next to the target and moved into place at the end
 (:func:`nnunet_calibration.utils.atomic_dir`), so the report folder holds only what the report
@@ -33,10 +33,10 @@ import os
 import shutil
 from pathlib import Path
 
-from nnunet_calibration.experiments.config import Experiment, ExperimentError
 from nnunet_calibration.experiments.report import gather, plots, render, tables
 from nnunet_calibration.experiments.report.data import (METRICS, ExperimentResult, MethodResult, PosthocFit,
                                                         ReportData)
+from nnunet_calibration.settings import Experiment, ExperimentError
 from nnunet_calibration.utils import atomic_dir
 
 __all__ = ["make_report", "build_report", "ReportData", "ExperimentResult", "MethodResult", "PosthocFit",
@@ -71,10 +71,19 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
         data = gather.gather(experiments, work, name, command=command, progress=progress)
         for e, exp in zip(data.experiments, experiments):
             e.copy = copies[exp.name]
+            relative_paths(e, target)
         build_report(data, work)
         for exp in experiments:
             shutil.copyfile(exp.path, work / copies[exp.name])
     return target
+
+
+def relative_paths(result: ExperimentResult, report_dir: Path) -> None:
+    """Record the experiment file and the trainers' ``nnUNet_results`` relative to the report folder
+    (a report names no path of the machine it was made on)."""
+    result.path = os.path.relpath(result.path, report_dir)
+    for t in result.trainers:
+        t["nnUNet_results"] = os.path.relpath(t["nnUNet_results"], report_dir)
 
 
 def experiment_copy_names(experiments: list[Experiment]) -> dict:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nnunet_calibration.metrics import BinStats
+from nnunet_calibration.settings import REPORT_METRICS
 
 #: table columns, in order (the evaluator's summary keys; DSC/HD95: mean over foreground classes)
-METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier")
+METRICS = REPORT_METRICS
 #: per-case key in the evaluator's summary for each table metric (others: the metric's own name)
 CASE_KEYS = {"DSC": "DSC_mean", "HD95": "HD95_mean"}
 #: row-name suffix of each post-hoc kind

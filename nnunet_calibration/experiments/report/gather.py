@@ -13,13 +13,12 @@ One more pass over the probabilities fills, per trainer:
   ``report.max_fit_voxels`` voxels per trainer spread evenly over its cases, fixed seed 0).
 
 Post-hoc rows (``report.temperature_scaling``, ``report.vector_scaling``, both default true):
-parameters cross-fitted by :func:`.tables.crossfit`, applied per fold to a temporary copy of the
+parameters cross-fitted by :func:`nnunet_calibration.posthoc.scaling.crossfit`, applied per fold to a temporary copy of the
 probabilities (deleted afterwards) that the evaluator scores like any other folder.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import json
 import os
 import platform
@@ -34,18 +33,14 @@ from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
                                            load_reference, reader_writer, validation_cases)
 from nnunet_calibration.experiments import posthoc
-from nnunet_calibration.experiments.config import Experiment, ExperimentError, TrainerSpec
+from nnunet_calibration.experiments.folds import FoldStatus, fold_folder, fold_state, has_npz, results_root
 from nnunet_calibration.experiments.report import tables
 from nnunet_calibration.experiments.report.data import (CASE_KEYS, METRICS, SUFFIX, ExperimentResult, MethodResult,
                                                         PosthocFit, ReportData)
-from nnunet_calibration.experiments.runner import FINISHED, fold_state, has_npz
 from nnunet_calibration.experiments.status import fold_statuses, training_progress
 from nnunet_calibration.metrics import CalibrationAccumulator
-
-#: the accumulator's keyword options (taken from the evaluator's summary config, never re-defaulted)
-#: the accumulator's metric options, taken from the evaluator's summary (its label layout comes from DatasetInfo)
-_ACC_OPTIONS = [k for k in inspect.signature(CalibrationAccumulator).parameters
-                if k not in ("regions", "region_labels", "ignore_index")]
+from nnunet_calibration.posthoc import scaling
+from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, TrainerEntry
 
 
 # -- machine -------------------------------------------------------------------------------------
@@ -125,18 +120,8 @@ def load_probs(npz: Path) -> np.ndarray:
 
 
 # -- evaluating one folder -----------------------------------------------------------------------
-def evaluation_options(exp: Experiment) -> tuple[int, dict]:
-    """``(num_processes, metric options)`` from the experiment's ``evaluation`` section."""
-    ev = dict(exp.evaluation)
-    nproc = int(ev.pop("num_processes", 1))
-    options = dict(ev.pop("options", {}) or {})
-    options.update(ev)
-    return nproc, options
-
-
 def evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment) -> dict:
     """The evaluator's summary of one folder (also written to ``out_dir/summary.json``)."""
-    nproc, options = evaluation_options(exp)
     # the evaluator requires a prediction for every expected case: here the fold's validation cases
     fold_dir = folder.parent if folder.name == "validation" else folder
     splits = info.gt_folder.parent / "splits_final.json"
@@ -144,8 +129,8 @@ def evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment) ->
         cases = validation_cases(splits, int(fold_dir.name.split("_")[-1])) if splits.is_file() else None
         # write=False: the evaluator's per-class PNGs of every fold are not needed here; its summary is kept
         summary = evaluate_folders([str(folder)], str(info.gt_folder), str(info.dataset_json_path), str(out_dir),
-                                   num_processes=nproc, progress=False, write=False, cases=cases,
-                                   allow_missing=cases is None, **options)
+                                   num_processes=exp.evaluation.num_processes, progress=False, write=False,
+                                   cases=cases, allow_missing=cases is None, options=exp.evaluation.options)
     except (EvaluationInputError, TypeError, ValueError) as e:
         raise ExperimentError(f"evaluating {folder} failed: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +155,10 @@ def case_values(summary: dict, fold: int) -> dict:
 
 
 def _accumulator(summary: dict, info: DatasetInfo) -> CalibrationAccumulator:
-    return CalibrationAccumulator(regions=info.has_regions, region_labels=info.regions, ignore_index=info.ignore_label,
-                                  **{k: summary["config"][k] for k in _ACC_OPTIONS if k in summary["config"]})
+    """An accumulator with the options the evaluator used (read back from its summary, never re-defaulted)."""
+    options = MetricOptions(**{k: summary["config"][k] for k in MetricOptions.keys()})
+    return CalibrationAccumulator(options, regions=info.has_regions, region_labels=info.regions,
+                                  ignore_index=info.ignore_label)
 
 
 def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
@@ -181,31 +168,31 @@ def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
 
 
 # -- one trainer ---------------------------------------------------------------------------------
-def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: Path, rng_seed: int = 0,
+def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: Path, rng_seed: int = 0,
                   progress: bool = True) -> list[MethodResult]:
     """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``."""
     rep = exp.report
-    present = [f for f in exp.folds if fold_state(exp, spec, f) == FINISHED and has_npz(exp, spec, f)]
+    present = [f for f in exp.folds if fold_state(exp, spec, f) == FoldStatus.FINISHED and has_npz(exp, spec, f)]
     missing = [f for f in exp.folds if f not in present]
     rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
                        missing_folds=missing)
     if not present:
         return [rec]
-    kinds = [k for k, opt in (("TS", "temperature_scaling"), ("VS", "vector_scaling")) if rep.get(opt, True)]
-    do_sweep = bool(rep.get("threshold_sweep", True))
-    max_vox = int(rep.get("max_fit_voxels", 200_000))
+    kinds = [k for k, on in (("TS", rep.temperature_scaling), ("VS", rep.vector_scaling)) if on]
+    do_sweep = rep.threshold_sweep
+    max_vox = rep.max_fit_voxels
     ev_dir = work / "evaluation" / exp.name
     # 1) the evaluator, per fold
     summaries = {}
     for f in present:
-        summaries[f] = evaluate(exp.fold_folder(spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
+        summaries[f] = evaluate(fold_folder(exp, spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
         rec.fold_means[f] = fold_means(summaries[f])
         rec.cases.update(case_values(summaries[f], f))
-        prog = training_progress(exp.fold_folder(spec, f))
+        prog = training_progress(fold_folder(exp, spec, f))
         if prog["epoch_time"] is not None:
             rec.train_seconds[f] = prog["epoch_time"] * prog["epoch"]
     # 2) one pass over the probabilities: reliability, threshold sweep, fit samples per fold
-    files = [(f, npz) for f in present for npz in sorted((exp.fold_folder(spec, f) / "validation").glob("*.npz"))]
+    files = [(f, npz) for f in present for npz in sorted((fold_folder(exp, spec, f) / "validation").glob("*.npz"))]
     rng = np.random.default_rng(rng_seed)
     per_case = max(1, max_vox // max(1, len(files)))
     acc = _accumulator(summaries[present[0]], info)
@@ -223,7 +210,7 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
                 posthoc.foreground_reference(y, info.regions)[valid]))
         if kinds:
             sp, sy = posthoc.sample_voxels(p, y, per_case, rng, info.regions, info.ignore_label)
-            samples[f][0].append(tables.log_probabilities(sp, bool(info.regions)))
+            samples[f][0].append(scaling.log_probabilities(sp, bool(info.regions)))
             samples[f][1].append(sy)
     _finish(rec, acc)
     out = [rec]
@@ -232,11 +219,11 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
     per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()} if kinds else {}
     # 3) post-hoc rows: cross-fitted parameters, applied fold by fold, scored by the evaluator
     for kind in kinds:
-        scaling = tables.SCALINGS[kind]
-        params, cross = tables.crossfit(per_fold, scaling.fit, info.has_regions)
+        method = tables.SCALINGS[kind].method
+        params, cross = scaling.crossfit(per_fold, info.has_regions, method)
         n_fit = {k: int(sum(len(per_fold[f][1]) for f in per_fold if f != k or not cross)) for k in params}
-        fit = PosthocFit(method=scaling.method, per_fold=params,
-                         all_folds=tables.fit_all(per_fold, scaling.fit, info.has_regions),
+        fit = PosthocFit(method=method, per_fold=params,
+                         all_folds=scaling.fit_all(per_fold, info.has_regions, method),
                          fit_voxels=n_fit, cross_fitted=cross)
         row = MethodResult(method=spec.label + SUFFIX[kind], trainer=spec.name, kind=kind, hparams=rec.hparams,
                            folds=present, missing_folds=missing, fit=fit)
@@ -246,9 +233,9 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
             for f in present:
                 scaled = scaled_root / spec.label / kind / f"fold_{f}"
                 scaled.mkdir(parents=True, exist_ok=True)
-                for npz in tqdm(sorted((exp.fold_folder(spec, f) / "validation").glob("*.npz")), disable=not progress,
+                for npz in tqdm(sorted((fold_folder(exp, spec, f) / "validation").glob("*.npz")), disable=not progress,
                                 desc=f"{row.method}: fold {f}", unit="case"):
-                    q = scaling.apply(load_probs(npz), params[f], info.has_regions)
+                    q = scaling.apply_scaling(load_probs(npz), params[f], info.has_regions)
                     np.savez(scaled / npz.name, probabilities=q)
                     if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
                         shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
@@ -263,7 +250,7 @@ def gather_method(exp: Experiment, spec: TrainerSpec, info: DatasetInfo, work: P
     return out
 
 
-def missing_details(exp: Experiment, spec: TrainerSpec, folds: list[int]) -> list[dict]:
+def missing_details(exp: Experiment, spec: TrainerEntry, folds: list[int]) -> list[dict]:
     """Status and log of each missing fold (``calib-experiment status``)."""
     if not folds:
         return []
@@ -278,10 +265,7 @@ def missing_details(exp: Experiment, spec: TrainerSpec, folds: list[int]) -> lis
 def gather(experiments: list[Experiment], work: Path, name: str, command: str | None = None,
            progress: bool = True) -> ReportData:
     """Evaluate every experiment's trainers into a :class:`ReportData` (evaluator summaries into ``work``)."""
-    rank_metrics = tuple(experiments[0].report.get("rank_metrics", METRICS))
-    bad = sorted(set(rank_metrics) - set(METRICS))
-    if bad:
-        raise ExperimentError(f"{experiments[0].path}: report.rank_metrics {bad} unknown; metrics: {list(METRICS)}")
+    rank_metrics = experiments[0].report.ranked
     results = []
     for exp in experiments:
         info = DatasetInfo(exp)
@@ -293,8 +277,8 @@ def gather(experiments: list[Experiment], work: Path, name: str, command: str | 
         results.append(ExperimentResult(
             name=exp.name, dataset=exp.dataset_name, configuration=exp.configuration, plans=exp.plans,
             folds=list(exp.folds), baseline=exp.baseline_label, methods=methods, path=str(exp.path),
-            training=dict(exp.training), note=str(exp.report.get("note", "") or ""), regions=info.has_regions,
+            training=exp.training.overrides(), note=exp.report.note, regions=info.has_regions,
             trainers=[{"label": t.label, "trainer": t.name, "hparams": exp.hparams_for(t),
-                       "nnUNet_results": str(exp.results_root(t))} for t in exp.trainers]))
+                       "nnUNet_results": str(results_root(exp, t))} for t in exp.trainers]))
     return ReportData(name=name, experiments=results, rank_metrics=rank_metrics, command=command,
                       machine=machine_info())

@@ -14,7 +14,7 @@ Table (:func:`compute_tables`)
   **per-case** values of all validation folds: :func:`.stats.wilcoxon_vs_baseline`.
 - Threshold sweep: mean/std over cases, :func:`.posthoc.summarise_sweep`.
 
-Post-hoc rows: cross-fitting (:func:`crossfit`)
+Post-hoc rows: cross-fitting (:func:`nnunet_calibration.posthoc.scaling.crossfit`)
 -----------------------------------------------
 A ``+ TS`` (temperature scaling) or ``+ VS`` (vector scaling, one temperature per channel) row
 applies to fold ``k``'s validation predictions the parameters fitted on the voxels of the *other*
@@ -24,93 +24,41 @@ other folds: the parameters are then fitted on that fold itself, flagged ``cross
 and said in the report. The parameters fitted on *all* folds (in-sample) are reported in an extra
 column: they are what one would apply to new predictions.
 
-How parameters are fitted and applied is chosen in ONE place, :data:`SCALINGS` (a
-:class:`Scaling` per row kind, wrapping :mod:`nnunet_calibration.posthoc.scaling`). A fit is
-``fit(log_probs, target, regions) -> params`` with ``log_probs`` (N, C) the logarithms of the
-(clipped) voxel probabilities, ``target`` (N,) class indices (softmax) or (N, C) region
-memberships (``regions=True``); an apply is ``apply(probs, params, regions) -> probs`` on a
-``(C, ...)`` probability map.
+Which fit each row kind uses is chosen in ONE place, :data:`SCALINGS`; fitting, cross-fitting and
+applying are :mod:`nnunet_calibration.posthoc.scaling`'s (``fit``/``crossfit`` on ``log_probs``
+(N, C) and targets (N,) class indices or (N, C) region memberships; ``apply_scaling`` on a
+``(C, ...)`` probability map).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import numpy as np
 
 from nnunet_calibration.experiments import posthoc, stats
 from nnunet_calibration.experiments.report.data import METRICS, ReportData
-from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.utils import mean_std
 
-Fit = Callable[[np.ndarray, np.ndarray, bool], Any]
-Apply = Callable[[np.ndarray, Any, bool], np.ndarray]
-
-
-# -- post-hoc scaling: the one place where fitting and applying are chosen ----------------------
+# -- post-hoc scaling: the one place where the rows' fits are chosen ------------------------------
 @dataclass(frozen=True)
 class Scaling:
-    kind: str  # "TS" or "VS" (row suffix " + TS" / " + VS")
-    method: str  # "temperature" or "vector"
-    fit: Fit
-    apply: Apply
+    """A post-hoc row kind: ``kind`` "TS" / "VS" (row suffix " + TS" / " + VS") and the
+    :mod:`nnunet_calibration.posthoc.scaling` method it fits ("temperature" / "vector"); fitting,
+    cross-fitting and applying are :func:`~nnunet_calibration.posthoc.scaling.fit`,
+    :func:`~nnunet_calibration.posthoc.scaling.crossfit` and
+    :func:`~nnunet_calibration.posthoc.scaling.apply_scaling` with that method."""
+
+    kind: str
+    method: str
 
 
-def _fit_temperature(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> float:
-    return scaling.fit_temperature(log_probs, target, regions)
-
-
-def _fit_vector(log_probs: np.ndarray, target: np.ndarray, regions: bool) -> np.ndarray:
-    return scaling.fit_vector_scaling(log_probs, target, regions)
-
-
-def _apply(probs: np.ndarray, params, regions: bool) -> np.ndarray:
-    return scaling.apply_scaling(probs, params, regions)
-
-
-#: row kind -> how its parameters are fitted and applied (swap in other fitting functions here)
-SCALINGS = {
-    "TS": Scaling("TS", "temperature", _fit_temperature, _apply),
-    "VS": Scaling("VS", "vector", _fit_vector, _apply),
-}
-
-
-def log_probabilities(probs: np.ndarray, regions: bool = False) -> np.ndarray:
-    """The fit's input: ``log p`` floored as :func:`nnunet_calibration.posthoc.scaling.log_probabilities`
-    does (``p`` clipped to ``[1e-7, 1]``, or ``[1e-7, 1 - 1e-7]`` for regions), float64."""
-    return scaling.log_probabilities(probs, regions)
+#: row kind -> its scaling
+SCALINGS = {"TS": Scaling("TS", "temperature"), "VS": Scaling("VS", "vector")}
 
 
 def vector_scaling_differs(n_channels: int) -> bool:
     """Whether a ``+ VS`` row can differ from ``+ TS``: not with a single channel (one sigmoid region)."""
     return n_channels > 1
-
-
-def crossfit(per_fold: dict, fit: Fit, regions: bool) -> tuple[dict, bool]:
-    """Cross-fitted parameters: ``{k: fit(voxels of every fold except k)}`` and whether they are.
-
-    ``per_fold[k] = (log_probs (N_k, C), target)``. With one fold: ``{k: fit(fold k)}``, ``False``.
-    """
-    folds = sorted(per_fold)
-    if not folds:
-        return {}, False
-    if len(folds) == 1:
-        lp, y = per_fold[folds[0]]
-        return {folds[0]: fit(lp, y, regions)}, False
-    out = {}
-    for k in folds:
-        others = [f for f in folds if f != k]
-        lp = np.concatenate([per_fold[f][0] for f in others])
-        y = np.concatenate([per_fold[f][1] for f in others])
-        out[k] = fit(lp, y, regions)
-    return out, True
-
-
-def fit_all(per_fold: dict, fit: Fit, regions: bool):
-    """Parameters fitted on the voxels of every fold together (in-sample)."""
-    folds = sorted(per_fold)
-    return fit(np.concatenate([per_fold[f][0] for f in folds]), np.concatenate([per_fold[f][1] for f in folds]),
-               regions)
 
 
 # -- the table -----------------------------------------------------------------------------------
