@@ -151,11 +151,9 @@ def remap_labels(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def convert_brats(source: str | Path, dataset_id: int, overwrite: bool = False, release=None, *,
-                  raw_root=None, preprocessed_root=None, seed: int = DEFAULT_SPLIT_SEED,
-                  progress: bool = True) -> ConversionResult:
-    """Convert a BraTS 2019/2020/2021 download; see the module docstring."""
-    train_root, val_root = find_brats_folders(Path(source))
+def _collect(train_root: Path, val_root: Path | None, release) -> tuple:
+    """The release, the training cases ``(id, folder, grade, files)`` and the validation cases ``(id, folder,
+    files)`` of one release, with duplicate ids and missing files as errors."""
     rel = parse_release(release)
     dirs = _case_dirs(train_root)
     releases = sorted({_release_of(p.name) for p, _ in dirs})
@@ -173,42 +171,51 @@ def convert_brats(source: str | Path, dataset_id: int, overwrite: bool = False, 
             raise ConversionError(f"duplicate case id {p.name}: {seen[p.name]} and {p}")
         seen[p.name] = p
     cases = [(p.name, p, g, find_modalities(p, need_seg=True)) for p, g in dirs]
-    ids = {c[0] for c in cases}
-    names = _csv_lookup(train_root, "name_mapping.csv", ids)
-    survival = _csv_lookup(train_root, "survival_data.csv", ids)
-    grades = {}
-    for cid, _, g, _ in cases:
-        row = names.get(cid, {})
-        grades[cid] = g or (row.get("Grade") or "").strip() or None
     test = []
     if val_root is not None:
         for p, _ in _case_dirs(val_root):
             if p.name.startswith(PREFIXES[rel]):
-                if p.name in ids or any(t[0] == p.name for t in test):
+                if p.name in seen or any(t[0] == p.name for t in test):
                     raise ConversionError(f"duplicate case id {p.name}: {p}")
                 test.append((p.name, p, find_modalities(p, need_seg=False)))
-    split = patient_wise_splits({c: c for c in ids}, seed=seed)
+    return rel, cases, test
 
+
+def _write_case(st, cid: str, files: dict, training: bool) -> None:
+    """One case's images (copied byte for byte) and, for training, its remapped label map; every file's
+    geometry checked against the T1 image."""
+    ref = read_image(files["t1"])
+    for mod in MODALITIES[1:]:
+        check_same_geometry(ref, files["t1"], read_image(files[mod]), files[mod])
+    if training:
+        seg = read_image(files["seg"])
+        check_same_geometry(ref, files["t1"], seg, files["seg"])
+        arr = check_label_values(seg, BRATS_LABELS, files["seg"])
+        out = sitk.GetImageFromArray(remap_labels(arr))
+        out.CopyInformation(seg)
+        sitk.WriteImage(out, str(st.labelsTr / f"{cid}.nii.gz"), useCompression=True)
+    folder = st.imagesTr if training else st.imagesTs
+    for k, mod in enumerate(MODALITIES):
+        copy_nifti(files[mod], folder / f"{cid}_{k:04d}.nii.gz")
+
+
+def convert_brats(source: str | Path, dataset_id: int, overwrite: bool = False, release=None, *,
+                  raw_root=None, preprocessed_root=None, seed: int = DEFAULT_SPLIT_SEED,
+                  progress: bool = True) -> ConversionResult:
+    """Convert a BraTS 2019/2020/2021 download; see the module docstring."""
+    train_root, val_root = find_brats_folders(Path(source))
+    rel, cases, test = _collect(train_root, val_root, release)
+    ids = {c[0] for c in cases}
+    names = _csv_lookup(train_root, "name_mapping.csv", ids)
+    survival = _csv_lookup(train_root, "survival_data.csv", ids)
+    grades = {cid: g or (names.get(cid, {}).get("Grade") or "").strip() or None for cid, _, g, _ in cases}
+    split = patient_wise_splits({c: c for c in ids}, seed=seed)
     with StagedDataset(dataset_id, f"BraTS{rel}", overwrite, raw_root=raw_root,
                        preprocessed_root=preprocessed_root) as st:
-        for cid, cdir, _, files in tqdm(cases, desc=f"BraTS{rel} training cases", disable=not progress):
-            ref = read_image(files["t1"])
-            for mod in MODALITIES[1:]:
-                check_same_geometry(ref, files["t1"], read_image(files[mod]), files[mod])
-            seg = read_image(files["seg"])
-            check_same_geometry(ref, files["t1"], seg, files["seg"])
-            arr = check_label_values(seg, BRATS_LABELS, files["seg"])
-            out = sitk.GetImageFromArray(remap_labels(arr))
-            out.CopyInformation(seg)
-            sitk.WriteImage(out, str(st.labelsTr / f"{cid}.nii.gz"), useCompression=True)
-            for k, mod in enumerate(MODALITIES):
-                copy_nifti(files[mod], st.imagesTr / f"{cid}_{k:04d}.nii.gz")
-        for cid, cdir, files in tqdm(test, desc=f"BraTS{rel} validation cases", disable=not progress or not test):
-            ref = read_image(files["t1"])
-            for mod in MODALITIES[1:]:
-                check_same_geometry(ref, files["t1"], read_image(files[mod]), files[mod])
-            for k, mod in enumerate(MODALITIES):
-                copy_nifti(files[mod], st.imagesTs / f"{cid}_{k:04d}.nii.gz")
+        for cid, _, _, files in tqdm(cases, desc=f"BraTS{rel} training cases", disable=not progress):
+            _write_case(st, cid, files, training=True)
+        for cid, _, files in tqdm(test, desc=f"BraTS{rel} validation cases", disable=not progress or not test):
+            _write_case(st, cid, files, training=False)
         generate_dataset_json(
             str(st.root), channel_names=dict(CHANNELS), labels=dict(REGIONS),
             num_training_cases=len(cases), file_ending=".nii.gz", regions_class_order=REGIONS_CLASS_ORDER,

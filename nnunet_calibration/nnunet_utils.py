@@ -78,6 +78,22 @@ def nnunet_command(name: str) -> list[str]:
     return [found]
 
 
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after ``grace`` seconds."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_nnunet(args: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike | None = None,
                log_path: str | os.PathLike | None = None, tail: int = 60) -> str:
     """Run an nnU-Net command (``args[0]`` is a console-script name or a path) and return its output.
@@ -91,9 +107,15 @@ def run_nnunet(args: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLi
         args = nnunet_command(args[0]) + args[1:]
     if args[0].endswith("nnUNetv2_train"):
         env = training_env(env)
-    proc = subprocess.run(args, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    out = proc.stdout
+    # its own process group: on an interrupt (Ctrl-C, SIGTERM under cli_main) nnU-Net and any worker
+    # processes it started are stopped with it, not left behind
+    with subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, _ = proc.communicate()
+        except BaseException:
+            _kill_group(proc)
+            raise
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text(out)

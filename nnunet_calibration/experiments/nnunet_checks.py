@@ -112,11 +112,11 @@ def _check_preprocessed(exp: Experiment, plans_file: Path, configs: dict) -> Non
 def _check_folds(exp: Experiment, splits: Path) -> None:
     if splits.is_file():
         n = len(json.loads(splits.read_text()))
-        bad = [f for f in exp.folds if f >= n]
+        bad = [f for f in exp.all_folds if f >= n]
         if bad:
             raise ExperimentError(f"{exp.path}: folds {bad} do not exist: {splits} has {n} folds (0-{n - 1})")
-    elif max(exp.folds) > 4:
-        raise ExperimentError(f"{exp.path}: folds {list(exp.folds)}: nnU-Net makes 5 folds (0-4) when {splits} "
+    elif max(exp.all_folds) > 4:
+        raise ExperimentError(f"{exp.path}: folds {list(exp.all_folds)}: nnU-Net makes 5 folds (0-4) when {splits} "
                               f"is absent")
 
 
@@ -182,7 +182,7 @@ def check_recorded_hparams(exp: Experiment) -> None:
 
     env = experiment_env(exp)
     for entry in exp.trainers:
-        folds = [f for f in exp.folds if fold_state(exp, entry, f) != FoldStatus.NOT_STARTED]
+        folds = [f for f in exp.folds_for(entry) if fold_state(exp, entry, f) != FoldStatus.NOT_STARTED]
         if not folds:
             continue
         cls = trainer_class(exp, entry, env)

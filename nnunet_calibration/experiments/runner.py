@@ -170,8 +170,8 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     device = resolve_device(exp, slurm=False)
     state = read_local_state(exp)
     done, todo = {}, []
-    for fold in exp.folds:
-        for entry in exp.trainers:
+    for fold in exp.all_folds:
+        for entry in [t for t in exp.trainers if fold in exp.folds_for(t)]:
             if train_command(exp, entry, fold, device) is None:
                 done[(entry.label, fold)] = ("skipped (finished)", 0)
             else:

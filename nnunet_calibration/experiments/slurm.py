@@ -196,7 +196,7 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
     common = _common_env(exp)
     for spec in exp.trainers:
         folds, skipped = [], {}
-        for fold in exp.folds:
+        for fold in exp.folds_for(spec):
             if (spec.label, fold) in active:
                 skipped[fold] = f"already {active[(spec.label, fold)][1].lower()} as job {active[(spec.label, fold)][0]}"
             elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:

@@ -24,8 +24,8 @@ HIGHER_IS_BETTER = {"DSC"}
 
 
 def direction(metric: str) -> int:
-    """+1 if higher is better, -1 if lower is better (only DSC and DSC_<class> are 'higher')."""
-    return 1 if metric == "DSC" or metric.startswith("DSC_") else -1
+    """+1 if higher is better, -1 if lower is better (only the DSC columns: DSC, DSC_<class>, DSC+PP)."""
+    return 1 if metric.startswith("DSC") else -1
 
 
 def friedman_ranks(values: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, int], dict]:

@@ -145,18 +145,7 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     (a checkpoint exists, not running); ``in progress`` / ``stopped`` (nnU-Net's log shows epochs but
     there is no checkpoint yet: written recently, or not, see :func:`_without_checkpoint`); ``not started``.
     """
-    from nnunet_calibration.experiments import slurm
-
-    jobs = {"submissions": []}
-    active = {}
-    slurm_note = ""
-    if use_slurm:
-        try:
-            jobs = slurm.read_jobs(exp)
-            if jobs.get("submissions"):
-                active = slurm.active_tasks(exp, jobs)
-        except (ExperimentError, OSError) as e:
-            slurm_note = f"(SLURM queue not readable: {e})"
+    jobs, active, slurm_note = _slurm_view(exp, use_slurm)
     submitted = {}
     for sub in jobs.get("submissions", []):
         for label, rec in sub.get("trainers", {}).items():
@@ -165,41 +154,56 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     local = read_local_state(exp)
     out = []
     for spec in exp.trainers:
-        for fold in exp.folds:
-            st = fold_state(exp, spec, fold)
-            log = log_path(exp, spec.label, fold)
-            rec = {"label": spec.label, "trainer": spec.name, "fold": fold, "status": st, "detail": "",
-                   "log": str(log) if log.exists() else "", "folder": str(fold_folder(exp, spec, fold)),
-                   "progress": training_progress(fold_folder(exp, spec, fold), _total_epochs(exp, spec))}
-            key = (spec.label, fold)
-            if key in active:
-                jid, state = active[key]
-                rec["status"] = state.lower()
-                rec["detail"] = f"SLURM job {jid}"
-            elif st == FoldStatus.FINISHED:
-                if not has_npz(exp, spec, fold):
-                    rec["detail"] = "validation without --npz probabilities (run again to add them)"
-            elif key in submitted and st == FoldStatus.INTERRUPTED and _stopped_at_time_limit(log):
-                rec["detail"] = (f"SLURM job {submitted[key]} stopped at its time limit with a checkpoint, not "
-                                 f"requeued; run again to continue (--c)")
-                rec["log"] = str(log)
-            elif key in submitted:
-                rec["status"] = FoldStatus.FAILED
-                rec["detail"] = f"SLURM job {submitted[key]} ended without a finished fold ({st})"
-                rec["log"] = str(log)
-            elif local.get(f"{spec.label}/{fold}", {}).get("status") == FoldStatus.FAILED:
-                r = local[f"{spec.label}/{fold}"]
-                rec["status"] = FoldStatus.FAILED
-                rec["detail"] = f"local run exited with {r.get('returncode')} at {r.get('time')} ({st})"
-                rec["log"] = r.get("log", str(log))
-            elif st == FoldStatus.INTERRUPTED:
-                rec["detail"] = "checkpoint present; run again to continue (--c)"
-            elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
-                rec.update(_without_checkpoint(rec["progress"]))
+        for fold in exp.folds_for(spec):
+            rec = _fold_status(exp, spec, fold, active, submitted, local)
             if slurm_note and not rec["detail"]:
                 rec["detail"] = slurm_note
             out.append(rec)
     return out
+
+
+def _slurm_view(exp: Experiment, use_slurm: bool) -> tuple[dict, dict, str]:
+    """(recorded submissions, {(label, fold): (job, state)} of tasks SLURM still lists, a note if unreadable)."""
+    from nnunet_calibration.experiments import slurm
+
+    if not use_slurm:
+        return {"submissions": []}, {}, ""
+    try:
+        jobs = slurm.read_jobs(exp)
+        return jobs, (slurm.active_tasks(exp, jobs) if jobs.get("submissions") else {}), ""
+    except (ExperimentError, OSError) as e:
+        return {"submissions": []}, {}, f"(SLURM queue not readable: {e})"
+
+
+def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict, local: dict) -> dict:
+    """One row of :func:`fold_statuses` (see its docstring for the states)."""
+    st = fold_state(exp, spec, fold)
+    log = log_path(exp, spec.label, fold)
+    folder = fold_folder(exp, spec, fold)
+    rec = {"label": spec.label, "trainer": spec.name, "fold": fold, "status": st, "detail": "",
+           "log": str(log) if log.exists() else "", "folder": str(folder),
+           "progress": training_progress(folder, _total_epochs(exp, spec))}
+    key, run = (spec.label, fold), local.get(f"{spec.label}/{fold}", {})
+    if key in active:
+        jid, state = active[key]
+        rec.update(status=state.lower(), detail=f"SLURM job {jid}")
+    elif st == FoldStatus.FINISHED:
+        if not has_npz(exp, spec, fold):
+            rec["detail"] = "validation without --npz probabilities (run again to add them)"
+    elif key in submitted and st == FoldStatus.INTERRUPTED and _stopped_at_time_limit(log):
+        rec.update(detail=f"SLURM job {submitted[key]} stopped at its time limit with a checkpoint, not requeued; "
+                          f"run again to continue (--c)", log=str(log))
+    elif key in submitted:
+        rec.update(status=FoldStatus.FAILED, detail=f"SLURM job {submitted[key]} ended without a finished fold ({st})",
+                   log=str(log))
+    elif run.get("status") == FoldStatus.FAILED:
+        rec.update(status=FoldStatus.FAILED, detail=f"local run exited with {run.get('returncode')} at "
+                                                    f"{run.get('time')} ({st})", log=run.get("log", str(log)))
+    elif st == FoldStatus.INTERRUPTED:
+        rec["detail"] = "checkpoint present; run again to continue (--c)"
+    elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
+        rec.update(_without_checkpoint(rec["progress"]))
+    return rec
 
 
 #: a training log written less than this many seconds ago (or 5 mean epoch times, if longer) counts

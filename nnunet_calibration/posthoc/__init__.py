@@ -6,8 +6,8 @@
 - :mod:`.cli`: ``calib-calibrate fit`` / ``calib-calibrate apply``.
 """
 from .scaling import (PROB_FLOOR, T_BOUNDS, VoxelReservoir, apply_scaling, changes_decision,
-                      crossfit_temperatures, fit_temperature, fit_vector_scaling, log_probabilities, nll,
+                      crossfit, fit_all, fit_temperature, fit_vector_scaling, log_probabilities, nll,
                       region_targets, voxel_sample)
 
-__all__ = ["PROB_FLOOR", "T_BOUNDS", "VoxelReservoir", "apply_scaling", "changes_decision", "crossfit_temperatures",
+__all__ = ["PROB_FLOOR", "T_BOUNDS", "VoxelReservoir", "apply_scaling", "changes_decision", "crossfit", "fit_all",
            "fit_temperature", "fit_vector_scaling", "log_probabilities", "nll", "region_targets", "voxel_sample"]

@@ -4,7 +4,7 @@ Conventions (every function of this module follows them)
 ---------------------------------------------------------
 Two array layouts, as nnU-Net and a fit each need them:
 
-* **fitting** (:func:`fit_temperature`, :func:`fit_vector_scaling`, :func:`crossfit_temperatures`,
+* **fitting** (:func:`fit_temperature`, :func:`fit_vector_scaling`, :func:`crossfit`, :func:`fit_all`,
   :func:`nll`): voxel-major samples. ``log_probs`` is ``(N, C)`` float, ``N`` voxels by ``C``
   channels, holding ``log p`` (natural logarithm of the probabilities, already floored, as
   :func:`log_probabilities` / :func:`voxel_sample` make them). ``target`` is ``(N,)`` integer class

@@ -16,7 +16,7 @@ Each is a frozen dataclass whose fields carry their default, rule and help
 Nothing here imports nnU-Net, torch or the rest of the package.
 """
 from ._typed import Rule, Settings, SettingsError, add_arguments, setting
-from .experiment import (DEFAULT_FOLDS, LABEL_RE, REPORT_METRICS, Evaluation, Experiment, ExperimentError,
+from .experiment import (DEFAULT_FOLDS, DEFAULT_RANK_METRICS, LABEL_RE, REPORT_METRICS, Evaluation, Experiment, ExperimentError,
                          NnunetPaths, Report, Slurm, TrainerEntry, dump_yaml, load_experiment, read_yaml,
                          slurm_time_seconds)
 from .metrics import CONVENTIONS, SDC_CODE_N_BINS_ECE, MetricOptions
@@ -25,5 +25,5 @@ from .training import HPARAMS_ENV, Training, check_loss_hparams, hparams_env_val
 __all__ = ["Rule", "Settings", "SettingsError", "add_arguments", "setting", "MetricOptions", "CONVENTIONS",
            "SDC_CODE_N_BINS_ECE", "Training", "HPARAMS_ENV", "parse_hparams", "hparams_env_value",
            "check_loss_hparams", "split_hparams", "Report", "Slurm", "Evaluation", "NnunetPaths", "TrainerEntry",
-           "Experiment", "ExperimentError", "REPORT_METRICS", "DEFAULT_FOLDS", "LABEL_RE", "load_experiment",
+           "Experiment", "ExperimentError", "REPORT_METRICS", "DEFAULT_RANK_METRICS", "DEFAULT_FOLDS", "LABEL_RE", "load_experiment",
            "read_yaml", "dump_yaml", "slurm_time_seconds"]

@@ -52,8 +52,11 @@ from ._typed import (BOOL, NON_NEGATIVE_INT, POSITIVE_INT, TEXT, ANY_TEXT, Rule,
 from .metrics import MetricOptions
 from .training import Training
 
-#: the report's table columns, in order (the evaluator's summary keys; DSC/HD95: mean over foreground classes)
-REPORT_METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier")
+#: the report's table columns, in order: the evaluator's summary keys (DSC/HD95: mean over foreground
+#: classes), then DSC and HD95 after nnU-Net's own postprocessing, cross-fitted ("+PP", report.postprocessing)
+REPORT_METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier", "DSC+PP", "HD95+PP")
+#: the columns the Friedman ranks use unless report.rank_metrics says otherwise (no column counted twice)
+DEFAULT_RANK_METRICS = REPORT_METRICS[:8]
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 LABEL = Rule(lambda v: isinstance(v, str) and bool(LABEL_RE.match(v)), "a name of letters, digits and _ . + -")
@@ -155,13 +158,16 @@ class Report(Settings):
     temperature_scaling: bool = setting(True, BOOL, "cross-fitted + TS rows")
     vector_scaling: bool = setting(True, BOOL, "cross-fitted + VS rows (one temperature per channel)")
     threshold_sweep: bool = setting(True, BOOL, "the softmax-threshold sweep (DSC++ paper, Fig. 4)")
+    postprocessing: bool = setting(True, BOOL, "the DSC+PP / HD95+PP columns: nnU-Net's postprocessing "
+                                               "(nnUNetv2_determine_postprocessing), cross-fitted over folds")
     max_fit_voxels: int = setting(200_000, POSITIVE_INT, "voxels sampled per trainer to fit the post-hoc scalings")
-    rank_metrics: tuple | None = setting(None, _RANK, "metrics of the Friedman ranks (default: every column)")
+    rank_metrics: tuple | None = setting(None, _RANK, "metrics of the Friedman ranks (default: every column "
+                                                      "but the +PP ones)")
     note: str = setting("", ANY_TEXT, "a note printed at the top of the report")
 
     @property
     def ranked(self) -> tuple:
-        return tuple(self.rank_metrics or REPORT_METRICS)
+        return tuple(self.rank_metrics or DEFAULT_RANK_METRICS)
 
 
 @dataclass(frozen=True)
@@ -185,19 +191,31 @@ class NnunetPaths(Settings):
     results: str | None = setting(None, OPTIONAL_TEXT, "nnUNet_results")
 
 
+_OPTIONAL_FOLDS = Rule(lambda v: v is None or (isinstance(v, tuple) and bool(v) and all(is_int(f) and f >= 0 for f in v)
+                                               and len(set(v)) == len(v)),
+                       "a list of distinct non-negative integers, or null")
+
+
 @dataclass(frozen=True)
 class TrainerEntry(Settings):
-    """One entry of ``trainers:``: a trainer class, its label (row name, variant folder) and overrides."""
+    """One entry of ``trainers:``: a trainer class, its label (row name, variant folder), overrides, and
+    for repeated trainings the run index and its own folds."""
 
     SECTION = "trainers[]"
 
     name: str = setting("", TEXT, "nnU-Net trainer class name")
-    label: str = setting("", LABEL, "row name (default: the class name; with hparams the class name and values)")
+    label: str = setting("", LABEL, "row name (default: the class name; with hparams the class name and values; "
+                                    "with run > 1 '_run<N>' appended)")
     hparams: dict = setting(dict, None, "overrides of Training keys and of the trainer's loss hyperparameters")
+    run: int = setting(1, POSITIVE_INT, "repeat index of an otherwise identical training (run-to-run noise): run > 1 "
+                                        "trains into its own results tree; the report pools such runs into the noise "
+                                        "floor instead of ranking them")
+    folds: tuple | None = setting(None, _OPTIONAL_FOLDS, "this entry's folds (default: the experiment's)")
 
     @property
     def is_variant(self) -> bool:
-        return bool(self.hparams)
+        """Whether the entry trains into its own results tree (hyperparameter overrides, or a repeat)."""
+        return bool(self.hparams) or self.run > 1
 
     @classmethod
     def read(cls, item, where: str) -> "TrainerEntry":
@@ -214,6 +232,9 @@ class TrainerEntry(Settings):
         if not (isinstance(name, str) and name.strip()):
             raise SettingsError(f"{where}.name must be a trainer class name, got {name!r}")
         label = item.get("label") or (name + "_" + "_".join(f"{k}{v}" for k, v in sorted(hp.items())) if hp else name)
+        run = item.get("run", 1)
+        if "label" not in item and is_int(run) and run > 1:
+            label = f"{label}_run{run}"
         return cls.from_mapping(dict(item, label=str(label), hparams=dict(hp)), where)
 
 
@@ -299,6 +320,15 @@ class Experiment(Settings):
         if self.report.output_root is not None:
             return self.resolve(self.report.output_root) / self.name
         return Path("results").resolve() / self.name
+
+    def folds_for(self, entry: TrainerEntry) -> tuple:
+        """The folds ``entry`` trains: its own ``folds``, else the experiment's."""
+        return entry.folds if entry.folds is not None else self.folds
+
+    @property
+    def all_folds(self) -> tuple:
+        """Every fold some entry trains, sorted."""
+        return tuple(sorted({f for t in self.trainers for f in self.folds_for(t)}))
 
     def hparams_for(self, entry: TrainerEntry) -> dict:
         """What a trainer entry trains with: the common ``training`` keys, then the entry's overrides."""

@@ -282,9 +282,11 @@ _OP_DOC = {
 }
 _MORPH_BASES = {
     # base trainer, its _DC form, extra hyperparameters, filter described in the docstring
-    "NACL": (nnUNetTrainerNACL, nnUNetTrainerNACL_DC, {"alpha": 0.1, "kernel_size": 3, "margin_on": "probs"},
+    "NACL": (nnUNetTrainerNACL, nnUNetTrainerNACL_DC, {"alpha": 0.1, "kernel_size": 3, "margin_on": "probs",
+                                                       "ce_target": "y"},
              "NACL's 3x3(x3) mean filter", "'logits' (NACL's logit term, the earlier form)"),
-    "SVLS": (nnUNetTrainerSVLS, nnUNetTrainerSVLS_DC, {"sigma": 2.0, "alpha": 0.1, "margin_on": "probs"},
+    "SVLS": (nnUNetTrainerSVLS, nnUNetTrainerSVLS_DC, {"sigma": 2.0, "alpha": 0.1, "margin_on": "probs",
+                                                       "ce_target": "y"},
              "the SVLS kernel (sigma 2)", "'soft_target' (SVLS soft-label CE, the earlier form)"),
 }
 
@@ -303,7 +305,8 @@ for _loss, (_base, _base_dc, _hp, _filt, _old) in _MORPH_BASES.items():
     for _op in MORPH_VARIANTS:
         _doc = (f"{_loss} modified by {_op} (SDC paper Eq. 2, Table 6): CE on the mask + alpha * "
                 f"mean |p - y~_m|, y~_m = {_filt} of {_OP_DOC[_op]} of each class, normalised over classes "
-                f"(as the authors' code); alpha = 0.1. margin_on={_old}.")
+                f"(as the authors' code); alpha = 0.1. margin_on={_old}. ce_target='transformed': the CE "
+                f"against the transformed mask instead (Eq. 2 literally, for ablations).")
         _m = _define(f"nnUNetTrainer{_loss}_Morph{_camel(_op)}", (_base,),
                      {"__doc__": _doc, "loss_key": f"{_loss.lower()}_{_op}", "loss_hparams": dict(_hp)})
         _define(f"{_m.__name__}_DC", (_m, _base_dc),

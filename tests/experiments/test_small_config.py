@@ -48,8 +48,8 @@ def _plans_2d(spacing=(1.5625, 1.5625), patch=(256, 224), median=(256.0, 200.5))
 
 def test_entry_inherits_from_2d_and_changes_only_what_makes_it_cheap():
     plans = _plans_2d()
-    entry = sc.small_configuration(plans, spacing_factor=2.0, base_features=16, max_features=256, max_stages=5,
-                                   batch_size=12)
+    entry = sc.small_configuration(plans, spacing_factor=2.0, fov_factor=1.0, base_features=16, max_features=256,
+                                   max_stages=5, batch_size=12)
     assert entry["inherits_from"] == "2d"
     assert entry["data_identifier"] == "nnUNetPlans_2d_small"
     assert entry["spacing"] == [3.125, 3.125]
@@ -75,7 +75,8 @@ def test_entry_inherits_from_2d_and_changes_only_what_makes_it_cheap():
 
 
 def test_features_capped_and_stages_limited():
-    entry = sc.small_configuration(_plans_2d(), spacing_factor=1.0, base_features=32, max_features=64, max_stages=4)
+    entry = sc.small_configuration(_plans_2d(), spacing_factor=1.0, fov_factor=1.0, base_features=32, max_features=64,
+                                   max_stages=4)
     kw = entry["architecture"]["arch_kwargs"]
     assert kw["n_stages"] == 4 and kw["features_per_stage"] == [32, 64, 64, 64]
     # with the resolution kept, the patch is the parent's (already divisible by 2**3)
@@ -130,9 +131,19 @@ def test_existing_configuration_needs_overwrite_and_writes_are_atomic(tmp_path):
 def test_too_few_stages_are_refused():
     # a 24x24 2d patch at half resolution leaves 12x12: one pooling, 2 stages, no deep-supervision weight left
     plans = _plans_2d(spacing=(1.0, 1.0), patch=(24, 24), median=(24.0, 24.0))
-    with pytest.raises(sc.SmallConfigError, match="only 2 U-Net stages.*smaller --spacing-factor"):
-        sc.small_configuration(plans, spacing_factor=2.0)
-    assert sc.small_configuration(plans, spacing_factor=1.5)["architecture"]["arch_kwargs"]["n_stages"] == 3
+    with pytest.raises(sc.SmallConfigError, match="only 2 U-Net stages.*smaller --spacing-factor.*larger --fov-factor"):
+        sc.small_configuration(plans, spacing_factor=2.0, fov_factor=1.0)
+    assert sc.small_configuration(plans, spacing_factor=1.5, fov_factor=1.0)["architecture"]["arch_kwargs"]["n_stages"] == 3
+    with pytest.raises(sc.SmallConfigError, match="only 2 U-Net stages"):  # the default: half the field of view
+        sc.small_configuration(plans, spacing_factor=1.5)
+
+
+def test_defaults_are_the_measured_choice():
+    """calib-plan-small's defaults: the 2d spacing, half the 2d field of view (ACDC: 128 x 112), 16-256 features."""
+    entry = sc.small_configuration(_plans_2d())
+    assert entry["spacing"] == [1.5625, 1.5625] and entry["patch_size"] == [128, 112]
+    assert entry["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128, 256]
+    assert entry["batch_size"] == 4 and entry["calib_small_config"]["fov_factor"] == 0.5
 
 
 def test_cli_errors_exit_2_with_message(tmp_path):
@@ -150,7 +161,8 @@ def test_small_configuration_trains_and_predicts_with_stock_nnunet(synthetic_lab
     name = "2d_small"
     # the tiny 24x24 slices: x1.5 spacing gives 16x16 patches, 3 stages (x2 would leave 2: refused, see below)
     r = subprocess.run([sys.executable, "-m", "nnunet_calibration.experiments.small_config", str(ds.dataset_id),
-                        "-c", name, "--spacing-factor", "1.5", "--batch-size", "2", "--overwrite"], env=env,
+                        "-c", name, "--spacing-factor", "1.5", "--fov-factor", "1", "--batch-size", "2", "--overwrite"],
+                       env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     plans = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text())

@@ -164,6 +164,17 @@ def ref_margin_eq2(z, labels, op, weights, alpha=0.1, valid=None):
     return vmean(ce_vox(z, labels) + alpha * np.abs(softmax(z) - t).mean(1), valid)
 
 
+def ref_margin_eq2_literal(z, labels, op, weights, alpha=0.1, valid=None):
+    """SDC paper Eq. 2 literally: the CE against the transformed mask y_m = M(y) / sum_c M(y) (0 where no
+    class survives) + the same margin term as :func:`ref_margin_eq2`."""
+    c = z.shape[1]
+    m = np_morph(onehot(labels, c), op, valid)
+    s = m.sum(1, keepdims=True)
+    y_m = np.where(s > 0, m / np.where(s > 0, s, 1), 0.0)
+    t = local_target(onehot(labels, c), op, weights, valid, fallback="zero")
+    return vmean(-(y_m * log_softmax(z)).sum(1) + alpha * np.abs(softmax(z) - t).mean(1), valid)
+
+
 def ref_nacl(z, labels, alpha=0.1, kernel="mean", op="none", valid=None, k=3):
     c = z.shape[1]
     y = onehot(labels, c)

@@ -64,6 +64,13 @@ CASES += [(f"nacl_{op}_logits", lambda: NACLLoss, {"morph": op, "margin_on": "lo
            (lambda op: lambda z, l, v: R.ref_nacl(z, l, 0.1, "mean", op, v))(op)) for op in MORPH]
 CASES += [(f"svls_{op}_soft_target", lambda: SVLSLoss, {"morph": op, "margin_on": "soft_target"},
            (lambda op: lambda z, l, v: R.ref_svls(z, l, 2.0, op, v))(op)) for op in MORPH]
+# the literal Eq. 2 (ce_target="transformed"): CE against the transformed mask, for ablations
+CASES += [(f"nacl_{op}_ce_transformed", lambda: NACLLoss, {"morph": op, "ce_target": "transformed"},
+           (lambda op: lambda z, l, v: R.ref_margin_eq2_literal(z, l, op, R.box_weights(z.ndim - 2), 0.1, v))(op))
+          for op in ("erosion", "gradient")]
+CASES += [(f"svls_{op}_ce_transformed", lambda: SVLSLoss, {"morph": op, "ce_target": "transformed"},
+           (lambda op: lambda z, l, v: R.ref_margin_eq2_literal(z, l, op, R.svls_weights(z.ndim - 2, 2.0), 0.1, v))(op))
+          for op in ("dilation", "internal_boundary")]
 CASES += [("nacl_gradient_alpha05", lambda: NACLLoss, {"morph": "gradient", "alpha": 0.5},
            lambda z, l, v: R.ref_margin_eq2(z, l, "gradient", R.box_weights(z.ndim - 2), 0.5, v)),
           ("nacl_probs", lambda: NACLLoss, {"margin_on": "probs"},
@@ -237,6 +244,15 @@ def test_regions_dscpp_ace_sdc(ndim):
     s = R.ref_sdf(y * vt)
     expect += 0.1 * R.vmean(np.abs(sdf_pred - s).mean(1), valid)
     np.testing.assert_allclose(val.item(), expect, rtol=1e-7)
+
+
+def test_ce_target_only_for_morphological_variants():
+    with pytest.raises(ValueError, match="ce_target must be"):
+        NACLLoss(morph="gradient", ce_target="ym")
+    with pytest.raises(ValueError, match="literal Eq. 2 of a morphological variant"):
+        SVLSLoss(ce_target="transformed")
+    with pytest.raises(ValueError, match="literal Eq. 2 of a morphological variant"):
+        NACLLoss(morph="gradient", margin_on="logits", ce_target="transformed")
 
 
 def test_n_bins_name():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nnunet_calibration.metrics import BinStats
-from nnunet_calibration.settings import REPORT_METRICS
+from nnunet_calibration.settings import DEFAULT_RANK_METRICS, REPORT_METRICS
 
 #: table columns, in order (the evaluator's summary keys; DSC/HD95: mean over foreground classes)
 METRICS = REPORT_METRICS
@@ -49,7 +49,9 @@ class MethodResult:
     for post-hoc rows); ``reliability``: the metrics
     accumulator's ECE statistics pooled over every validation case (``None`` if not computed);
     ``pooled``: :meth:`CalibrationAccumulator.compute` over all those cases; ``sweep_counts``: per
-    case the ``(thresholds, 3)`` tp/fp/fn counts of :func:`.posthoc.threshold_counts`.
+    case the ``(thresholds, 3)`` tp/fp/fn counts of :func:`.posthoc.threshold_counts`; ``run`` /
+    ``repeat_of``: a repeated training (not a method, see :mod:`.noise`); ``history``: per fold and
+    epoch nnU-Net's logged pseudo-Dice, losses and epoch time (trainer rows).
     """
 
     method: str
@@ -66,6 +68,14 @@ class MethodResult:
     pooled: dict = field(default_factory=dict)
     sweep_counts: list = field(default_factory=list)
     fit: Optional[PosthocFit] = None
+    #: repeat index (``TrainerEntry.run``) and, for run > 1, the label of the run-1 row it repeats
+    run: int = 1
+    repeat_of: Optional[str] = None
+    #: nnU-Net's per-epoch log of each fold (:func:`nnunet_calibration.experiments.status.training_history`)
+    history: dict = field(default_factory=dict)
+    #: the postprocessing applied to each fold for the +PP columns (in words) and whether cross-fitted
+    postprocessing: dict = field(default_factory=dict)
+    postprocessing_cross_fitted: bool = True
 
 
 @dataclass
@@ -94,7 +104,7 @@ class ReportData:
 
     name: str
     experiments: list  # [ExperimentResult]
-    rank_metrics: tuple = METRICS
+    rank_metrics: tuple = DEFAULT_RANK_METRICS
     command: Optional[str] = None
     machine: dict = field(default_factory=dict)
 

@@ -33,11 +33,13 @@ from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
                                            load_reference, reader_writer, validation_cases)
 from nnunet_calibration.experiments import posthoc
-from nnunet_calibration.experiments.folds import FoldStatus, fold_folder, fold_state, has_npz, results_root
+from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, model_folder,
+                                                  results_root)
 from nnunet_calibration.experiments.report import tables
+from nnunet_calibration.experiments.report.postprocessing import PP_COLUMNS, crossfit_postprocessing
 from nnunet_calibration.experiments.report.data import (CASE_KEYS, METRICS, SUFFIX, ExperimentResult, MethodResult,
                                                         PosthocFit, ReportData)
-from nnunet_calibration.experiments.status import fold_statuses, training_progress
+from nnunet_calibration.experiments.status import fold_statuses, training_history, training_progress
 from nnunet_calibration.metrics import CalibrationAccumulator
 from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, TrainerEntry
@@ -92,6 +94,7 @@ class DatasetInfo:
         self.regions = [tuple(r) for r in regions] if regions else None
         self.has_regions = self.regions is not None
         self.ignore_label = lm.ignore_label
+        self.label_manager = lm
         try:
             self.reader = reader_writer(self.dataset_json)
         except EvaluationInputError as e:
@@ -105,10 +108,10 @@ class DatasetInfo:
             arr, _ = load_reference(f, self.reader)
         except EvaluationInputError as e:
             raise ExperimentError(str(e)) from None
-        if arr.shape != tuple(shape):
-            if arr.size != int(np.prod(shape)):
-                raise ExperimentError(f"reference {f} has shape {arr.shape}, probabilities have {tuple(shape)}")
-            arr = arr.reshape(shape)
+        if tuple(shape) == (1, *arr.shape):  # nnU-Net stores a 2D image's probabilities as (C, 1, y, x)
+            arr = arr[None]
+        if arr.shape != tuple(shape):  # never reshaped: another axis order with the same size is an error
+            raise ExperimentError(f"reference {f} has shape {arr.shape}, its probabilities have {tuple(shape)}")
         return arr.astype(np.int16)
 
 
@@ -146,11 +149,12 @@ def _float(v) -> float:
 
 
 def fold_means(summary: dict) -> dict:
-    return {m: _float(summary["mean"].get(m)) for m in METRICS}
+    return {m: _float(summary["mean"].get(m)) for m in METRICS if m not in PP_COLUMNS}
 
 
 def case_values(summary: dict, fold: int) -> dict:
-    return {c["case"]: dict({m: _float(c["metrics"].get(CASE_KEYS.get(m, m))) for m in METRICS}, fold=fold)
+    return {c["case"]: dict({m: _float(c["metrics"].get(CASE_KEYS.get(m, m))) for m in METRICS if m not in PP_COLUMNS},
+                            fold=fold)
             for c in summary["cases"]}
 
 
@@ -168,86 +172,131 @@ def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
 
 
 # -- one trainer ---------------------------------------------------------------------------------
-def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: Path, rng_seed: int = 0,
-                  progress: bool = True) -> list[MethodResult]:
-    """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``."""
-    rep = exp.report
-    present = [f for f in exp.folds if fold_state(exp, spec, f) == FoldStatus.FINISHED and has_npz(exp, spec, f)]
-    missing = [f for f in exp.folds if f not in present]
-    rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
-                       missing_folds=missing)
-    if not present:
-        return [rec]
-    kinds = [k for k, on in (("TS", rep.temperature_scaling), ("VS", rep.vector_scaling)) if on]
-    do_sweep = rep.threshold_sweep
-    max_vox = rep.max_fit_voxels
-    ev_dir = work / "evaluation" / exp.name
-    # 1) the evaluator, per fold
+def _validation_npz(exp: Experiment, spec: TrainerEntry, fold: int) -> list[Path]:
+    return sorted((fold_folder(exp, spec, fold) / "validation").glob("*.npz"))
+
+
+def _evaluate_folds(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, ev_dir: Path) -> dict:
+    """Step 1: the evaluator on each present fold; fills the row's fold means, cases and training times."""
     summaries = {}
-    for f in present:
+    for f in rec.folds:
         summaries[f] = evaluate(fold_folder(exp, spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
         rec.fold_means[f] = fold_means(summaries[f])
         rec.cases.update(case_values(summaries[f], f))
         prog = training_progress(fold_folder(exp, spec, f))
         if prog["epoch_time"] is not None:
             rec.train_seconds[f] = prog["epoch_time"] * prog["epoch"]
-    # 2) one pass over the probabilities: reliability, threshold sweep, fit samples per fold
-    files = [(f, npz) for f in present for npz in sorted((fold_folder(exp, spec, f) / "validation").glob("*.npz"))]
+        rec.history[f] = training_history(fold_folder(exp, spec, f))
+    return summaries
+
+
+def _postprocessed(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, work: Path) -> None:
+    """The +PP columns of a trainer row (:mod:`.postprocessing`): per case, and per fold the mean over its cases."""
+    segs = {f: sorted((fold_folder(exp, spec, f) / "validation").glob(f"*{info.file_ending}")) for f in rec.folds}
+    per_case, chosen, cross = crossfit_postprocessing(segs, info, model_folder(exp, spec) / "plans.json", work)
+    for case, vals in per_case.items():
+        rec.cases.setdefault(case, {"fold": vals["fold"]}).update({k: vals[k] for k in PP_COLUMNS})
+    for f in rec.folds:
+        for col in PP_COLUMNS:
+            rec.fold_means[f][col] = float(np.mean([v[col] for v in per_case.values() if v["fold"] == f]))
+    rec.postprocessing, rec.postprocessing_cross_fitted = chosen, cross
+
+
+def _probability_pass(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, acc, fit: bool,
+                      rng_seed: int, progress: bool) -> tuple[dict, int]:
+    """Step 2: one pass over the probabilities: reliability statistics, threshold-sweep counts and (``fit``)
+    the voxel samples per fold. Returns ``({fold: (log_probs, targets)}, number of channels)``."""
+    files = [(f, npz) for f in rec.folds for npz in _validation_npz(exp, spec, f)]
     rng = np.random.default_rng(rng_seed)
-    per_case = max(1, max_vox // max(1, len(files)))
-    acc = _accumulator(summaries[present[0]], info)
-    samples = {f: ([], []) for f in present}
+    per_case = max(1, exp.report.max_fit_voxels // max(1, len(files)))
+    samples = {f: ([], []) for f in rec.folds}
     n_channels = 0
     for f, npz in tqdm(files, desc=f"{spec.label}: probabilities", disable=not progress, unit="case"):
         p = load_probs(npz)
         n_channels = p.shape[0]
         y = info.reference(npz.stem, p.shape[1:])
         acc.update(p, y)
-        if do_sweep:
+        if exp.report.threshold_sweep:
             valid = y != info.ignore_label if info.ignore_label is not None else np.ones(y.shape, bool)
             rec.sweep_counts.append(posthoc.threshold_counts(
                 posthoc.foreground_probability(p, info.regions)[valid],
                 posthoc.foreground_reference(y, info.regions)[valid]))
-        if kinds:
+        if fit:
             sp, sy = posthoc.sample_voxels(p, y, per_case, rng, info.regions, info.ignore_label)
             samples[f][0].append(scaling.log_probabilities(sp, bool(info.regions)))
             samples[f][1].append(sy)
     _finish(rec, acc)
-    out = [rec]
+    per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()} if fit else {}
+    return per_fold, n_channels
+
+
+def _posthoc_row(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, kind: str,
+                 per_fold: dict, summary: dict, work: Path, progress: bool) -> MethodResult:
+    """Step 3: a ``+ TS`` / ``+ VS`` row: cross-fitted parameters applied fold by fold to temporary copies
+    of the probabilities (removed afterwards), scored by the evaluator."""
+    method = tables.SCALINGS[kind].method
+    params, cross = scaling.crossfit(per_fold, info.has_regions, method)
+    n_fit = {k: int(sum(len(per_fold[f][1]) for f in per_fold if f != k or not cross)) for k in params}
+    fit = PosthocFit(method=method, per_fold=params, all_folds=scaling.fit_all(per_fold, info.has_regions, method),
+                     fit_voxels=n_fit, cross_fitted=cross)
+    row = MethodResult(method=spec.label + SUFFIX[kind], trainer=spec.name, kind=kind, hparams=rec.hparams,
+                       folds=rec.folds, missing_folds=rec.missing_folds, fit=fit)
+    acc = _accumulator(summary, info)
+    scaled_root = work / ".scaled"
+    try:
+        for f in rec.folds:
+            scaled = scaled_root / spec.label / kind / f"fold_{f}"
+            scaled.mkdir(parents=True, exist_ok=True)
+            for npz in tqdm(_validation_npz(exp, spec, f), disable=not progress, desc=f"{row.method}: fold {f}",
+                            unit="case"):
+                q = scaling.apply_scaling(load_probs(npz), params[f], info.has_regions)
+                np.savez(scaled / npz.name, probabilities=q)
+                if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
+                    shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
+                acc.update(q, info.reference(npz.stem, q.shape[1:]))
+            summ = evaluate(scaled, info, work / "evaluation" / exp.name / (spec.label + "+" + kind) / f"fold_{f}", exp)
+            row.fold_means[f] = fold_means(summ)
+            row.cases.update(case_values(summ, f))
+    finally:
+        shutil.rmtree(scaled_root, ignore_errors=True)  # the scaled copies leave nothing behind
+    _finish(row, acc)
+    return row
+
+
+def repeat_of(exp: Experiment, spec: TrainerEntry) -> str | None:
+    """For a repeated run (``run`` > 1): the label of the run-1 entry with the same trainer and
+    hyperparameters (the method it repeats); None otherwise."""
+    if spec.run == 1:
+        return None
+    for t in exp.trainers:
+        if t.run == 1 and t.name == spec.name and exp.hparams_for(t) == exp.hparams_for(spec):
+            return t.label
+    raise ExperimentError(f"{exp.path}: trainer {spec.label} is run {spec.run} of {spec.name} with "
+                          f"{exp.hparams_for(spec)}, but no entry is its run 1")
+
+
+def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: Path, rng_seed: int = 0,
+                  progress: bool = True) -> list[MethodResult]:
+    """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``."""
+    present = [f for f in exp.folds_for(spec)
+               if fold_state(exp, spec, f) == FoldStatus.FINISHED and has_npz(exp, spec, f)]
+    rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
+                       missing_folds=[f for f in exp.folds_for(spec) if f not in present], run=spec.run,
+                       repeat_of=repeat_of(exp, spec))
+    if not present:
+        return [rec]
+    summaries = _evaluate_folds(exp, spec, info, rec, work / "evaluation" / exp.name)
+    if rec.repeat_of is not None:  # a repeated run measures the noise: its fold values are all that is used
+        return [rec]
+    kinds = [k for k, on in (("TS", exp.report.temperature_scaling), ("VS", exp.report.vector_scaling)) if on]
+    if exp.report.postprocessing:
+        _postprocessed(exp, spec, info, rec, work)
+    per_fold, n_channels = _probability_pass(exp, spec, info, rec, _accumulator(summaries[present[0]], info),
+                                             bool(kinds), rng_seed, progress)
     if "VS" in kinds and not tables.vector_scaling_differs(n_channels):
         kinds.remove("VS")
-    per_fold = {f: (np.concatenate(lp), np.concatenate(y)) for f, (lp, y) in samples.items()} if kinds else {}
-    # 3) post-hoc rows: cross-fitted parameters, applied fold by fold, scored by the evaluator
-    for kind in kinds:
-        method = tables.SCALINGS[kind].method
-        params, cross = scaling.crossfit(per_fold, info.has_regions, method)
-        n_fit = {k: int(sum(len(per_fold[f][1]) for f in per_fold if f != k or not cross)) for k in params}
-        fit = PosthocFit(method=method, per_fold=params,
-                         all_folds=scaling.fit_all(per_fold, info.has_regions, method),
-                         fit_voxels=n_fit, cross_fitted=cross)
-        row = MethodResult(method=spec.label + SUFFIX[kind], trainer=spec.name, kind=kind, hparams=rec.hparams,
-                           folds=present, missing_folds=missing, fit=fit)
-        acc = _accumulator(summaries[present[0]], info)
-        scaled_root = work / ".scaled"
-        try:
-            for f in present:
-                scaled = scaled_root / spec.label / kind / f"fold_{f}"
-                scaled.mkdir(parents=True, exist_ok=True)
-                for npz in tqdm(sorted((fold_folder(exp, spec, f) / "validation").glob("*.npz")), disable=not progress,
-                                desc=f"{row.method}: fold {f}", unit="case"):
-                    q = scaling.apply_scaling(load_probs(npz), params[f], info.has_regions)
-                    np.savez(scaled / npz.name, probabilities=q)
-                    if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
-                        shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
-                    acc.update(q, info.reference(npz.stem, q.shape[1:]))
-                summ = evaluate(scaled, info, ev_dir / (spec.label + "+" + kind) / f"fold_{f}", exp)
-                row.fold_means[f] = fold_means(summ)
-                row.cases.update(case_values(summ, f))
-        finally:
-            shutil.rmtree(scaled_root, ignore_errors=True)  # the scaled copies leave nothing behind
-        _finish(row, acc)
-        out.append(row)
-    return out
+    return [rec] + [_posthoc_row(exp, spec, info, rec, kind, per_fold, summaries[present[0]], work, progress)
+                    for kind in kinds]
 
 
 def missing_details(exp: Experiment, spec: TrainerEntry, folds: list[int]) -> list[dict]:

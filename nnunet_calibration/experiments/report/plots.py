@@ -11,6 +11,9 @@
   single folds).
 - ``threshold_sweep[_<experiment>].png``: precision, recall and DSC against the softmax threshold
   (DSC++ Fig. 4), mean ± std over cases.
+- ``learning_curves[_<experiment>].png``: per trainer the pseudo-Dice and training loss per epoch,
+  mean over folds, from nnU-Net's training logs (:func:`.noise.curves`); the window that decides
+  whether the baseline still rose is shaded.
 
 Each ``*_figure`` function returns ``None`` when there is nothing to draw; :func:`write_plots`
 saves the others and returns which files exist, so the markdown links only those.
@@ -24,6 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nnunet_calibration.evaluation.plots import draw_reliability
+from nnunet_calibration.experiments.report import noise
 from nnunet_calibration.experiments.report.data import ExperimentResult, ReportData
 from nnunet_calibration.experiments.report.tables import Tables
 from nnunet_calibration.metrics import BinStats, bin_edges
@@ -120,6 +124,32 @@ def plot_suffix(data: ReportData, exp: ExperimentResult) -> str:
     return f"_{exp.name}" if data.multi else ""
 
 
+def learning_curve_figure(exp: ExperimentResult, title: str) -> Figure | None:
+    """Per trainer row (repeats left out): nnU-Net's pseudo-Dice and training loss per epoch, mean over
+    the folds (:func:`.noise.curves`); the convergence window of :func:`.noise.convergence` shaded."""
+    rows = [m for m in noise.base_rows(exp) if m.kind == "trainer" and m.history]
+    if not rows:
+        return None
+    fig = Figure(figsize=(12, 4.8))
+    ax_d, ax_l = fig.subplots(1, 2)
+    for m in rows:
+        c = noise.curves(m)
+        lw = 2.2 if m.method == exp.baseline else 1.1
+        ax_d.plot(c["epochs"], c["pseudo_dice"], lw=lw, label=m.method)
+        ax_l.plot(c["epochs"], c["train_loss"], lw=lw, label=m.method)
+    conv = noise.convergence(exp)
+    if conv is not None:
+        ax_d.axvspan(conv["epochs"][0], conv["epochs"][1], color="0.9", zorder=0)
+    ax_d.set_xlabel("epoch")
+    ax_d.set_ylabel("nnU-Net pseudo-Dice (mean of classes and folds)")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("training loss (mean of folds; each method's own loss)")
+    ax_d.legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(data: ReportData, tab: Tables, folder: Path) -> dict:
     """Save every figure there is into ``folder``; returns ``{experiment: {kind: file name}}``."""
     written = {}
@@ -129,7 +159,8 @@ def write_plots(data: ReportData, tab: Tables, folder: Path) -> dict:
         figs = {"reliability": reliability_figure(e, title + " — reliability (ECE bins, foreground voxels)"),
                 "dsc_vs_ece": dsc_ece_figure(e, title),
                 "threshold_sweep": sweep_figure(tab.sweeps.get(e.name, {}),
-                                                title + " — softmax thresholding (DSC++ Fig. 4)")}
+                                                title + " — softmax thresholding (DSC++ Fig. 4)"),
+                "learning_curves": learning_curve_figure(e, title + " — learning curves (nnU-Net's logs)")}
         for kind, fig in figs.items():
             if fig is not None:
                 fig.savefig(folder / f"{kind}{s}.png", dpi=110)

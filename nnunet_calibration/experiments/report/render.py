@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_calibration.experiments.report.data import METRICS, ExperimentResult, ReportData
+from nnunet_calibration.experiments.report import noise
 from nnunet_calibration.experiments.report.tables import Tables
 from nnunet_calibration.utils import json_clean
 
@@ -148,6 +149,7 @@ def report_json(data: ReportData, tab: Tables) -> dict:
         "pooled": {e.name: {m.method: m.pooled for m in e.methods if m.pooled} for e in data.experiments},
         "friedman": {"average_rank": tab.avg_rank, "position": tab.position, "test": tab.friedman},
         "wilcoxon": tab.wilcoxon,
+        "noise_floor": tab.noise, "differences": tab.differences, "convergence": tab.convergence,
         "temperature_scaling": {e.name: posthoc_json(e) for e in data.experiments},
         "threshold_sweep": tab.sweeps,
         "missing": {e.name: {m.method: m.missing_info for m in e.methods if m.missing_folds and m.kind == "trainer"}
@@ -184,7 +186,10 @@ def _md_results(data: ReportData, tab: Tables) -> list:
          f"Rank: Friedman average rank over {', '.join(tab.rank_metrics)}" + (" and experiments" if multi else "")
          + " (position in brackets). Rows `+ TS` / `+ VS`: the trainer above after temperature / vector "
          "(per-channel temperature) scaling, **cross-fitted**: fold k is scored with the parameters fitted on "
-         "the other folds' validation cases (see \"Post-hoc scaling\").", ""]
+         "the other folds' validation cases (see \"Post-hoc scaling\"). Columns `DSC+PP` / `HD95+PP`: the "
+         "same segmentations after nnU-Net's own postprocessing (keep the largest connected component where "
+         "`nnUNetv2_determine_postprocessing` finds that it raises the Dice), **cross-fitted** likewise (see "
+         "\"Postprocessing\"); every other column is without postprocessing.", ""]
     header = ["Method"] if multi else ["Method", "Folds"]
     for e in data.experiments:
         if multi:
@@ -242,6 +247,66 @@ def _md_wilcoxon(data: ReportData, tab: Tables) -> list:
             rows.append(row)
         L += [f"Baseline: `{e.baseline}`", "", md_table(["Method"] + list(METRICS), rows), ""]
     return L
+
+
+def _md_noise(data: ReportData, tab: Tables, plots: dict) -> list:
+    """Run-to-run noise, differences to the baseline with their verdict, and convergence (:mod:`.noise`)."""
+    L = ["## Run-to-run noise, differences to the baseline, convergence", "",
+         "Noise floor: repeated trainings of the same method and fold (entries with `run` > 1, not rows of the "
+         "table) give the run-to-run standard deviation `sd_run` of one fold's value; a difference of two "
+         f"means over n folds has the noise floor {noise.NOISE_SIGMAS:g} × sd_run × √(2/n). A method is called "
+         f"**better** / **worse** only where the paired per-case Wilcoxon test gives p < {noise.ALPHA} *and* "
+         "the difference exceeds the noise floor; otherwise *not distinguishable*.", ""]
+    for e in data.experiments:
+        if data.multi:
+            L += [f"**{e.name}**", ""]
+        fl = tab.noise.get(e.name) or {}
+        if fl:
+            some = next(iter(fl.values()))
+            L += [f"sd_run from {some['pairs']} (method, fold) pairs of {', '.join(f'`{m}`' for m in some['methods'])}:",
+                  "", md_table(list(METRICS), [[fmt(fl.get(m, {}).get("sd_run"), m) for m in METRICS]]), ""]
+        else:
+            L += ["No repeated runs: no noise floor, so no verdicts (only the tests below).", ""]
+        diffs = tab.differences.get(e.name) or {}
+        rows = []
+        for meth, per in diffs.items():
+            row = [meth]
+            for metric in METRICS:
+                d = per[metric]
+                floor = "" if d["noise_floor"] is None else f" (±{fmt(d['noise_floor'], metric)})"
+                row.append(f"{d['diff']:+.3g}{floor} p {fmt_p(d['p'])} **{d['verdict']}**"
+                           if d["verdict"] in ("better", "worse") else
+                           f"{d['diff']:+.3g}{floor} p {fmt_p(d['p'])} {d['verdict']}")
+            rows.append(row)
+        if rows:
+            L += [f"Difference to `{e.baseline}` (method − baseline; noise floor in brackets):", "",
+                  md_table(["Method"] + list(METRICS), rows), ""]
+        conv = tab.convergence.get(e.name)
+        if conv:
+            L += [f"Convergence: `{conv['method']}`'s pseudo-Dice (mean of classes and folds) over its last epochs "
+                  f"{conv['epochs'][0]}–{conv['epochs'][1]} went from {conv['start']:.3f} to {conv['end']:.3f} "
+                  f"(least-squares rise {conv['rise']:+.3f}): "
+                  + ("**still rising** (more than 0.01): the budget ends before the baseline converged."
+                     if conv["still_rising"] else "no longer rising (rise ≤ 0.01)."), ""]
+        if "learning_curves" in plots.get(e.name, {}):
+            L += [f"![learning curves]({plots[e.name]['learning_curves']})", ""]
+    return L
+
+
+def _md_postprocessing(data: ReportData) -> list:
+    rows = []
+    for e in data.experiments:
+        for m in e.methods:
+            if m.postprocessing:
+                per = "; ".join(f"fold {k}: {', '.join(v) or 'nothing'}" for k, v in sorted(m.postprocessing.items()))
+                rows.append([e.name, m.method, "cross-fitted" if m.postprocessing_cross_fitted else
+                             "*in-sample* (one fold)", per])
+    if not rows:
+        return []
+    return ["## Postprocessing (the +PP columns)", "",
+            "nnU-Net's `determine_postprocessing` run on the validation segmentations of the trainer's *other* "
+            "folds, its choice applied to fold k (with one fold: decided on that fold, *in-sample*).", "",
+            md_table(["Experiment", "Trainer", "decided", "applied to each fold"], rows), ""]
 
 
 def _md_posthoc(data: ReportData) -> list:
@@ -337,7 +402,8 @@ def _md_plots(data: ReportData, plots: dict) -> list:
 
 def markdown(data: ReportData, tab: Tables, plots: dict) -> str:
     """The report's README.md; ``plots``: the files :func:`.plots.write_plots` wrote (only those are linked)."""
-    L = (_md_header(data) + _md_results(data, tab) + _md_wilcoxon(data, tab) + _md_posthoc(data)
+    L = (_md_header(data) + _md_results(data, tab) + _md_noise(data, tab, plots) + _md_wilcoxon(data, tab)
+         + _md_posthoc(data) + _md_postprocessing(data)
          + _md_sweep(data, tab, plots) + _md_training_time(data) + _md_plots(data, plots))
     return "\n".join(L)
 

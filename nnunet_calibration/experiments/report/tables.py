@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunet_calibration.experiments import posthoc, stats
+from nnunet_calibration.experiments.report import noise
 from nnunet_calibration.experiments.report.data import METRICS, ReportData
 from nnunet_calibration.utils import mean_std
 
@@ -70,7 +71,8 @@ class Tables:
     missing)``; ``marks[block] = (best methods, second-best methods)``; ``avg_rank``/``position``
     per method and ``friedman`` (:func:`.stats.friedman_test`); ``wilcoxon[experiment][method][metric]``
     (:func:`.stats.wilcoxon_vs_baseline`); ``sweeps[experiment][method]`` (rows of
-    :func:`.posthoc.summarise_sweep`).
+    :func:`.posthoc.summarise_sweep`); ``noise``, ``differences``, ``convergence`` per experiment
+    (:mod:`.noise`). Repeated runs (``run`` > 1) are not rows of the table (see :mod:`.noise`).
     """
 
     method_order: list
@@ -84,6 +86,10 @@ class Tables:
     rank_metrics: tuple
     wilcoxon: dict = field(default_factory=dict)
     sweeps: dict = field(default_factory=dict)
+    #: per experiment: :func:`.noise.noise_floor`, :func:`.noise.differences`, :func:`.noise.convergence`
+    noise: dict = field(default_factory=dict)
+    differences: dict = field(default_factory=dict)
+    convergence: dict = field(default_factory=dict)
 
     def mark(self, method: str, block: str) -> str:
         best, second = self.marks.get(block, (set(), set()))
@@ -94,7 +100,7 @@ def method_order(data: ReportData) -> list:
     """Row order: first appearance over the experiments (a trainer, then its post-hoc rows)."""
     order = []
     for e in data.experiments:
-        for m in e.methods:
+        for m in noise.base_rows(e):
             if m.method not in order:
                 order.append(m.method)
     return order
@@ -113,7 +119,7 @@ def compute_tables(data: ReportData) -> Tables:
     order = method_order(data)
     mean, std, folds = {m: {} for m in order}, {m: {} for m in order}, {m: {} for m in order}
     for e in data.experiments:
-        for m in e.methods:
+        for m in noise.base_rows(e):
             for metric in METRICS:
                 mean[m.method][f"{e.name}/{metric}"], std[m.method][f"{e.name}/{metric}"] = \
                     fold_aggregate(m.fold_means, metric)
@@ -131,14 +137,17 @@ def compute_tables(data: ReportData) -> Tables:
     for e in data.experiments:
         if e.baseline is not None and any(m.method == e.baseline for m in e.methods):
             for metric in METRICS:
-                per_case = {m.method: {c: v[metric] for c, v in m.cases.items()} for m in e.methods}
+                per_case = {m.method: {c: v[metric] for c, v in m.cases.items()} for m in noise.base_rows(e)}
                 for meth, r in stats.wilcoxon_vs_baseline(per_case, e.baseline, metric).items():
                     wilcoxon.setdefault(e.name, {}).setdefault(meth, {})[metric] = r
         for m in e.methods:
             if m.sweep_counts:
                 sweeps.setdefault(e.name, {})[m.method] = posthoc.summarise_sweep(m.sweep_counts)
+    floors = {e.name: noise.noise_floor(e) for e in data.experiments}
+    diffs = {e.name: noise.differences(e, mean, wilcoxon.get(e.name, {}), floors[e.name]) for e in data.experiments}
+    conv = {e.name: noise.convergence(e) for e in data.experiments}
     return Tables(order, mean, std, folds, marks, avg_rank, position, ftest, tuple(data.rank_metrics),
-                  wilcoxon, sweeps)
+                  wilcoxon, sweeps, floors, diffs, conv)
 
 
 def has_results(data: ReportData) -> bool:
