@@ -120,6 +120,17 @@ def read_image(path: Path) -> sitk.Image:
         raise ConversionError(f"cannot read {e}") from e
 
 
+def check_3d_scalar(img: sitk.Image, path: Path) -> None:
+    """A 3D image with one value per voxel, else :class:`ConversionError` saying what was found (a 4D
+    series is read either as a 4D image or as a 3D image with one component per time point)."""
+    dim, comps = img.GetDimension(), img.GetNumberOfComponentsPerPixel()
+    if dim != 3 or comps != 1:
+        found = f"a {dim}D image of size {tuple(img.GetSize())}" + (f" with {comps} components per voxel" if comps > 1
+                                                                  else "")
+        raise ConversionError(f"{path} is not a 3D scalar image: found {found}"
+                              + (" (a 4D series? give the 3D frame files)" if dim == 4 or comps > 1 else ""))
+
+
 def geometry(img: sitk.Image) -> tuple:
     """(size, spacing, origin, direction) in SimpleITK's (x, y, z) / LPS convention."""
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()

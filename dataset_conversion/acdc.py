@@ -35,7 +35,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from ._common import (DEFAULT_SPLIT_SEED, ConversionError, ConversionResult, StagedDataset,
-                      check_label_values, check_same_geometry, copy_nifti, is_hidden, patient_wise_splits,
+                      check_3d_scalar, check_label_values, check_same_geometry, copy_nifti, is_hidden,
+                      patient_wise_splits,
                       read_image, write_json)
 
 NAME = "ACDC"
@@ -154,8 +155,7 @@ def collect_cases(folder: Path, with_labels: bool) -> list[dict]:
 
 def _check_and_copy(case: dict, images_dir: Path, labels_dir: Path | None) -> None:
     img = read_image(case["image"])
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ConversionError(f"{case['image']} is not a 3D scalar image (dimension {img.GetDimension()})")
+    check_3d_scalar(img, case["image"])
     if case["label"] is not None:
         lab = read_image(case["label"])
         check_same_geometry(img, case["image"], lab, case["label"])

@@ -32,7 +32,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from ._common import (DEFAULT_SPLIT_SEED, ConversionError, ConversionResult, StagedDataset,
-                      check_case_id, check_label_values, check_same_geometry, copy_nifti, list_nifti,
+                      check_3d_scalar, check_case_id, check_label_values, check_same_geometry, copy_nifti,
+                      list_nifti,
                       pair_by_case_id, patient_wise_splits, read_image, strip_nifti_suffix, write_json)
 
 LABELS = {
@@ -136,8 +137,7 @@ def convert_flare(source: str | Path, dataset_id: int, overwrite: bool = False, 
                        preprocessed_root=preprocessed_root) as st:
         for cid in tqdm(train_ids, desc=f"FLARE{rel} training cases", disable=not progress):
             img = read_image(images[cid])
-            if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-                raise ConversionError(f"{images[cid]} is not a 3D scalar image")
+            check_3d_scalar(img, images[cid])
             lab = read_image(segs[cid])
             check_same_geometry(img, images[cid], lab, segs[cid])
             check_label_values(lab, labels.values(), segs[cid])

@@ -281,15 +281,21 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     inside.parent.mkdir(parents=True)
     text = exp_file.read_text()
     inside.write_text(text)
-    (inside.parent / "stray.txt").write_text("not part of a report")
+    (inside.parent / "stray.txt").write_text("somebody's notes")
 
     def load():
         return _without_posthoc(load_experiment(inside))
 
+    # a file no report wrote stops the report: the folder is replaced as a whole, nothing of the user's is lost
+    with pytest.raises(ExperimentError, match=r"holds files no report wrote .*stray.txt"):
+        make_report([load()], tmp_path / "out", progress=False)
+    assert (inside.parent / "stray.txt").read_text() == "somebody's notes" and inside.read_text() == text
+    (inside.parent / "stray.txt").unlink()
     out = make_report([load()], tmp_path / "out", progress=False)
     assert out == inside.parent
     assert inside.read_text() == text  # the same bytes, now the report's copy
-    assert not (out / "stray.txt").exists()  # anything else is not kept: the folder is the report
+    manifest = json.loads((out / ".calib_report_manifest.json").read_text())["files"]
+    assert "experiment.yaml" in manifest and "README.md" in manifest
     rep = json.loads((out / "report.json").read_text())
     assert rep["experiments"][0]["copy"] == "experiment.yaml"
     assert "copied here as [`experiment.yaml`](experiment.yaml)" in (out / "README.md").read_text()

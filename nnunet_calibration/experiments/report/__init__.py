@@ -22,13 +22,15 @@ section lists each missing fold's status and log. A report without any finished 
 
 Everything is written into a temporary folder next to the target and moved into place at the end
 (:func:`nnunet_calibration.utils.atomic_dir`), so the report folder holds only what the report
-writes; ``evaluation/<experiment>/<row>/fold_X/summary.json`` keeps the evaluator's summary of every
+writes, listed in its manifest (``.calib_report_manifest.json``); an existing folder is replaced only
+when it holds nothing else (:func:`check_replaceable`: someone's files there stop the report); ``evaluation/<experiment>/<row>/fold_X/summary.json`` keeps the evaluator's summary of every
 fold, and a copy of each experiment file (``experiment.yaml``, or ``experiment_<name>.yaml`` for a
 combined report) records what was run. An experiment file kept inside its own report folder thus
-survives a new report (as that copy); any other file there does not.
+survives a new report (as that copy); any other file there stops the report instead of being lost.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -37,7 +39,7 @@ from nnunet_calibration.experiments.report import gather, plots, render, tables
 from nnunet_calibration.experiments.report.data import (METRICS, ExperimentResult, MethodResult, PosthocFit,
                                                         ReportData)
 from nnunet_calibration.settings import Experiment, ExperimentError
-from nnunet_calibration.utils import atomic_dir
+from nnunet_calibration.utils import atomic_dir, write_json_atomic
 
 __all__ = ["make_report", "build_report", "ReportData", "ExperimentResult", "MethodResult", "PosthocFit",
            "METRICS"]
@@ -67,6 +69,7 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
     target = (Path(output_root).resolve() / name) if output_root is not None else \
         experiments[0].report_dir().parent / name
     copies = experiment_copy_names(experiments)
+    check_replaceable(target, copies.values())
     with atomic_dir(target) as work:
         data = gather.gather(experiments, work, name, command=command, progress=progress)
         for e, exp in zip(data.experiments, experiments):
@@ -75,7 +78,49 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
         build_report(data, work)
         for exp in experiments:
             shutil.copyfile(exp.path, work / copies[exp.name])
+        write_manifest(work)
     return target
+
+
+#: the list of files a report wrote (in the report folder); only a folder whose every file is listed is replaced
+MANIFEST = ".calib_report_manifest.json"
+#: what a report wrote before it kept a manifest (reports made by earlier versions)
+_LEGACY = ("README.md", "table.csv", "wilcoxon.csv", "threshold_sweep.csv", "report.json", "*.png", "experiment*.yaml",
+           "evaluation/**/summary.json")
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    write_json_atomic(folder / MANIFEST, {"written_by": "calib-experiment report", "files": files})
+
+
+def check_replaceable(target: Path, copies) -> None:
+    """The report replaces its folder as a whole, so it only ever replaces a folder that holds nothing but
+    what an earlier report wrote: every file listed in that report's manifest (or, for a report of an
+    earlier version without one, a file of the report's own layout). Anything else there (someone's
+    files) stops the report with an error naming them, and nothing is touched."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ExperimentError(f"report folder {target} exists and is not a folder")
+    files = [p for p in target.rglob("*") if p.is_file()]
+    if not files:
+        return
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        try:
+            owned = set(json.loads(manifest.read_text())["files"]) | {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError):
+            owned = set()
+        foreign = [p for p in files if str(p.relative_to(target)) not in owned and p.name not in copies]
+    elif (target / "report.json").is_file():
+        foreign = [p for p in files if not any(p.relative_to(target).match(g) for g in _LEGACY)]
+    else:
+        foreign = files
+    if foreign:
+        shown = ", ".join(str(p) for p in sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ExperimentError(f"report folder {target} holds files no report wrote ({shown}); the report replaces "
+                              f"its folder as a whole, so choose another --output-root or name, or move them")
 
 
 def relative_paths(result: ExperimentResult, report_dir: Path) -> None:
