@@ -3,12 +3,15 @@
 Public API: :func:`ece`, :func:`cece`, :func:`pece`, :func:`marginal_calibration_errors`,
 :func:`nll`, :func:`brier` (calibration; all take ``regions=False`` and, for sigmoid regions, ``regions=True, region_labels=[...]``), :func:`dice`, :func:`hd95`
 (per binary mask), and :class:`CalibrationAccumulator` for exact pooled (dataset-wide) values.
-Conventions are documented in :mod:`.calibration`, :mod:`.segmentation` and :mod:`._binning`.
+Conventions are documented in :mod:`.calibration`, :mod:`.segmentation` and :mod:`._binning`; the
+accumulator is in :mod:`.accumulator`.
 """
+from nnunet_calibration.settings.metrics import CONVENTIONS
+
 from ._binning import BinStats, SumStats, bin_edges, bin_index
-from .calibration import (CONVENTIONS, METRIC_KEYS, CalibrationAccumulator, brier, cece, ece,
-                          marginal_calibration_errors, nll, normalize_regions, pece, resolve_region_labels, validate_inputs,
-                          validate_labels, validate_probabilities)
+from .accumulator import METRIC_KEYS, CalibrationAccumulator
+from .calibration import (brier, cece, ece, marginal_calibration_errors, nll, normalize_regions, pece,
+                          resolve_region_labels, validate_inputs, validate_labels, validate_probabilities)
 from .segmentation import dice, hd95, image_diagonal, surface_distances
 
 __all__ = [
