@@ -7,10 +7,11 @@ documented in :mod:`.calibration` and :mod:`._binning`.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 
+from ._adaptive import ValueStats, sort_keys
 from ._binning import BinStats, SumStats, sum64
 from ._chunk import _Chunk, _chunks
 
@@ -30,27 +31,42 @@ def _max_argmax(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return conf, pred
 
 
-def _ece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
+def _ece_values(ch: _Chunk) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """``(task, confidence, correct)`` of ECE's voxels in the chunk (see :func:`.calibration.ece`)."""
     if ch.regions is None:
         idx = ch.fg_index()
         if idx.size == 0:
             return
         sub = ch.p.take(idx, axis=1)  # foreground voxels only (usually few)
         conf, pred = _max_argmax(sub)
-        stats.add_values_(0, conf, pred == ch.lab.take(idx), edges)
+        yield 0, conf, pred == ch.lab.take(idx)
     else:
         for r in range(len(ch.regions)):
             y = ch.target(r)
             if not y.any():
                 continue
             pr = ch.p[r][y]
-            stats.add_values_(r, np.maximum(pr, 1 - pr), pr > 0.5, edges)
+            yield r, np.maximum(pr, 1 - pr), pr > 0.5
+
+
+def _ece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray) -> None:
+    for t, conf, correct in _ece_values(ch):
+        stats.add_values_(t, conf, correct, edges)
 
 
 def _class_channels(n_channels: int, regions, include_background: bool) -> List[int]:
     if regions is not None:
         return list(range(n_channels))
     return list(range(0 if include_background else 1, n_channels))
+
+
+def _cece_values(ch: _Chunk, threshold: float, include_background: bool = False
+                 ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """``(task, p_c, target)`` of CECE's voxels in the chunk (``p_c > threshold``, see :func:`.calibration.cece`)."""
+    for t, c in enumerate(_class_channels(ch.p.shape[0], ch.regions, include_background)):
+        v, y = ch.above(c, threshold)
+        if v.size:
+            yield t, v, y
 
 
 def _cece_kernel(ch: _Chunk, stats: BinStats, edges: np.ndarray, threshold: float,
@@ -160,6 +176,21 @@ def _brier_kernel(ch: _Chunk, stats: SumStats) -> None:
 def _run(probs, labels, regions, kernel, *args) -> None:
     for pc, lc in _chunks(probs, labels):
         kernel(_Chunk(pc, lc, regions), *args)
+
+
+def _run_adaptive(probs, labels, regions, values, n_tasks: int, n_bins: int, *args) -> ValueStats:
+    """:class:`~._adaptive.ValueStats` of the ``(task, value, outcome)`` triples that ``values(chunk,
+    *args)`` yields over all chunks (sort keys gathered per task, one sort per task at the end)."""
+    keys: List[list] = [[] for _ in range(n_tasks)]
+    offered = [0] * n_tasks
+    for pc, lc in _chunks(probs, labels):
+        for t, v, y in values(_Chunk(pc, lc, regions), *args):
+            keys[t].append(sort_keys(v, y))
+            offered[t] += v.size
+    stats = ValueStats.zeros(n_tasks, n_bins)
+    for t in range(n_tasks):
+        stats.set_from_keys_(t, keys[t], offered[t])
+    return stats
 
 
 def _weighted_ece_per_task(stats: BinStats) -> np.ndarray:

@@ -18,7 +18,9 @@ averaged over regions; ``pece`` uses the largest region probability ``max_r p_r`
 probability; ``nll`` and ``brier`` average the binary per-region values over regions.
 
 Binning: see :mod:`nnunet_calibration.metrics._binning` (equal-width bins ``(e_{k-1}, e_k]``,
-0 into the first bin and 1 into the last, empty bins skipped; pECE: 0 into no bin).
+0 into the first bin and 1 into the last, empty bins skipped; pECE: 0 into no bin). ``ece`` and
+``cece`` also take ``binning="adaptive"``: equal-mass bins, see :mod:`._adaptive` (how the edges are
+formed, ties, more bins than values) and its exact mergeable statistics :class:`~._adaptive.ValueStats`.
 
 Undefined values are returned as NaN (e.g. ECE of a case without foreground voxels).
 
@@ -47,16 +49,18 @@ order of some float64 additions, nothing else (tests against naive per-bin loops
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Union
 
 import numpy as np
 
+from ._adaptive import ValueStats, check_binning
 from ._binning import BinStats, SumStats, bin_edges
 from ._checks import (SOFTMAX_SUM_TOLERANCE, Regions, _check_types_and_shapes, _validate, normalize_regions,
                       resolve_region_labels, validate_inputs, validate_labels, validate_probabilities)
 from ._chunk import _work_dtype
-from ._kernels import (_brier_kernel, _cece_kernel, _class_channels, _ece_kernel, _ece_tasks, _marginal_kernel,
-                       _nanmean_or_nan, _nll_kernel, _pece_kernel, _run, _weighted_ece_per_task)
+from ._kernels import (_brier_kernel, _cece_kernel, _cece_values, _class_channels, _ece_kernel, _ece_tasks,
+                       _ece_values, _marginal_kernel, _nanmean_or_nan, _nll_kernel, _pece_kernel, _run, _run_adaptive,
+                       _weighted_ece_per_task)
 
 __all__ = [
     "ece", "cece", "pece", "marginal_calibration_errors", "nll", "brier",
@@ -68,49 +72,64 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # ECE
 # --------------------------------------------------------------------------------------------------
-def _ece_arg_validation(probs, labels, n_bins, regions, validate_args):
+def _ece_arg_validation(probs, labels, n_bins, regions, validate_args, binning="uniform"):
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
     bin_edges(n_bins)
+    check_binning(binning)
     if validate_args:
         _validate(probs, labels, regions)
     return probs, labels, regions
 
 
-def _ece_update(probs, labels, n_bins: int = 15, regions: Regions = None) -> BinStats:
+def _ece_update(probs, labels, n_bins: int = 15, regions: Regions = None, binning: str = "uniform"
+                ) -> Union[BinStats, ValueStats]:
+    """``binning="uniform"``: per-bin :class:`BinStats`; ``"adaptive"``: :class:`ValueStats` (exact
+    and mergeable, binned equal-mass when computed)."""
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
-    stats = BinStats.zeros(_ece_tasks(probs.shape[0], regions), n_bins)
+    n_tasks = _ece_tasks(probs.shape[0], regions)
+    if check_binning(binning) == "adaptive":
+        return _run_adaptive(probs, labels, regions, _ece_values, n_tasks, n_bins)
+    stats = BinStats.zeros(n_tasks, n_bins)
     _run(probs, labels, regions, _ece_kernel, stats, bin_edges(n_bins, _work_dtype(probs)))
     return stats
 
 
-def _ece_compute(stats: BinStats) -> float:
-    return _nanmean_or_nan(_weighted_ece_per_task(stats))
+def _binned(stats: Union[BinStats, ValueStats]) -> BinStats:
+    return stats.equal_mass() if isinstance(stats, ValueStats) else stats
+
+
+def _ece_compute(stats: Union[BinStats, ValueStats]) -> float:
+    return _nanmean_or_nan(_weighted_ece_per_task(_binned(stats)))
 
 
 def ece(probs, labels, n_bins: int = 15, regions: bool = False, region_labels: Regions = None,
-        validate_args: bool = True) -> float:
+        validate_args: bool = True, binning: str = "uniform") -> float:
     """Foreground ECE, Eq. 6 of the SDC paper (appendix A.1), as the NACL code computes it.
 
     Softmax: only voxels whose *reference* label is foreground (``label != 0``) are used;
     confidence = largest class probability (background included), accuracy =
     ``argmax_c p_c == label`` (ties: the lowest channel, as ``np.argmax``);
     ``ECE = sum_b |B_b|/N |mean conf_b - mean acc_b|`` with N = number of foreground voxels,
-    equal-width ``(e_{k-1}, e_k]`` bins, empty bins skipped.
+    empty bins skipped. Bins: ``binning="uniform"`` (default): equal-width ``(e_{k-1}, e_k]`` bins
+    (:mod:`._binning`); ``"adaptive"``: ``n_bins`` equal-mass bins of the confidences (the adaptive
+    calibration error of Nixon et al. 2019; edges and ties as in :mod:`._adaptive`).
     Regions: per region r the voxels inside region r, confidence ``max(p_r, 1 - p_r)``, accuracy
-    ``p_r > 0.5`` (nnU-Net's region threshold); mean over regions that have voxels.
+    ``p_r > 0.5`` (nnU-Net's region threshold); mean over regions that have voxels (adaptive: equal-
+    mass bins per region).
     Returns NaN if there are no foreground voxels.
     """
     regions = resolve_region_labels(regions, region_labels)
-    probs, labels, regions = _ece_arg_validation(probs, labels, n_bins, regions, validate_args)
-    return _ece_compute(_ece_update(probs, labels, n_bins, regions))
+    probs, labels, regions = _ece_arg_validation(probs, labels, n_bins, regions, validate_args, binning)
+    return _ece_compute(_ece_update(probs, labels, n_bins, regions, binning))
 
 
 # --------------------------------------------------------------------------------------------------
 # CECE
 # --------------------------------------------------------------------------------------------------
-def _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args):
+def _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args, binning="uniform"):
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
     bin_edges(n_bins)
+    check_binning(binning)
     if not (0 <= float(threshold) < 1):
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     if validate_args:
@@ -118,19 +137,24 @@ def _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_arg
     return probs, labels, regions
 
 
-def _cece_update(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regions = None) -> BinStats:
+def _cece_update(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: Regions = None,
+                 binning: str = "uniform") -> Union[BinStats, ValueStats]:
+    """Per-bin :class:`BinStats` (uniform) or :class:`ValueStats` (adaptive), as :func:`_ece_update`."""
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
-    stats = BinStats.zeros(len(_class_channels(probs.shape[0], regions, False)), n_bins)
+    n_tasks = len(_class_channels(probs.shape[0], regions, False))
+    if check_binning(binning) == "adaptive":
+        return _run_adaptive(probs, labels, regions, _cece_values, n_tasks, n_bins, threshold)
+    stats = BinStats.zeros(n_tasks, n_bins)
     _run(probs, labels, regions, _cece_kernel, stats, bin_edges(n_bins, _work_dtype(probs)), threshold)
     return stats
 
 
-def _cece_compute(stats: BinStats) -> float:
-    return _nanmean_or_nan(_weighted_ece_per_task(stats))
+def _cece_compute(stats: Union[BinStats, ValueStats]) -> float:
+    return _nanmean_or_nan(_weighted_ece_per_task(_binned(stats)))
 
 
 def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: bool = False,
-         region_labels: Regions = None, validate_args: bool = True) -> float:
+         region_labels: Regions = None, validate_args: bool = True, binning: str = "uniform") -> float:
     """Class-wise ECE (SDC paper Eq. 7, threshold as in Kull et al.).
 
     For every *foreground* class c (softmax channels 1..C-1, or every region): keep the voxels with
@@ -138,10 +162,12 @@ def cece(probs, labels, n_bins: int = 10, threshold: float = 1e-3, regions: bool
     ``[label in region]``) over the kept voxels, count-weighted over the non-empty bins (denominator:
     number of kept voxels of that class). CECE = mean over the classes that kept at least one voxel
     (NaN if none did). Whether a class is present in the reference does not matter.
+    Bins: ``binning="uniform"`` (default) equal-width bins; ``"adaptive"``: ``n_bins`` equal-mass bins
+    of each class's kept values ``p_c`` (edges and ties as in :mod:`._adaptive`).
     """
     regions = resolve_region_labels(regions, region_labels)
-    probs, labels, regions = _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args)
-    return _cece_compute(_cece_update(probs, labels, n_bins, threshold, regions))
+    probs, labels, regions = _cece_arg_validation(probs, labels, n_bins, threshold, regions, validate_args, binning)
+    return _cece_compute(_cece_update(probs, labels, n_bins, threshold, regions, binning))
 
 
 # --------------------------------------------------------------------------------------------------

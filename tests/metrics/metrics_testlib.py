@@ -174,3 +174,52 @@ CASES = {
     "softmax2d": lambda: softmax_case((17, 13), 3, 1),
     "softmax3d_f64": lambda: softmax_case((5, 6, 7), 3, 2, dtype=np.float64),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# equal-mass ("adaptive") bins, written out
+# ----------------------------------------------------------------------------------------------
+def ref_equal_mass_masks(v, n_bins):
+    """Bins of the sorted values cut like np.array_split; each part's largest value is an upper edge;
+    bins are (previous edge, edge] by value (ties go to the lower bin)."""
+    v = np.asarray(v).ravel()
+    masks, lo = [], -np.inf
+    for part in np.array_split(np.sort(v), n_bins):
+        if part.size:
+            masks.append((v > lo) & (v <= part[-1]))
+            lo = part[-1]
+    return masks
+
+
+def ref_masked_ece(v, y, masks):
+    v = np.asarray(v).ravel().astype(np.float64)
+    y = np.asarray(y).ravel().astype(np.float64)
+    return sum(m.sum() / v.size * abs(v[m].mean() - y[m].mean()) for m in masks if m.any())
+
+
+def ref_adaptive_ece(probs, labels, n_bins, regions=None):
+    """ECE (foreground, top-label; regions: per region) with equal-mass bins."""
+    if regions is None:
+        fg = labels != 0
+        if not fg.any():
+            return float("nan")
+        conf, acc = probs.max(0)[fg], probs.argmax(0)[fg] == labels[fg]
+        return ref_masked_ece(conf, acc, ref_equal_mass_masks(conf, n_bins))
+    vals = []
+    for r, reg in enumerate(regions):
+        y = np.isin(labels, reg)
+        if y.any():
+            p = probs[r][y]
+            conf = np.maximum(p, 1 - p)
+            vals.append(ref_masked_ece(conf, p > 0.5, ref_equal_mass_masks(conf, n_bins)))
+    return float(np.mean(vals))
+
+
+def ref_adaptive_cece(probs, labels, n_bins, thr, regions=None):
+    vals = []
+    for c in (range(probs.shape[0]) if regions is not None else range(1, probs.shape[0])):
+        y = np.isin(labels, regions[c]) if regions is not None else labels == c
+        keep = probs[c] > thr
+        if keep.any():
+            vals.append(ref_masked_ece(probs[c][keep], y[keep], ref_equal_mass_masks(probs[c][keep], n_bins)))
+    return float(np.mean(vals)) if vals else float("nan")
