@@ -7,12 +7,12 @@ documented in :mod:`.calibration` and :mod:`._binning`.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Tuple, Union
 
 import numpy as np
 
 from ._adaptive import ValueStats, sort_keys
-from ._binning import BinStats, SumStats, sum64
+from ._binning import BinStats, SumStats, bin_edges, sum64
 from ._chunk import _Chunk, _chunks
 
 
@@ -180,16 +180,34 @@ def _run(probs, labels, regions, kernel, *args) -> None:
 
 def _run_adaptive(probs, labels, regions, values, n_tasks: int, n_bins: int, *args) -> ValueStats:
     """:class:`~._adaptive.ValueStats` of the ``(task, value, outcome)`` triples that ``values(chunk,
-    *args)`` yields over all chunks (sort keys gathered per task, one sort per task at the end)."""
+    *args)`` yields over all chunks."""
+    triples = (tr for pc, lc in _chunks(probs, labels) for tr in values(_Chunk(pc, lc, regions), *args))
+    return _collect_adaptive(triples, n_tasks, n_bins)
+
+
+def _collect_adaptive(triples, n_tasks: int, n_bins: int) -> ValueStats:
+    """:class:`~._adaptive.ValueStats` of ``(task, value, outcome)`` triples: sort keys gathered per
+    task, one sort per task at the end."""
     keys: List[list] = [[] for _ in range(n_tasks)]
     offered = [0] * n_tasks
-    for pc, lc in _chunks(probs, labels):
-        for t, v, y in values(_Chunk(pc, lc, regions), *args):
-            keys[t].append(sort_keys(v, y))
-            offered[t] += v.size
+    for t, v, y in triples:
+        keys[t].append(sort_keys(v, y))
+        offered[t] += v.size
     stats = ValueStats.zeros(n_tasks, n_bins)
     for t in range(n_tasks):
         stats.set_from_keys_(t, keys[t], offered[t])
+    return stats
+
+
+def _collect(triples, n_tasks: int, n_bins: int, binning: str, dtype) -> Union[BinStats, ValueStats]:
+    """Statistics of ``(task, value, outcome)`` triples: equal-width :class:`BinStats` (edges in
+    ``dtype``) or, with ``binning="adaptive"``, :class:`~._adaptive.ValueStats`."""
+    if binning == "adaptive":
+        return _collect_adaptive(triples, n_tasks, n_bins)
+    stats = BinStats.zeros(n_tasks, n_bins)
+    edges = bin_edges(n_bins, dtype)
+    for t, v, y in triples:
+        stats.add_values_(t, v, y, edges)
     return stats
 
 
