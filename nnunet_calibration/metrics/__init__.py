@@ -12,6 +12,7 @@ from ._binning import BinStats, SumStats, bin_edges, bin_index
 from .accumulator import METRIC_KEYS, CalibrationAccumulator
 from .calibration import (brier, cece, ece, marginal_calibration_errors, nll, normalize_regions, pece,
                           resolve_region_labels, validate_inputs, validate_labels, validate_probabilities)
+from .bootstrap import BootstrapInterval, CaseStatistics, bootstrap_ci
 from .boundary import boundary_band, boundary_ece, default_band_width
 from .ece_variants import debiased_l2_ece, signed_calibration_error
 from .segmentation import dice, hd95, image_diagonal, surface_distances
@@ -22,4 +23,5 @@ __all__ = [
     "validate_inputs", "validate_probabilities", "validate_labels", "normalize_regions", "resolve_region_labels",
     "METRIC_KEYS", "CONVENTIONS",
     "signed_calibration_error", "debiased_l2_ece", "boundary_band", "boundary_ece", "default_band_width",
+    "bootstrap_ci", "BootstrapInterval", "CaseStatistics",
 ]
