@@ -14,6 +14,8 @@ from .calibration import (brier, cece, ece, marginal_calibration_errors, nll, no
                           resolve_region_labels, validate_inputs, validate_labels, validate_probabilities)
 from .bootstrap import BootstrapInterval, CaseStatistics, bootstrap_ci
 from .boundary import boundary_band, boundary_ece, default_band_width
+from .case_scores import (boundary_entropy, expected_dice, foreground_entropy, mean_pairwise_dice,
+                          uncertain_fraction)
 from .ece_variants import debiased_l2_ece, signed_calibration_error
 from .segmentation import dice, hd95, image_diagonal, surface_distances
 
@@ -24,4 +26,5 @@ __all__ = [
     "METRIC_KEYS", "CONVENTIONS",
     "signed_calibration_error", "debiased_l2_ece", "boundary_band", "boundary_ece", "default_band_width",
     "bootstrap_ci", "BootstrapInterval", "CaseStatistics",
+    "foreground_entropy", "boundary_entropy", "expected_dice", "uncertain_fraction", "mean_pairwise_dice",
 ]

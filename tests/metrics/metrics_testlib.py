@@ -3,6 +3,8 @@
 The reference implementations are deliberately naive: explicit per-bin masks with ``lo < v <= hi``
 (the papers' loops), Python loops over classes, one-hot arrays.
 """
+import itertools
+
 import numpy as np
 
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
@@ -223,3 +225,38 @@ def ref_adaptive_cece(probs, labels, n_bins, thr, regions=None):
         if keep.any():
             vals.append(ref_masked_ece(probs[c][keep], y[keep], ref_equal_mass_masks(probs[c][keep], n_bins)))
     return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# boundary band, written out; blob-shaped label maps
+# ----------------------------------------------------------------------------------------------
+def ref_band(labels, spacing, k):
+    labels = np.asarray(labels)
+    shape = labels.shape
+    edge = []
+    for idx in itertools.product(*map(range, shape)):
+        for ax in range(labels.ndim):
+            for step in (-1, 1):
+                nb = list(idx)
+                nb[ax] += step
+                if 0 <= nb[ax] < shape[ax] and labels[tuple(nb)] != labels[idx]:
+                    edge.append(idx)
+    band = np.zeros(shape, bool)
+    if not edge:
+        return band
+    edge_mm = np.array(edge, float) * spacing
+    for idx in itertools.product(*map(range, shape)):
+        d = np.sqrt((((np.array(idx, float) * spacing) - edge_mm) ** 2).sum(1)).min()
+        band[idx] = d <= k * (1 + 1e-9)
+    return band
+
+
+def blobs(shape, seed, n_labels=3):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.int64)
+    grid = np.indices(shape).astype(float)
+    for v in range(1, n_labels):
+        centre = rng.uniform(0, np.array(shape) - 1)
+        radius = rng.uniform(1.0, max(shape) / 3)
+        lab[((grid - centre.reshape(-1, *([1] * len(shape)))) ** 2).sum(0) <= radius ** 2] = v
+    return lab

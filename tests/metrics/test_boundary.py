@@ -1,46 +1,12 @@
 """Boundary band and boundary-band ECE against a direct construction: boundary voxels by a loop over
 voxels and their face neighbours, distances from every voxel to every boundary voxel in mm."""
-import itertools
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from metrics_testlib import (BRATS_REGIONS, ref_binary_ece, ref_equal_mass_masks, ref_masked_ece, region_case, rk,
-                             softmax_case)
+from metrics_testlib import (BRATS_REGIONS, blobs, ref_band, ref_binary_ece, ref_equal_mass_masks, ref_masked_ece,
+                             region_case, rk, softmax_case)
 from nnunet_calibration.metrics import boundary_band, boundary_ece, default_band_width
-
-
-def ref_band(labels, spacing, k):
-    labels = np.asarray(labels)
-    shape = labels.shape
-    edge = []
-    for idx in itertools.product(*map(range, shape)):
-        for ax in range(labels.ndim):
-            for step in (-1, 1):
-                nb = list(idx)
-                nb[ax] += step
-                if 0 <= nb[ax] < shape[ax] and labels[tuple(nb)] != labels[idx]:
-                    edge.append(idx)
-    band = np.zeros(shape, bool)
-    if not edge:
-        return band
-    edge_mm = np.array(edge, float) * spacing
-    for idx in itertools.product(*map(range, shape)):
-        d = np.sqrt((((np.array(idx, float) * spacing) - edge_mm) ** 2).sum(1)).min()
-        band[idx] = d <= k * (1 + 1e-9)
-    return band
-
-
-def blobs(shape, seed, n_labels=3):
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.int64)
-    grid = np.indices(shape).astype(float)
-    for v in range(1, n_labels):
-        centre = rng.uniform(0, np.array(shape) - 1)
-        radius = rng.uniform(1.0, max(shape) / 3)
-        lab[((grid - centre.reshape(-1, *([1] * len(shape)))) ** 2).sum(0) <= radius ** 2] = v
-    return lab
 
 
 @pytest.mark.parametrize("shape,spacing,k", [((6, 7, 5), (2.5, 0.8, 1.3), None), ((6, 7, 5), (2.5, 0.8, 1.3), 1.7),
