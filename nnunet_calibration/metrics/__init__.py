@@ -17,6 +17,7 @@ from .boundary import boundary_band, boundary_ece, default_band_width
 from .case_scores import (boundary_entropy, expected_dice, foreground_entropy, mean_pairwise_dice,
                           uncertain_fraction)
 from .ece_variants import debiased_l2_ece, signed_calibration_error
+from .risk_coverage import RiskCoverageCurve, augrc, aurc, eaurc, risk_coverage_curve
 from .segmentation import dice, hd95, image_diagonal, surface_distances
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "signed_calibration_error", "debiased_l2_ece", "boundary_band", "boundary_ece", "default_band_width",
     "bootstrap_ci", "BootstrapInterval", "CaseStatistics",
     "foreground_entropy", "boundary_entropy", "expected_dice", "uncertain_fraction", "mean_pairwise_dice",
+    "risk_coverage_curve", "RiskCoverageCurve", "aurc", "eaurc", "augrc",
 ]
