@@ -63,6 +63,17 @@ def sort_keys(values: np.ndarray, outcome: np.ndarray) -> np.ndarray:
     return key
 
 
+def unique_inverse(x: np.ndarray):
+    """``np.unique(x, return_inverse=True)`` for a 1-D array, by one stable argsort (several times
+    faster than ``np.unique``'s inverse for float64 of this size)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.concatenate(([True], xs[1:] != xs[:-1])) if xs.size else np.zeros(0, bool)
+    inv = np.empty(x.size, np.intp)
+    inv[order] = np.cumsum(new) - 1
+    return xs[new], inv
+
+
 @dataclass
 class ValueStats:
     """Distinct values and per-outcome counts of a stack of tasks: exact statistics of equal-mass bins.
@@ -97,17 +108,18 @@ class ValueStats:
             self.values[task], self.count[task] = np.zeros(0), np.zeros((0, 2), np.int64)
             return
         k.sort()
-        starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
-        runs = np.diff(np.append(starts, k.size))
-        rk = k[starts]
-        positive = (rk & rk.dtype.type(1)).astype(bool)
-        bits = rk >> rk.dtype.type(1)
-        v = bits.astype(np.uint32).view(np.float32) if k.dtype == np.uint32 else bits.view(np.float64)
-        first = np.flatnonzero(np.concatenate(([True], v[1:] != v[:-1])))
-        n_all = np.add.reduceat(runs, first)
-        n_pos = np.add.reduceat(np.where(positive, runs, 0), first)
-        self.values[task] = v[first].astype(np.float64)
-        self.count[task] = np.stack([n_all - n_pos, n_pos], axis=1).astype(np.int64)
+        one = k.dtype.type(1)
+        bits = k >> one  # the value's bits, now sorted
+        first = np.flatnonzero(np.concatenate(([True], bits[1:] != bits[:-1])))
+        n_all = np.diff(np.append(first, k.size))
+        n_pos = np.add.reduceat((k & one).astype(np.int64), first)
+        v = bits[first]
+        v = v.view(np.float32) if k.dtype == np.uint32 else v.view(np.float64)
+        count = np.empty((first.size, 2), np.int64)
+        count[:, 0] = n_all - n_pos
+        count[:, 1] = n_pos
+        self.values[task] = v.astype(np.float64)
+        self.count[task] = count
 
     def __add__(self, other: "ValueStats") -> "ValueStats":
         if not isinstance(other, ValueStats):
@@ -117,9 +129,10 @@ class ValueStats:
                              f"{len(other.values)} tasks / {other.n_bins} bins")
         values, count = [], []
         for va, ca, vb, cb in zip(self.values, self.count, other.values, other.count):
-            u, inv = np.unique(np.concatenate([va, vb]), return_inverse=True)
-            c = np.zeros((u.size, 2), np.int64)
-            np.add.at(c, inv, np.concatenate([ca, cb]))
+            u, inv = unique_inverse(np.concatenate([va, vb]))
+            cab = np.concatenate([ca, cb])
+            c = np.stack([np.bincount(inv, weights=cab[:, o], minlength=u.size) for o in (0, 1)], 1)
+            c = np.rint(c).astype(np.int64)
             values.append(u)
             count.append(c)
         return ValueStats(values, count, self.total + other.total, self.n_bins)
@@ -133,8 +146,8 @@ class ValueStats:
 
     def edge_index(self, task: int) -> np.ndarray:
         """Index (into ``values[task]``) of the upper edge ``e_k`` of each of the ``n_bins`` bins."""
-        n = self.count[task].sum(1)
-        cum = np.cumsum(n)
+        c = self.count[task]
+        cum = np.cumsum(c[:, 0] + c[:, 1])
         q, r = divmod(int(cum[-1]) if cum.size else 0, self.n_bins)
         k = np.arange(1, self.n_bins + 1)
         ends = k * q + np.minimum(k, r)  # 1-based position of the last value of part k (np.array_split)
@@ -153,8 +166,11 @@ class ValueStats:
         for t, (v, c) in enumerate(zip(self.values, self.count)):
             if not v.size:
                 continue
-            b = np.searchsorted(self.edge_index(t), np.arange(v.size), side="left")  # first edge >= value
+            last = self.edge_index(t)  # bin k holds the distinct values last[k-1]+1 .. last[k]
+            start = np.concatenate(([0], last[:-1] + 1))
+            full = np.flatnonzero(last >= start)  # bins that hold values (others are empty)
             for o in (0, 1):
-                out.count[t, :, o] = np.bincount(b, weights=c[:, o], minlength=self.n_bins)[:self.n_bins]
-                out.conf_sum[t, :, o] = np.bincount(b, weights=v * c[:, o], minlength=self.n_bins)[:self.n_bins]
+                co = np.ascontiguousarray(c[:, o])
+                out.count[t, full, o] = np.add.reduceat(co, start[full])
+                out.conf_sum[t, full, o] = np.add.reduceat(v * co, start[full])
         return out

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ._adaptive import ValueStats, check_binning
+from ._adaptive import ValueStats, check_binning, unique_inverse
 from ._binning import BinStats, SumStats, bin_edges
 from ._checks import Regions, _check_types_and_shapes, _validate, resolve_region_labels
 from .boundary import _boundary_ece_update
@@ -69,7 +69,7 @@ class _Stack:
             self.total = np.stack([s.total for s in stats])
             self.tasks = []  # per task: distinct values, inverse index, counts, case of each row
             for t in range(len(stats[0].values)):
-                u, inv = np.unique(np.concatenate([s.values[t] for s in stats]), return_inverse=True)
+                u, inv = unique_inverse(np.concatenate([s.values[t] for s in stats]))
                 case = np.concatenate([np.full(s.values[t].size, i) for i, s in enumerate(stats)])
                 self.tasks.append((u, inv, np.concatenate([s.count[t] for s in stats]), case))
 

@@ -165,3 +165,14 @@ def test_adaptive_region_ece_matches_torch_uncertainty_binary():
         per_region.append(_tu_ace(probs[r][y], np.ones(int(y.sum()), np.float32), 15, binary=True))
     assert ece(probs, labels, n_bins=15, binning="adaptive", **rk(BRATS_REGIONS)) == pytest.approx(
         np.mean(per_region), abs=1e-6)
+
+
+def test_unique_inverse_equals_numpy():
+    from nnunet_calibration.metrics._adaptive import unique_inverse
+
+    rng = np.random.default_rng(2)
+    for x in (rng.choice(rng.random(30), 500), np.zeros(0), np.array([0.5])):
+        u, inv = unique_inverse(x)
+        ru, rinv = np.unique(x, return_inverse=True)
+        np.testing.assert_array_equal(u, ru)
+        np.testing.assert_array_equal(inv, rinv.reshape(-1))
