@@ -1,0 +1,157 @@
+"""Boundary band of a label map and the ECE restricted to it.
+
+Conventions
+-----------
+* ``spacing``: voxel size in mm per axis in the array's axis order (as :mod:`.segmentation`);
+  ``None`` means 1 per axis (distances in voxels).
+* Boundary voxels: the voxels with at least one face neighbour (``generate_binary_structure(ndim,
+  1)``) *inside the image* that has another label, i.e. both sides of every interface between two
+  labels (background included). The image border is not a boundary: a structure cut by the field of
+  view has no boundary there. A bool mask is a label map of 0 and 1.
+* Band: the voxels whose Euclidean distance in mm (between voxel centres) to the nearest boundary
+  voxel is at most ``k_mm`` (boundary voxels themselves have distance 0). Distances are those of
+  ``scipy.ndimage.distance_transform_edt(..., sampling=spacing)``; ``<=`` allows a relative 1e-9 for
+  their rounding, so a distance of exactly ``k_mm`` is in the band.
+* ``k_mm=None`` (default): **2 voxels of the largest spacing**, ``k_mm = 2 * max(spacing)``.
+* No foreground, or one label everywhere: no boundary, an empty band.
+* Speed: every boundary voxel lies within one voxel of the foreground (``label != 0``), so the EDT
+  runs on the foreground's bounding box grown by ``ceil(k_mm / spacing_i) + 1`` voxels per axis
+  (clipped to the image), not on the whole volume; voxels outside that box are farther than
+  ``k_mm`` from every boundary voxel. One EDT per call (softmax), one per region (regions).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from scipy import ndimage
+
+from ._adaptive import ValueStats, check_binning
+from ._binning import BinStats, CHUNK_VOXELS, bin_edges
+from ._checks import Regions, _check_types_and_shapes, _validate, resolve_region_labels
+from ._chunk import _work_dtype
+from ._kernels import _collect, _ece_tasks, _max_argmax
+from .calibration import _ece_compute
+from .segmentation import _spacing
+
+__all__ = ["boundary_band", "default_band_width", "boundary_ece"]
+
+_EDT_TOLERANCE = 1e-9
+
+
+def default_band_width(spacing) -> float:
+    """The default band half-width: 2 voxels of the largest spacing, ``2 * max(spacing)`` mm."""
+    return 2.0 * float(np.max(spacing))
+
+
+def _boundary(lab: np.ndarray) -> np.ndarray:
+    """Voxels with a face neighbour inside the array that has another value."""
+    out = np.zeros(lab.shape, bool)
+    for ax in range(lab.ndim):
+        lo = [slice(None)] * lab.ndim
+        hi = [slice(None)] * lab.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        diff = lab[tuple(lo)] != lab[tuple(hi)]
+        out[tuple(lo)] |= diff
+        out[tuple(hi)] |= diff
+    return out
+
+
+def _bbox(mask: np.ndarray) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """``(first, last + 1)`` per axis of the True voxels, or None."""
+    out = []
+    for ax in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        if hit.size == 0:
+            return None
+        out.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
+
+
+def boundary_band(labels, spacing=None, k_mm: Optional[float] = None) -> np.ndarray:
+    """Boolean mask of the voxels within ``k_mm`` mm of a boundary of ``labels`` (module docstring).
+
+    ``labels``: integer or bool array (2D or 3D, any rank); ``k_mm`` >= 0, default ``2 * max(spacing)``.
+    """
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        labels = labels.view(np.uint8)
+    sp = _spacing(spacing, labels.ndim)
+    k = default_band_width(sp) if k_mm is None else float(k_mm)
+    if not (np.isfinite(k) and k >= 0):
+        raise ValueError(f"k_mm must be finite and >= 0, got {k_mm}")
+    band = np.zeros(labels.shape, bool)
+    box = _bbox(labels != 0)
+    if box is None:
+        return band
+    margin = np.ceil(k / sp).astype(int) + 1
+    sl = tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(box, margin, labels.shape))
+    edge = _boundary(labels[sl])
+    if not edge.any():
+        return band
+    dist = ndimage.distance_transform_edt(~edge, sampling=sp)
+    band[sl] = dist <= k * (1 + _EDT_TOLERANCE)
+    return band
+
+
+def _band_values(probs, labels, regions, spacing, k_mm) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """``(task, confidence, correct)`` of the band voxels, in blocks of ``CHUNK_VOXELS``."""
+    flat_p = probs.reshape(probs.shape[0], -1)
+    flat_l = labels.reshape(-1)
+    cast = _work_dtype(probs)
+    if regions is None:
+        tasks = [(0, None, np.flatnonzero(boundary_band(labels, spacing, k_mm)))]
+    else:
+        tasks = []
+        for r, region in enumerate(regions):
+            target = np.isin(labels, region)
+            tasks.append((r, target.reshape(-1), np.flatnonzero(boundary_band(target, spacing, k_mm))))
+    for t, target, idx in tasks:
+        for s in range(0, idx.size, CHUNK_VOXELS):
+            blk = idx[s:s + CHUNK_VOXELS]
+            if target is None:
+                conf, pred = _max_argmax(flat_p.take(blk, axis=1).astype(cast, copy=False))
+                yield t, conf, pred == flat_l.take(blk)
+            else:
+                pr = flat_p[t].take(blk).astype(cast, copy=False)
+                yield t, np.maximum(pr, 1 - pr), (pr > 0.5) == target.take(blk)
+
+
+def _boundary_ece_arg_validation(probs, labels, spacing, k_mm, n_bins, regions, validate_args, binning):
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    bin_edges(n_bins)
+    check_binning(binning)
+    _spacing(spacing, labels.ndim)
+    if k_mm is not None and not (np.isfinite(k_mm) and k_mm >= 0):
+        raise ValueError(f"k_mm must be finite and >= 0, got {k_mm}")
+    if validate_args:
+        _validate(probs, labels, regions)
+    return probs, labels, regions
+
+
+def _boundary_ece_update(probs, labels, spacing=None, k_mm: Optional[float] = None, n_bins: int = 15,
+                         regions: Regions = None, binning: str = "uniform") -> Union[BinStats, ValueStats]:
+    probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
+    triples = _band_values(probs, labels, regions, spacing, k_mm)
+    return _collect(triples, _ece_tasks(probs.shape[0], regions), n_bins, check_binning(binning), _work_dtype(probs))
+
+
+def boundary_ece(probs, labels, spacing: Optional[Sequence[float]] = None, k_mm: Optional[float] = None,
+                 n_bins: int = 15, binning: str = "uniform", regions: bool = False, region_labels: Regions = None,
+                 validate_args: bool = True) -> float:
+    """ECE of the voxels within ``k_mm`` mm of the reference boundary (boundary-band ECE).
+
+    Band: :func:`boundary_band` of the reference ``labels`` with ``spacing`` (mm, array axis order)
+    and half-width ``k_mm`` (default: **2 voxels of the largest spacing**, ``2 * max(spacing)``), on
+    both sides of every label interface. Softmax: over the band voxels (background included: the
+    band reaches into it), confidence = largest class probability, correct = ``argmax_c p_c ==
+    label`` (lowest channel on ties), ``sum_b n_b/N |mean conf_b - mean correct_b|``. Regions: per
+    region r the band of the region's reference mask, confidence ``max(p_r, 1 - p_r)``, correct =
+    ``(p_r > 0.5) == [label in region r]``; mean over the regions with a non-empty band. Bins as
+    :func:`.calibration.ece` (``binning`` ``"uniform"`` or ``"adaptive"``). NaN if no band voxel.
+    Statistics: those of ECE (mergeable; pooled over cases with ``+``).
+    """
+    regions = resolve_region_labels(regions, region_labels)
+    probs, labels, regions = _boundary_ece_arg_validation(probs, labels, spacing, k_mm, n_bins, regions,
+                                                          validate_args, binning)
+    return _ece_compute(_boundary_ece_update(probs, labels, spacing, k_mm, n_bins, regions, binning))

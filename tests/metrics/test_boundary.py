@@ -1,0 +1,105 @@
+"""Boundary band and boundary-band ECE against a direct construction: boundary voxels by a loop over
+voxels and their face neighbours, distances from every voxel to every boundary voxel in mm."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from metrics_testlib import (BRATS_REGIONS, blobs, ref_band, ref_binary_ece, ref_equal_mass_masks, ref_masked_ece,
+                             region_case, rk, softmax_case)
+from nnunet_calibration.metrics import boundary_band, boundary_ece, default_band_width
+
+
+@pytest.mark.parametrize("shape,spacing,k", [((6, 7, 5), (2.5, 0.8, 1.3), None), ((6, 7, 5), (2.5, 0.8, 1.3), 1.7),
+                                             ((6, 7, 5), (1.0, 1.0, 1.0), 0.0), ((9, 11), (0.7, 1.9), None),
+                                             ((9, 11), (0.7, 1.9), 2.45), ((11, 12, 10), (1.5, 0.8, 1.0), None),
+                                             ((18, 20), (0.7, 1.0), None)])
+@pytest.mark.parametrize("seed", range(3))
+def test_band_matches_direct_construction(shape, spacing, k, seed):
+    lab = blobs(shape, seed)
+    kk = default_band_width(spacing) if k is None else k
+    band = boundary_band(lab, spacing, k)
+    np.testing.assert_array_equal(band, ref_band(lab, np.array(spacing), kk))
+    assert band.any()
+
+
+def test_band_edge_cases():
+    sp = (1.0, 2.0)
+    assert not boundary_band(np.zeros((5, 6), int), sp).any()  # no foreground
+    assert not boundary_band(np.ones((5, 6), int), sp).any()  # one label everywhere
+    lab = np.zeros((5, 6), int)
+    lab[:, :2] = 1  # touches three image borders: only the interface at column 1|2 is a boundary
+    band = boundary_band(lab, sp, k_mm=0)
+    assert band[:, 1:3].all() and band.sum() == 10
+    assert default_band_width((3.0, 0.7, 0.7)) == 6.0
+    # distance exactly k (2 voxels along the largest spacing) is inside
+    assert boundary_band(lab, sp, k_mm=4.0)[:, 1:5].all() and not boundary_band(lab, sp, k_mm=4.0)[:, 5].any()
+    with pytest.raises(ValueError, match="k_mm"):
+        boundary_band(lab, sp, k_mm=-1)
+    with pytest.raises(ValueError, match="spacing"):
+        boundary_band(lab, (1.0,))
+
+
+def test_band_on_bounding_box_equals_full_volume_edt():
+    """A small structure in a large volume: the band computed on the bounding box equals the EDT of
+    the whole volume (a different construction of the same definition)."""
+    lab = np.zeros((40, 50, 60), np.int64)
+    lab[10:14, 20:27, 30:33] = 1
+    lab[12:13, 22:24, 31:32] = 2
+    sp = np.array([3.0, 0.9, 1.1])
+    full_edge = np.zeros(lab.shape, bool)
+    for ax in range(3):
+        d = np.diff(lab, axis=ax) != 0
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        full_edge[tuple(lo)] |= d
+        full_edge[tuple(hi)] |= d
+    for k in (None, 2.0, 7.5):
+        kk = 2 * sp.max() if k is None else k
+        ref = ndimage.distance_transform_edt(~full_edge, sampling=sp) <= kk * (1 + 1e-9)
+        np.testing.assert_array_equal(boundary_band(lab, sp, k), ref)
+
+
+def ref_boundary_ece(probs, labels, spacing, k, n_bins, binning="uniform", regions=None):
+    def one(conf, correct):
+        if binning == "uniform":
+            return ref_binary_ece(conf, correct, n_bins)
+        return ref_masked_ece(conf, correct, ref_equal_mass_masks(conf, n_bins))
+    if regions is None:
+        band = ref_band(labels, np.array(spacing), k)
+        if not band.any():
+            return float("nan")
+        return one(probs.max(0)[band], (probs.argmax(0) == labels)[band])
+    vals = []
+    for r, reg in enumerate(regions):
+        y = np.isin(labels, reg)
+        band = ref_band(y, np.array(spacing), k)
+        if band.any():
+            p = probs[r][band]
+            vals.append(one(np.maximum(p, 1 - p), (p > 0.5) == y[band]))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+@pytest.mark.parametrize("binning", ["uniform", "adaptive"])
+@pytest.mark.parametrize("seed", range(2))
+def test_boundary_ece_matches_direct_construction(binning, seed):
+    shape, sp = (7, 8, 6), (2.0, 0.9, 1.2)
+    labels = blobs(shape, seed, n_labels=4)
+    probs, _ = softmax_case(shape, 4, seed)
+    kk = default_band_width(sp)
+    assert boundary_ece(probs, labels, sp, n_bins=6, binning=binning) == pytest.approx(
+        ref_boundary_ece(probs, labels, sp, kk, 6, binning), rel=1e-9)
+    assert boundary_ece(probs, labels, sp, k_mm=1.0, n_bins=6, binning=binning) == pytest.approx(
+        ref_boundary_ece(probs, labels, sp, 1.0, 6, binning), rel=1e-9)
+    rp, _ = region_case(shape, seed)
+    assert boundary_ece(rp, labels, sp, n_bins=6, binning=binning, **rk(BRATS_REGIONS)) == pytest.approx(
+        ref_boundary_ece(rp, labels, sp, kk, 6, binning, BRATS_REGIONS), rel=1e-9)
+
+
+def test_boundary_ece_without_boundary_is_nan_and_checks_arguments():
+    probs, _ = softmax_case((5, 6), 3, 0)
+    assert np.isnan(boundary_ece(probs, np.zeros((5, 6), np.int64), (1.0, 1.0)))
+    with pytest.raises(ValueError, match="spacing"):
+        boundary_ece(probs, np.zeros((5, 6), np.int64), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="k_mm"):
+        boundary_ece(probs, np.zeros((5, 6), np.int64), (1.0, 1.0), k_mm=float("nan"))
