@@ -47,8 +47,8 @@ from pathlib import Path
 
 import yaml
 
-from ._typed import (BOOL, NON_NEGATIVE_INT, POSITIVE_INT, TEXT, ANY_TEXT, Rule, Settings, SettingsError, is_int,
-                     one_of, setting)
+from ._typed import (ANY_TEXT, BOOL, NON_NEGATIVE_INT, POSITIVE_INT, TEXT, Rule, Settings, SettingsError, is_int,
+                     is_number, one_of, setting)
 from .metrics import MetricOptions
 from .training import Training
 
@@ -164,6 +164,9 @@ class Report(Settings):
     rank_metrics: tuple | None = setting(None, _RANK, "metrics of the Friedman ranks (default: every column "
                                                       "but the +PP ones)")
     note: str = setting("", ANY_TEXT, "a note printed at the top of the report")
+    learned_dsc: float | None = setting(None, Rule(lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+                                        "the report says whether every fold of the baseline reached this validation "
+                                        "DSC (did it learn at this budget?); null: not said")
 
     @property
     def ranked(self) -> tuple:

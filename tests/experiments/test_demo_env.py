@@ -25,13 +25,21 @@ def test_demo_environment_is_explicit(tmp_path):
 
 
 def test_demo_main_leaves_environment_unchanged(tmp_path, capsys):
-    """The demo's set-up (work folders, environment) up to a failing conversion: os.environ unchanged."""
+    """A bad ACDC path (issue 21): exit 2 naming it, before any folder is made (nothing left behind), and
+    os.environ unchanged; an ACDC folder of the wrong layout: the work folders this run made are removed again."""
     before = dict(os.environ)
     rc = demo.main([str(tmp_path / "no_such_acdc"), "--work", str(tmp_path / "work"), "--quiet",
                     "--output-root", str(tmp_path / "results")])
-    assert rc == 2
-    assert "calib-demo: error" in capsys.readouterr().err
-    assert (tmp_path / "work" / "nnUNet_raw").is_dir()
+    err = capsys.readouterr().err
+    assert rc == 2 and "calib-demo: error" in err and "no_such_acdc" in err, err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
+    (tmp_path / "not_acdc").mkdir()
+    (tmp_path / "not_acdc" / "readme.txt").write_text("x")
+    rc = demo.main([str(tmp_path / "not_acdc"), "--work", str(tmp_path / "work"), "--quiet",
+                    "--output-root", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "calib-demo: error" in err and "not_acdc" in err, err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
     assert dict(os.environ) == before
 
 

@@ -165,7 +165,7 @@ def _make_layout(root: Path, finished: bool = True) -> tuple[Path, dict]:
         "name": "hand", "dataset": "Dataset950_Hand", "configuration": "2d", "folds": [0, 1, 2],
         "trainers": ["nnUNetTrainerDiceCE"], "state_dir": str(root / "state"),
         "nnunet_paths": {"preprocessed": str(root / "pre"), "results": str(root / "res")},
-        "report": {"max_fit_voxels": 10 ** 6, "threshold_sweep": False}}))
+        "report": {"max_fit_voxels": 10 ** 6, "threshold_sweep": False, "postprocessing": False}}))
     return exp_file, cases
 
 

@@ -69,7 +69,7 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
     target = (Path(output_root).resolve() / name) if output_root is not None else \
         experiments[0].report_dir().parent / name
     copies = experiment_copy_names(experiments)
-    check_replaceable(target, copies.values())
+    check_replaceable(target, set(copies.values()))
     with atomic_dir(target) as work:
         data = gather.gather(experiments, work, name, command=command, progress=progress)
         for e, exp in zip(data.experiments, experiments):
@@ -103,7 +103,7 @@ def check_replaceable(target: Path, copies) -> None:
         return
     if not target.is_dir():
         raise ExperimentError(f"report folder {target} exists and is not a folder")
-    files = [p for p in target.rglob("*") if p.is_file()]
+    files = [p for p in target.rglob("*") if p.is_file() and p.relative_to(target).as_posix() not in copies]
     if not files:
         return
     manifest = target / MANIFEST
@@ -112,7 +112,7 @@ def check_replaceable(target: Path, copies) -> None:
             owned = set(json.loads(manifest.read_text())["files"]) | {MANIFEST}
         except (OSError, ValueError, KeyError, TypeError):
             owned = set()
-        foreign = [p for p in files if str(p.relative_to(target)) not in owned and p.name not in copies]
+        foreign = [p for p in files if p.relative_to(target).as_posix() not in owned]
     elif (target / "report.json").is_file():
         foreign = [p for p in files if not any(p.relative_to(target).match(g) for g in _LEGACY)]
     else:

@@ -96,6 +96,8 @@ class ExperimentResult:
     note: str = ""
     trainers: list = field(default_factory=list)  # [{"label", "trainer", "hparams", "nnUNet_results"}]
     regions: bool = False
+    #: report.learned_dsc: the validation DSC every baseline fold should reach (None: not checked)
+    learned_dsc: Optional[float] = None
 
 
 @dataclass

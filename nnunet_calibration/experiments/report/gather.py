@@ -327,6 +327,7 @@ def gather(experiments: list[Experiment], work: Path, name: str, command: str | 
             name=exp.name, dataset=exp.dataset_name, configuration=exp.configuration, plans=exp.plans,
             folds=list(exp.folds), baseline=exp.baseline_label, methods=methods, path=str(exp.path),
             training=exp.training.overrides(), note=exp.report.note, regions=info.has_regions,
+            learned_dsc=exp.report.learned_dsc,
             trainers=[{"label": t.label, "trainer": t.name, "hparams": exp.hparams_for(t),
                        "nnUNet_results": str(results_root(exp, t))} for t in exp.trainers]))
     return ReportData(name=name, experiments=results, rank_metrics=rank_metrics, command=command,

@@ -113,6 +113,17 @@ def _verdict(metric: str, diff: float, floor, p) -> str:
     return "not distinguishable"
 
 
+def learned(e: ExperimentResult) -> dict | None:
+    """Whether every fold of the baseline reached ``e.learned_dsc`` (validation DSC, the table's DSC column
+    before postprocessing): ``{"method", "threshold", "folds": {fold: DSC}, "learned"}``; None if not asked."""
+    base = next((m for m in base_rows(e) if m.method == e.baseline), None)
+    if e.learned_dsc is None or base is None or not base.fold_means:
+        return None
+    folds = {f: v.get("DSC", math.nan) for f, v in sorted(base.fold_means.items())}
+    return {"method": base.method, "threshold": e.learned_dsc, "folds": folds,
+            "learned": all(math.isfinite(v) and v >= e.learned_dsc for v in folds.values())}
+
+
 def curves(m: MethodResult) -> dict:
     """Per epoch, mean over the folds that logged it: ``{"epochs", "pseudo_dice", "train_loss"}`` (lists)."""
     per_epoch: dict[int, dict[str, list]] = {}

@@ -281,6 +281,12 @@ def _md_noise(data: ReportData, tab: Tables, plots: dict) -> list:
         if rows:
             L += [f"Difference to `{e.baseline}` (method − baseline; noise floor in brackets):", "",
                   md_table(["Method"] + list(METRICS), rows), ""]
+        ok = noise.learned(e)
+        if ok:
+            L += [f"Did the baseline learn at this budget? `{ok['method']}`'s validation DSC per fold: "
+                  + ", ".join(f"fold {f} {v:.3f}" for f, v in ok["folds"].items())
+                  + (f": **yes**, every fold reached {ok['threshold']:g}." if ok["learned"] else
+                     f": **no**, not every fold reached {ok['threshold']:g}."), ""]
         conv = tab.convergence.get(e.name)
         if conv:
             L += [f"Convergence: `{conv['method']}`'s pseudo-Dice (mean of classes and folds) over its last epochs "

@@ -31,6 +31,7 @@ applying are :mod:`nnunet_calibration.posthoc.scaling`'s (``fit``/``crossfit`` o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,7 +138,8 @@ def compute_tables(data: ReportData) -> Tables:
     for e in data.experiments:
         if e.baseline is not None and any(m.method == e.baseline for m in e.methods):
             for metric in METRICS:
-                per_case = {m.method: {c: v[metric] for c, v in m.cases.items()} for m in noise.base_rows(e)}
+                per_case = {m.method: {c: v.get(metric, math.nan) for c, v in m.cases.items()}
+                            for m in noise.base_rows(e)}
                 for meth, r in stats.wilcoxon_vs_baseline(per_case, e.baseline, metric).items():
                     wilcoxon.setdefault(e.name, {}).setdefault(meth, {})[metric] = r
         for m in e.methods:
