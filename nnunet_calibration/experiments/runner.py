@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nnunet_calibration.experiments.environment import experiment_env, resolve_device
-from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
+from nnunet_calibration.experiments.folds import (FoldStatus, fold_state, has_npz, log_path,
                                                   read_local_state, results_root, write_local_state)
 from nnunet_calibration.nnunet_utils import nnunet_command, training_env
 from nnunet_calibration.settings import HPARAMS_ENV, Experiment, ExperimentError, TrainerEntry, hparams_env_value

@@ -222,3 +222,8 @@ class CalibrationLoss(nn.Module):
 def ce_per_voxel(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-voxel cross-entropy ``(N, *spatial)`` (torch semantics, logits input)."""
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _onehot(prep: "Prepared"):
+    """The one-hot reference of a prepared label batch, in the logits' dtype."""
+    return onehot_from_labels(prep.labels, prep.logits.shape[1], dtype=prep.logits.dtype)

@@ -337,14 +337,3 @@ def brier(probs, labels, regions: bool = False, region_labels: Regions = None, v
     if validate_args:
         _validate(probs, labels, regions)
     return _brier_compute(_brier_update(probs, labels, regions))
-
-
-def __getattr__(name):
-    """Names that lived in this module before the split (issue 20), still importable from here."""
-    if name in ("CalibrationAccumulator", "METRIC_KEYS"):
-        from . import accumulator
-        return getattr(accumulator, name)
-    if name == "CONVENTIONS":
-        from nnunet_calibration.settings.metrics import CONVENTIONS
-        return CONVENTIONS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

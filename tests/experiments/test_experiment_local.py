@@ -4,7 +4,6 @@ Two trainers (nnUNetTrainerDiceCE, nnUNetTrainerLS_DC) x two folds, SHORT traini
 iterations). The DiceCE fold 0 trained by the ``synthetic_prediction`` fixture with the same
 hyperparameters is reused (skipped), the three other folds are trained here.
 """
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

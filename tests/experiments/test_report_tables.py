@@ -15,9 +15,9 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from nnunet_calibration.experiments import cli, posthoc
+from nnunet_calibration.experiments import cli
 from nnunet_calibration.posthoc import scaling
-from nnunet_calibration.settings import ExperimentError, Report, load_experiment
+from nnunet_calibration.settings import ExperimentError, load_experiment
 from nnunet_calibration.experiments.report import (METRICS, ExperimentResult, MethodResult, ReportData, build_report,
                                                    gather, make_report, render, tables)
 from nnunet_calibration.metrics import CalibrationAccumulator

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from nnunet_calibration.experiments import posthoc, stats
 from nnunet_calibration.experiments.report import noise
