@@ -110,7 +110,7 @@ def run_nnunet(args: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLi
     # its own process group: on an interrupt (Ctrl-C, SIGTERM under cli_main) nnU-Net and any worker
     # processes it started are stopped with it, not left behind
     with subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as proc:
+                          process_group=0) as proc:
         try:
             out, _ = proc.communicate()
         except BaseException:

@@ -76,7 +76,9 @@ class _Children:
         with self.lock:
             if self.stopping:
                 raise KeyboardInterrupt("stopping")
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # a process group of its own (stopped as a whole on interrupt) in this session, so that the
+            # training keeps the session's scheduling priority (nice / autogroup)
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
             self.procs.add(proc)
         return proc
 

@@ -249,3 +249,47 @@ def test_timelimit_handler_inert_outside_slurm():
     assert stop_signal({SIGNAL_ENV: "usr2"}) is signal.SIGUSR2
     with pytest.raises(ValueError, match="not a signal name"):
         stop_signal({SIGNAL_ENV: "NOPE"})
+
+
+def test_a_fold_trained_with_another_loss_is_never_reused(tmp_path):
+    """The rename trap: ``nnUNetTrainerNACL`` once meant the min kernel. A fold folder whose record names another
+    loss (or other loss hyperparameters, or none at all) than the trainer computes now stops the run."""
+    from nnunet_calibration.experiments.folds import fold_folder
+    from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams
+
+    pre = _preprocessed(tmp_path, with_data=True)
+    f = write_experiment(tmp_path / "e.yaml", **dict(BASE, dataset=123, trainers=["nnUNetTrainerNACL"], folds=[0],
+                                                     training={"num_epochs": 5},
+                                                     nnunet_paths={"preprocessed": str(pre),
+                                                                   "results": str(tmp_path / "res")}))
+    exp = validate(load_experiment(f))
+    fold = fold_folder(exp, exp.trainers[0], 0)
+    (fold / "validation").mkdir(parents=True)
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    (fold / "validation" / "summary.json").write_text("{}")
+
+    def record(**changes):
+        rec = {"trainer": "nnUNetTrainerNACL", "loss": "nacl", "loss_fixed": {},
+               "loss_hparams": {"alpha": 0.1, "kernel_size": 3, "kernel": "mean"},
+               "overrides": {"parsed": {"num_epochs": 5}}}
+        import nnunet_calibration.trainers as T
+
+        rec["loss_hparams"] = dict(T.nnUNetTrainerNACL.loss_hparams)
+        rec.update(changes)
+        (fold / "calibration_hparams.json").write_text(json.dumps(rec))
+
+    record()
+    check_recorded_hparams(exp)  # the same training: reused
+    for changes, what in (({"loss": "nacl_min"}, "loss 'nacl_min'"),
+                          ({"loss_hparams": {"alpha": 0.2}}, "loss_hparams"),
+                          ({"overrides": {"parsed": {"num_epochs": 7}}}, "training_overrides"),
+                          ({"loss": None}, "loss None")):
+        record(**changes)
+        with pytest.raises(ExperimentError, match="trained otherwise than this experiment asks for") as e:
+            check_recorded_hparams(exp)
+        assert what in str(e.value) and str(fold) in str(e.value)
+    rec = json.loads((fold / "calibration_hparams.json").read_text())
+    del rec["loss"]
+    (fold / "calibration_hparams.json").write_text(json.dumps(rec))
+    with pytest.raises(ExperimentError, match="does not name the loss"):
+        check_recorded_hparams(exp)

@@ -298,6 +298,9 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     assert "experiment.yaml" in manifest and "README.md" in manifest
     rep = json.loads((out / "report.json").read_text())
     assert rep["experiments"][0]["copy"] == "experiment.yaml"
+    # paths are recorded relative to the report folder: a report names no path of the machine it was made on
+    assert rep["experiments"][0]["file"] == "experiment.yaml"
+    assert str(tmp_path) not in (out / "report.json").read_text() and str(tmp_path) not in (out / "README.md").read_text()
     assert "copied here as [`experiment.yaml`](experiment.yaml)" in (out / "README.md").read_text()
     # a second report from that very file works again
     make_report([load()], tmp_path / "out", progress=False)
