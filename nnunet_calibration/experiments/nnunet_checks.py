@@ -171,9 +171,11 @@ def expected_record(exp: Experiment, entry: TrainerEntry, cls) -> dict:
     """What a fold of ``entry`` must have recorded (see :func:`~.folds.record_problems`)."""
     hp = exp.hparams_for(entry)
     training, loss = split_hparams(hp, cls.loss_hparams, f"trainer {entry.label}")
+    keys = Training.model_keys()  # when checkpoints were written does not matter
     return {"trainer": entry.name, "loss": cls.registry_name(), "loss_hparams": {**cls.loss_hparams, **loss},
-            "loss_fixed": dict(getattr(cls, "loss_fixed", {})), "training_overrides": training.overrides(),
-            "training_keys": Training.keys()}
+            "loss_fixed": dict(getattr(cls, "loss_fixed", {})),
+            "training_overrides": {k: v for k, v in training.overrides().items() if k in keys},
+            "training_keys": keys}
 
 
 def check_recorded_hparams(exp: Experiment) -> None:

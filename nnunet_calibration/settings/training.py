@@ -27,6 +27,9 @@ class Training(Settings):
     """nnU-Net's training settings a run may override (``None``: nnU-Net's default)."""
 
     SECTION = "training"
+    #: keys that decide when checkpoints are written, not what is learned: a finished fold is reused
+    #: whatever they were (a study may checkpoint more often to survive kills)
+    BOOKKEEPING = ("save_every",)
 
     num_epochs: int | None = setting(None, POSITIVE_INT, "epochs (nnU-Net: 1000)")
     num_iterations_per_epoch: int | None = setting(None, POSITIVE_INT, "training iterations per epoch (nnU-Net: 250)")
@@ -42,6 +45,11 @@ class Training(Settings):
     def overrides(self) -> dict:
         """The keys that were set (not ``None``)."""
         return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    @classmethod
+    def model_keys(cls) -> tuple[str, ...]:
+        """The keys that change the trained model (all but :attr:`BOOKKEEPING`)."""
+        return tuple(k for k in cls.keys() if k not in cls.BOOKKEEPING)
 
 
 def parse_hparams(text: str | None) -> dict:

@@ -280,6 +280,8 @@ def test_a_fold_trained_with_another_loss_is_never_reused(tmp_path):
 
     record()
     check_recorded_hparams(exp)  # the same training: reused
+    record(overrides={"parsed": {"num_epochs": 5, "save_every": 2}})
+    check_recorded_hparams(exp)  # checkpointed more often: the same model, reused
     for changes, what in (({"loss": "nacl_min"}, "loss 'nacl_min'"),
                           ({"loss_hparams": {"alpha": 0.2}}, "loss_hparams"),
                           ({"overrides": {"parsed": {"num_epochs": 7}}}, "training_overrides"),
