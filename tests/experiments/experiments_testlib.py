@@ -82,6 +82,22 @@ def load_json(p) -> dict:
     return json.loads(Path(p).read_text())
 
 
+def write_matching_record(experiment_file: Path, trainer: str, fold_dir: Path) -> None:
+    """A ``calibration_hparams.json`` in ``fold_dir`` as the trainer writes it for this experiment's entry
+    ``trainer`` (so the fold passes the reuse check and the run reaches nnU-Net)."""
+    from nnunet_calibration.experiments.nnunet_checks import expected_record, trainer_class, validate
+    from nnunet_calibration.experiments.environment import experiment_env
+    from nnunet_calibration.settings import load_experiment
+
+    exp = validate(load_experiment(experiment_file))
+    entry = next(e for e in exp.trainers if e.label == trainer)
+    want = expected_record(exp, entry, trainer_class(exp, entry, experiment_env(exp)))
+    record = {k: want[k] for k in ("trainer", "loss", "loss_hparams", "loss_fixed")}
+    record["overrides"] = {"parsed": want["training_overrides"]}
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    (fold_dir / "calibration_hparams.json").write_text(json.dumps(record))
+
+
 # ------------------------------------------------------------------ a real single-node SLURM cluster
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 APT_COMMAND = "apt-get update && apt-get install -y slurmctld slurmd slurm-client munge"

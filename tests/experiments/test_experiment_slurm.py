@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from experiments_testlib import (APT_COMMAND, SHORT, SlurmCluster, SlurmUnavailable, check_table_against_evaluator,
-                                 missing_programs, write_experiment)
+                                 missing_programs, write_experiment, write_matching_record)
 from nnunet_calibration.experiments import cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.nnunet]
@@ -161,7 +161,7 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     (tmp_path / "results_ok").mkdir()
     corrupt = (tmp_path / "results_broken" / ds.name / "nnUNetTrainerDiceCE__nnUNetPlans__2d" / "fold_0"
                / "checkpoint_latest.pth")
-    corrupt.parent.mkdir(parents=True)
+    write_matching_record(broken, "nnUNetTrainerDiceCE", corrupt.parent)  # ours, so the run reaches nnU-Net
     corrupt.write_bytes(b"not a checkpoint")
     out_root = tmp_path / "reports"
     t0 = time.monotonic()
