@@ -13,7 +13,7 @@ shared cores vary with the machine's other work:
 * ``loop``: the same calibration metrics written the way the papers' code does it: for every
   metric, class and bin a boolean mask ``(p > lo) & (p <= hi)`` over the whole volume, then means of
   the masked values (NLL and Brier with a full one-hot array);
-* peak memory of one calib-evaluate worker process (``evaluation.core.evaluate_case``: npz load,
+* peak memory of one calib-evaluate worker process (``evaluation.case.evaluate_case``: npz load,
   reference read, input checks, all metrics) relative to the size of one case's probability array,
   measured in a fresh child process with ``tracemalloc`` (numpy reports its buffers to it) and
   with the growth of the resident set's high-water mark (``VmHWM`` in /proc/self/status).
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_calibration.metrics import CalibrationAccumulator, validate_probabilities
+from nnunet_calibration.settings import MetricOptions
 
 SHAPE = (155, 240, 240)
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
@@ -178,7 +179,8 @@ def loop_metrics(probs, labels, regions):
 # ours
 # --------------------------------------------------------------------------------------------------
 def our_calibration(probs, labels, regions):
-    return CalibrationAccumulator(regions=regions is not None, region_labels=regions, **OPTS).update(probs, labels).compute()
+    return CalibrationAccumulator(MetricOptions(**OPTS), regions=regions is not None,
+                                  region_labels=regions).update(probs, labels).compute()
 
 
 def label_setup(regions):
@@ -190,8 +192,8 @@ def label_setup(regions):
 
 
 def our_segmentation(probs, labels, regions, spacing=(1.0, 1.0, 1.0)):
-    """What calib-evaluate does per case for DSC/HD95 (evaluation.core's own functions)."""
-    from nnunet_calibration.evaluation.core import probabilities_to_segmentation, segmentation_metrics
+    """What calib-evaluate does per case for DSC/HD95 (evaluation.segmentation's own functions)."""
+    from nnunet_calibration.evaluation.segmentation import probabilities_to_segmentation, segmentation_metrics
 
     from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE
 
@@ -209,11 +211,11 @@ def _vm_kb(field):
 
 
 def _child_memory(npz, ref, regions, q):
-    """Runs calib-evaluate's real per-case worker (evaluation.core.evaluate_case) on one case."""
+    """Runs calib-evaluate's real per-case worker (evaluation.case.evaluate_case) on one case."""
     import SimpleITK  # noqa: F401  (imports first: only the case's memory is measured)
     import nnunetv2.evaluation.evaluate_predictions  # noqa: F401
 
-    from nnunet_calibration.evaluation.core import evaluate_case
+    from nnunet_calibration.evaluation.case import evaluate_case
     from nnunet_calibration.utils import keep_freed_memory
 
     keep_freed_memory()  # as in calib-evaluate's worker processes
@@ -221,7 +223,7 @@ def _child_memory(npz, ref, regions, q):
     job = {"case": "bench", "folder": str(Path(npz).parent), "npz": npz, "reference": ref}
     rss0 = _vm_kb("VmRSS")
     tracemalloc.start()
-    evaluate_case(job, lm, names, regions, OPTS)
+    evaluate_case(job, lm, names, regions, MetricOptions(**OPTS))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     hwm = _vm_kb("VmHWM")
@@ -255,7 +257,7 @@ def _timed(f, repeat: int):
 def run(mode: str, n_cases: int, tmp: Path, loop_cases: int, repeat: int = 3):
     import SimpleITK as sitk
     import nnunetv2.evaluation.evaluate_predictions  # noqa: F401  (import time is not metric time)
-    import nnunet_calibration.evaluation.core  # noqa: F401
+    import nnunet_calibration.evaluation.folders  # noqa: F401
 
     from nnunet_calibration.utils import keep_freed_memory
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from nnunet_calibration.settings import MetricOptions, add_arguments
 from nnunet_calibration.utils import ArgumentParser, cli_main, keep_freed_memory
 
-from .core import evaluate_folders
+from .folders import evaluate_folders
 
 DESCRIPTION = """\
 Evaluate nnU-Net v2 predictions saved with probabilities (nnUNetv2_predict --save_probabilities,
@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     options = MetricOptions.from_cli(args)  # range checks: one line, exit 2
     cases = args.cases
     if args.cases_from_split is not None:
-        from .core import validation_cases
+        from .labels import split_validation_cases
 
-        cases = (cases or []) + validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
+        cases = (cases or []) + split_validation_cases(args.cases_from_split[0], int(args.cases_from_split[1]))
     if args.num_processes == 1:
         keep_freed_memory()  # this process evaluates the cases itself (see keep_freed_memory)
     summary = evaluate_folders(

@@ -313,7 +313,7 @@ def test_cli_subprocess_exit_code_and_missing_folders(tmp_path):
 def test_segmentation_equals_nnunet_label_manager(regions):
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_calibration.evaluation.core import probabilities_to_segmentation
+    from nnunet_calibration.evaluation.segmentation import probabilities_to_segmentation
 
     rng = np.random.default_rng(0)
     if regions:
@@ -336,7 +336,7 @@ def test_segmentation_shortcut_for_checked_softmax_sums_gives_the_same_argmax():
     ties at 0.5 and sums off by up to the tolerance."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_calibration.evaluation.core import probabilities_to_segmentation
+    from nnunet_calibration.evaluation.segmentation import probabilities_to_segmentation
     from nnunet_calibration.metrics import validate_probabilities
     from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE as tol
 
