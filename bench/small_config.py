@@ -109,7 +109,7 @@ def _env(work: Path) -> dict:
     from nnunet_calibration.experiments.environment import with_plugin_trainers
     from nnunet_calibration.nnunet_utils import nnunet_env
 
-    env = nnunet_env(work)
+    env = nnunet_env(work, cpu_friendly=True)
     return with_plugin_trainers(env)
 
 

@@ -179,18 +179,19 @@ def main(argv=None) -> int:
         work = tmp
     else:
         work = args.work_dir
-    env = nnunet_env(work)
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = nnunet_env(work, cpu_friendly=device.type == "cpu")  # on a GPU nnU-Net's own defaults
     env.pop("nnUNet_n_proc_DA", None)  # breaks nnU-Net's planning; set below for the data loader
     os.environ.update(env)
     os.environ.pop("nnUNet_n_proc_DA", None)
     try:
-        import torch
         from tqdm import tqdm
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         import nnunet_calibration.trainers as T
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         preprocessed = _prepare_dataset(args, env)
         os.environ["nnUNet_n_proc_DA"] = "0"  # in-process data augmentation for the fixed batches
         names = _select(T.TRAINER_NAMES, args.trainers)

@@ -28,8 +28,8 @@ CPU_FRIENDLY_ENV = {
 TRAINING_ENV = {"nnUNet_n_proc_DA": "0"}
 
 
-def nnunet_env(root: str | os.PathLike | None = None, base: Mapping[str, str] | None = None,
-               cpu_friendly: bool = True) -> dict:
+def nnunet_env(root: str | os.PathLike | None = None, base: Mapping[str, str] | None = None, *,
+               cpu_friendly: bool) -> dict:
     """Return an environment dict for nnU-Net commands.
 
     Parameters
@@ -41,7 +41,9 @@ def nnunet_env(root: str | os.PathLike | None = None, base: Mapping[str, str] | 
     base
         Starting environment (default: ``os.environ``).
     cpu_friendly
-        Add :data:`CPU_FRIENDLY_ENV` (values already set in ``base`` win).
+        Add :data:`CPU_FRIENDLY_ENV` (values already set in ``base`` win). No default: every caller says
+        whether its nnU-Net commands run on a small CPU machine, so these settings never reach a GPU job
+        by omission.
     """
     env = dict(os.environ if base is None else base)
     if root is not None:

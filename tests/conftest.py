@@ -130,7 +130,7 @@ def plugin_installed_in_nnunet() -> bool:
 
 
 def _nnunet_env(root: Path) -> dict:
-    env = nnunet_env(root)
+    env = nnunet_env(root, cpu_friendly=True)
     # nnU-Net gives torch one thread per core in every process; with two xdist workers (and on a busy
     # machine) threads spinning at OpenMP barriers steal the cores the other threads wait for
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

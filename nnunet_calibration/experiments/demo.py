@@ -68,7 +68,7 @@ def demo_environment(work: Path, base: Mapping[str, str] | None = None) -> tuple
     folders = {k: Path(work) / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")}
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
-    env = nnunet_env(None, base=base)
+    env = nnunet_env(None, base=base, cpu_friendly=True)  # the demo's budget is for 2 CPU cores (device: cpu)
     env.update({f"nnUNet_{k}": str(v) for k, v in folders.items()})
     return folders, with_plugin_trainers(env)
 

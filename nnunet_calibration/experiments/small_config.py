@@ -229,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    env = nnunet_env()
+    env = nnunet_env(cpu_friendly=True)  # preprocessing only (-np decides the processes); nothing compiles
     pre = env.get("nnUNet_preprocessed")
     if not pre:
         raise SmallConfigError("nnUNet_preprocessed is not set")

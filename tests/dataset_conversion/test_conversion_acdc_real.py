@@ -22,7 +22,7 @@ TRAINING = ACDC_SUBSET / "database" / "training"
 @pytest.mark.nnunet
 @pytest.mark.skipif(not TRAINING.is_dir(), reason=f"real ACDC subset not found at {ACDC_SUBSET}")
 def test_real_acdc_subset(tmp_path):
-    env = nnunet_env(tmp_path / "nnunet")
+    env = nnunet_env(tmp_path / "nnunet", cpu_friendly=True)
     res = convert_acdc(ACDC_SUBSET, 27, raw_root=env["nnUNet_raw"], preprocessed_root=env["nnUNet_preprocessed"],
                        progress=False)
     patients = sorted(p.name for p in TRAINING.iterdir() if p.is_dir())

@@ -40,7 +40,7 @@ def sitk_array(path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv_nnunet")
-    env = nnunet_env(root / "nnunet")
+    env = nnunet_env(root / "nnunet", cpu_friendly=True)
     kw = dict(raw_root=env["nnUNet_raw"], preprocessed_root=env["nnUNet_preprocessed"], progress=False)
     src, res = {}, {}
     src["acdc"] = b.make_acdc(root / "src" / "acdc")
