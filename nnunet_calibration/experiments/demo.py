@@ -100,7 +100,7 @@ def _plan(cfg: dict, dataset_id: int, folders: dict, env: dict, work: Path) -> N
     elif configuration == "2d":
         print("[2/4] nnUNetv2_plan_and_preprocess -c 2d ...", flush=True)
         run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1",
-                    "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
+                    "-npfp", "1", "--verify_dataset_integrity"], env, log_path=work / "plan_and_preprocess.log")
     else:
         # nnU-Net's planner (no preprocessing of the full 2d configuration), then the small configuration,
         # preprocessed alone with nnU-Net's own preprocessing

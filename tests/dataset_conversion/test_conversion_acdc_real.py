@@ -51,7 +51,7 @@ def test_real_acdc_subset(tmp_path):
     assert [len(f["val"]) for f in splits] == [8] * 5  # 4 patients x 2 frames per fold
 
     log = run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", "27", "-c", "2d", "-np", "1",
-                      "--verify_dataset_integrity"], env)
+                      "-npfp", "1", "--verify_dataset_integrity"], env)
     assert "verify_dataset_integrity Done" in log
     pre = Path(env["nnUNet_preprocessed"]) / res.dataset_name
     assert len(list((pre / "nnUNetPlans_2d").glob("*.pkl"))) == 40

@@ -55,7 +55,7 @@ def converted(tmp_path_factory):
         src[scheme] = b.make_flare(root / "src" / "flare", scheme)
         res[scheme] = convert_flare(src[scheme], IDS[scheme], **kw)
     log = run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", *[str(i) for i in IDS.values()], "-c", "2d",
-                      "-np", "1", "--verify_dataset_integrity"], env, log_path=root / "plan_and_preprocess.log")
+                      "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env, log_path=root / "plan_and_preprocess.log")
     return SimpleNamespace(env=env, src=src, res=res, log=log, pre=Path(env["nnUNet_preprocessed"]))
 
 

@@ -47,7 +47,7 @@ def ignore_dataset(nnunet_root):
     dj["labels"]["ignore"] = IGNORE
     (raw / "dataset.json").write_text(json.dumps(dj, indent=2))
     run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", "903", "-c", "2d", "-np", "1",
-                "--verify_dataset_integrity"], nnunet_root)
+                "-npfp", "1", "--verify_dataset_integrity"], nnunet_root)
     return SimpleNamespace(dataset_id=903, name=raw.name, raw=raw, env=nnunet_root,
                            preprocessed=Path(nnunet_root["nnUNet_preprocessed"]) / raw.name)
 
