@@ -305,3 +305,23 @@ def test_report_keeps_a_copy_of_the_experiment_file_even_when_it_lives_in_the_re
     # a second report from that very file works again
     make_report([load()], tmp_path / "out", progress=False)
     assert inside.read_text() == text
+
+
+def test_a_report_of_an_earlier_version_is_replaced_but_nothing_else(tmp_path):
+    """A report folder from before the manifest (as committed in ``results/``, e.g. the nested
+    ``evaluation/<experiment>/<method>/fold_<k>/summary.json``) may be replaced; a file of any other kind
+    in it may not."""
+    from nnunet_calibration.experiments.report import check_replaceable
+
+    old = tmp_path / "old"
+    for rel in ("README.md", "table.csv", "report.json", "reliability.png", "experiment.yaml",
+                "evaluation/acdc-subset-demo/nnUNetTrainerDiceCE+TS/fold_0/summary.json"):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text("x")
+    check_replaceable(old, {})
+    for stray in ("evaluation/acdc-subset-demo/notes.txt", "sub/table.csv"):
+        (old / stray).parent.mkdir(parents=True, exist_ok=True)
+        (old / stray).write_text("mine")
+        with pytest.raises(ExperimentError, match=f"holds files no report wrote .*{stray}"):
+            check_replaceable(old, {})
+        (old / stray).unlink()

@@ -30,6 +30,7 @@ survives a new report (as that copy); any other file there stops the report inst
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -84,9 +85,15 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
 
 #: the list of files a report wrote (in the report folder); only a folder whose every file is listed is replaced
 MANIFEST = ".calib_report_manifest.json"
-#: what a report wrote before it kept a manifest (reports made by earlier versions)
-_LEGACY = ("README.md", "table.csv", "wilcoxon.csv", "threshold_sweep.csv", "report.json", "*.png", "experiment*.yaml",
-           "evaluation/**/summary.json")
+#: what a report wrote before it kept a manifest (reports made by earlier versions): top-level files, and the
+#: evaluator's summaries at any depth below ``evaluation/`` (``evaluation/<experiment>/<method>/fold_<k>/``)
+_LEGACY = ("README.md", "table.csv", "wilcoxon.csv", "threshold_sweep.csv", "report.json", "*.png", "experiment*.yaml")
+
+
+def _legacy_report_file(rel: Path) -> bool:
+    if rel.parts[0] == "evaluation":
+        return rel.name == "summary.json"
+    return len(rel.parts) == 1 and any(fnmatch.fnmatchcase(rel.name, g) for g in _LEGACY)
 
 
 def write_manifest(folder: Path) -> None:
@@ -114,7 +121,7 @@ def check_replaceable(target: Path, copies) -> None:
             owned = set()
         foreign = [p for p in files if p.relative_to(target).as_posix() not in owned]
     elif (target / "report.json").is_file():
-        foreign = [p for p in files if not any(p.relative_to(target).match(g) for g in _LEGACY)]
+        foreign = [p for p in files if not _legacy_report_file(p.relative_to(target))]
     else:
         foreign = files
     if foreign:
