@@ -273,6 +273,9 @@ def _md_noise(data: ReportData, tab: Tables, plots: dict) -> list:
             row = [meth]
             for metric in METRICS:
                 d = per[metric]
+                if not math.isfinite(d["diff"]):  # a column the method has not (e.g. +PP of a scaling row)
+                    row.append("—")
+                    continue
                 floor = "" if d["noise_floor"] is None else f" (±{fmt(d['noise_floor'], metric)})"
                 row.append(f"{d['diff']:+.3g}{floor} p {fmt_p(d['p'])} **{d['verdict']}**"
                            if d["verdict"] in ("better", "worse") else
