@@ -95,9 +95,9 @@ def _read_manifest(folder: Path, names: List[str], shown: Path) -> Dict[str, dic
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"] if manifest.get("format") == MANIFEST_FORMAT else None
-        ok = isinstance(files, dict) and all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..",
-                                                                                                    MANIFEST)
-                                             for n in files)
+        ok = isinstance(files, dict) and all(
+            isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..", MANIFEST) and isinstance(v, dict)
+            for n, v in files.items())
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         ok = False
     if not ok:
@@ -110,10 +110,13 @@ def our_files(folder: Path, shown: Optional[Path] = None) -> List[str]:
     """The files of an existing output folder, all written by the evaluator (``[]`` if it is empty);
     an :class:`EvaluationInputError` if it holds anything else or a file changed since it was written.
     ``shown``: the folder's name in messages (default ``folder``)."""
-    names = sorted(os.listdir(folder))
+    shown = folder if shown is None else shown
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise EvaluationInputError(f"{shown}: cannot read the existing output folder ({e.strerror or e})") from e
     if not names:
         return []
-    shown = folder if shown is None else shown
     files = _read_manifest(folder, names, shown)
     other = [n for n in names if n not in files and n != MANIFEST]
     if other:
@@ -123,10 +126,15 @@ def our_files(folder: Path, shown: Optional[Path] = None) -> List[str]:
         if name == MANIFEST:
             continue
         p, want = folder / name, files[name]
-        if (not p.is_file() or p.is_symlink() or p.stat().st_size != want.get("bytes")
-                or _sha256(p) != want.get("sha256")):
-            raise EvaluationInputError(f"{shown / name}: changed since calib-evaluate wrote it; the folder is not replaced, "
-                                       "choose another -o")
+        try:
+            changed = (not p.is_file() or p.is_symlink() or p.stat().st_size != want.get("bytes")
+                       or _sha256(p) != want.get("sha256"))
+        except OSError as e:
+            raise EvaluationInputError(f"{shown / name}: cannot read it to check it ({e.strerror or e}); the folder is "
+                                       "not replaced, choose another -o") from e
+        if changed:
+            raise EvaluationInputError(f"{shown / name}: changed since calib-evaluate wrote it; the folder is not "
+                                       "replaced, choose another -o")
     return names
 
 
