@@ -3,8 +3,6 @@
 metrics (one :class:`~nnunet_calibration.metrics.CalibrationAccumulator` per case)."""
 from __future__ import annotations
 
-import os
-import signal
 from typing import List
 
 import numpy as np
@@ -12,7 +10,6 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_calibration.metrics import CalibrationAccumulator, validate_labels, validate_probabilities
 from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE
-from nnunet_calibration.utils import keep_freed_memory
 
 from .errors import EvaluationInputError
 from .reading import geometry_problems, is_2d, load_probabilities, prediction_properties, read_reference
@@ -83,23 +80,3 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
     entry = {"case": job["case"], "folder": job["folder"], "prediction": str(job["npz"]),
              "reference": str(job["reference"]), "spacing": list(spacing), "metrics": metrics, "flags": flags}
     return entry, acc
-
-
-_STARTED_QUEUE = None  # set in worker processes: (pid, case) is put there when a case starts
-
-
-def _init_worker(q) -> None:
-    global _STARTED_QUEUE
-    _STARTED_QUEUE = q
-    keep_freed_memory()  # a worker evaluates many large cases: reuse freed memory (see its docstring)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the workers
-    q.put((os.getpid(), None))
-
-
-def _worker(job, lm, class_names, regions, options, reader):
-    if _STARTED_QUEUE is not None:
-        _STARTED_QUEUE.put((os.getpid(), job["case"]))
-    try:
-        return "ok", evaluate_case(job, lm, class_names, regions, options, reader)
-    except EvaluationInputError as e:
-        return "input-error", str(e)

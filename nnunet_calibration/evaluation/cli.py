@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 from nnunet_calibration.settings import MetricOptions, add_arguments
-from nnunet_calibration.utils import ArgumentParser, cli_main, keep_freed_memory
 
-from .folders import evaluate_folders
+# Only the standard library and the settings at import time: a worker process of calib-evaluate
+# imports this module first (as the main module) before it asks to die with its parent (see .pool),
+# so numpy, nnU-Net, SimpleITK and torch are imported in the functions below.
 
 DESCRIPTION = """\
 Evaluate nnU-Net v2 predictions saved with probabilities (nnUNetv2_predict --save_probabilities,
@@ -18,8 +20,14 @@ Algorithm 1), mL1-ACE/mL1-ECE/mL1-MCE (ACE paper), NLL and Brier (DSC++ paper); 
 mean over cases and the exact pooled values.
 
 Writes OUT/summary.json, OUT/per_case.csv, OUT/reliability_<class>.png and
-OUT/dataset_reliability_histogram.png. Nothing is written unless every case was evaluated
-(SIGINT and SIGTERM remove the staging folder; one left by a killed run is removed by the next).
+OUT/dataset_reliability_histogram.png (plots of at most {max_plotted} classes; --no-plots: none), and
+OUT/calib_evaluate_manifest.json, the list of the files it wrote. Nothing is written unless every
+case was evaluated (SIGINT and SIGTERM remove the staging folder; one left by a killed run is
+removed by the next; worker processes die with the main process). OUT may not be, contain or lie
+inside a PRED_FOLDER or the --gt folder (the default PRED_FOLDER/calibration_evaluation excepted),
+nor be or contain the folder of dataset.json; an existing OUT
+is replaced only if it holds an earlier output of calib-evaluate, unchanged (its manifest's files).
+Unusable output locations are errors before any case is computed.
 Every reference must have a prediction and vice versa (else an error listing the cases) unless
 --allow-missing, or --cases names the cases to evaluate (e.g. one fold's validation cases).
 Corrupt/truncated files, geometry mismatches (spacing, origin, direction, shape from nnU-Net's
@@ -38,7 +46,11 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="calib-evaluate", description=DESCRIPTION,
+    from nnunet_calibration.utils import ArgumentParser
+
+    from .output import MAX_PLOTTED_CLASSES
+
+    p = ArgumentParser(prog="calib-evaluate", description=DESCRIPTION.format(max_plotted=MAX_PLOTTED_CLASSES),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pred_folders", nargs="+", metavar="PRED_FOLDER",
                    help="folder(s) with CASE.npz (key 'probabilities') and CASE.pkl; several folders "
@@ -48,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-djfile", "--dataset-json", dest="dataset_json", default=None,
                    help="dataset.json (default: the one in the first PRED_FOLDER or its parent/grand-parent)")
     p.add_argument("-o", "--output", dest="out_dir", default=None,
-                   help="output folder (default: PRED_FOLDER/calibration_evaluation; replaced if it only "
-                        "holds earlier calib-evaluate output)")
+                   help="output folder outside the input folders (default: PRED_FOLDER/calibration_evaluation); "
+                        "an existing one is replaced only if it holds an earlier calib-evaluate output, unchanged")
     p.add_argument("-np", "--num-processes", dest="num_processes", type=_positive_int, default=1,
                    help="cases evaluated in parallel processes (one case in memory per process; default 1)")
     p.add_argument("--cases", nargs="+", default=None, metavar="CASE",
@@ -61,11 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "under 'missing') instead of stopping with an error")
     metrics = p.add_argument_group("metric options (nnunet_calibration.settings.MetricOptions)")
     add_arguments(metrics, MetricOptions)
+    p.add_argument("--no-plots", action="store_true",
+                   help="no reliability diagrams and no dataset reliability histogram (by default they are "
+                        f"drawn for at most {MAX_PLOTTED_CLASSES} classes, the first ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnunet_calibration.utils import keep_freed_memory
+
+    from .folders import evaluate_folders
+
     options = MetricOptions.from_cli(args)  # range checks: one line, exit 2
     cases = args.cases
     if args.cases_from_split is not None:
@@ -77,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate_folders(
         args.pred_folders, args.gt, dataset_json=args.dataset_json, out_dir=args.out_dir,
         num_processes=args.num_processes, progress=not args.no_progress, cases=cases,
-        allow_missing=args.allow_missing, options=options)
+        allow_missing=args.allow_missing, options=options, plots=not args.no_plots)
     m, pooled = summary["mean"], summary["pooled"]
 
     def fmt(v):
@@ -93,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if n_flagged:
         print(f"{n_flagged} case(s) flagged (empty masks, HD95 = image diagonal; geometry not checked): "
               "see summary.json")
+    plots = summary["plots"]
+    if len(plots["classes"]) < plots["n_classes"]:
+        print(plots["note"])
     miss = summary.get("missing") or {}
     if miss.get("predictions") or miss.get("references"):
         print(f"skipped (--allow-missing): {len(miss.get('predictions') or [])} case(s) without prediction, "
@@ -101,7 +123,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli_main(build_parser(), run, argv)
+    """The console script (``argv`` None: ``sys.argv``). Interrupted (exit status 130, workers stopped,
+    staging removed), the console script itself leaves at once: the interpreter's own clean-up of
+    torch and nnU-Net takes seconds and has nothing left to do."""
+    from nnunet_calibration.utils import cli_main
+
+    status = cli_main(build_parser(), run, argv)
+    if status == 130 and argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

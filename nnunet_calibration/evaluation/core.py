@@ -10,7 +10,8 @@ callers move to the modules that now hold them (issue 20):
 :mod:`.segmentation`       ``SDC_CODE_CLASS``, ``probabilities_to_segmentation``, ``segmentation_metrics``
 :mod:`.case`               ``evaluate_case`` (and the worker-process side)
 :mod:`.pool`               ``run_jobs``: the cases in this process or in worker processes
-:mod:`.output`             ``default_out_dir``, ``make_staging``, ``write_outputs``, ``write_per_case_csv``
+:mod:`.output`             ``default_out_dir``, ``OutputFolder`` (checks, staging, manifest), ``write_outputs``,
+                           ``write_per_case_csv``
 :mod:`.folders`            ``collect_jobs``, ``dataset_means``, ``evaluate_folders``
 =========================  ==========================================================================
 """

@@ -45,11 +45,15 @@ Output (``out_dir``, :mod:`.output`): ``summary.json``, ``per_case.csv``, ``reli
 (pooled reliability diagram per class, from the accumulator's marginal per-bin statistics,
 ``n_bins_ace`` bins) and ``dataset_reliability_histogram.png`` (the ACE paper's dataset reliability
 histogram: per class, for every case and probability bin the case's observed frequency; the colour
-is the number of cases). Everything is first written to a temporary folder next to ``out_dir`` that
-is renamed at the end, so nothing appears unless every case was evaluated. That folder
-(``.OUT.tmp-<pid>-*``) is created before any case is computed (an unwritable location fails at
-once), removed on any error or interrupt, and removed by a later run if its process is dead.
-Parallel cases run in worker processes (:mod:`.pool`); a worker that dies is an error naming its case(s).
+is the number of cases; plots of at most :data:`.output.MAX_PLOTTED_CLASSES` classes), and the
+manifest of the files written (:data:`.output.MANIFEST`). Everything is first written to a temporary
+folder next to ``out_dir`` that is renamed at the end, so nothing appears unless every case was
+evaluated. That folder (``.OUT.tmp-<pid>-*``) is created before any case is computed (an unusable
+location fails at once), removed on any error or interrupt, and removed by a later run if its
+process is dead. The output may not be, contain or lie inside an input folder, and an existing one
+is replaced only if it holds nothing but an earlier output of the evaluator (:mod:`.output`).
+Parallel cases run in worker processes (:mod:`.pool`); a worker that dies is an error naming its
+case(s); the workers die with the main process.
 
 Conventions: ``convention="default"`` as above; ``"sdc-code"`` as the SDC authors' evaluation code
 (see :class:`nnunet_calibration.metrics.CalibrationAccumulator` and :func:`.segmentation.segmentation_metrics`).
@@ -57,7 +61,6 @@ Conventions: ``convention="default"`` as above; ``"sdc-code"`` as the SDC author
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -70,7 +73,7 @@ from nnunet_calibration.utils import json_clean, nanmean
 
 from .errors import EvaluationInputError
 from .labels import find_dataset_json, label_info, read_dataset_json, reader_writer
-from .output import default_out_dir, make_staging, write_outputs
+from .output import OutputFolder, check_not_an_input, default_out_dir, plot_plan, write_outputs
 from .pool import run_jobs
 from .segmentation import SDC_CODE_CLASS
 
@@ -188,6 +191,19 @@ def _check_arguments(pred_folders, num_processes, options, metric_options) -> Tu
     return pred_folders, options
 
 
+def _output_folder(out_dir: Optional[PathLike], setup: dict) -> OutputFolder:
+    """The checked output folder with its staging folder, made before any case is computed."""
+    default = default_out_dir(setup["pred_folders"])
+    out = Path(out_dir).resolve() if out_dir is not None else default
+    inputs = ([("prediction folder", f, True) for f in setup["pred_folders"]]
+              + [("reference folder", setup["gt_folder"], True),
+                 ("folder of dataset.json", setup["dj_path"].resolve().parent, False)])
+    check_not_an_input(out, inputs, default)
+    folder = OutputFolder(out)
+    folder.prepare()
+    return folder
+
+
 def _summary(setup: dict, results: List[tuple], options: MetricOptions, missing: dict) -> Tuple[dict, object]:
     """``(summary, pooled accumulator)`` of the evaluated cases (see :func:`evaluate_folders`)."""
     lm, regions, class_names = setup["lm"], setup["regions"], setup["class_names"]
@@ -213,6 +229,7 @@ def _summary(setup: dict, results: List[tuple], options: MetricOptions, missing:
         "mean": dataset_means(cases_out, seg_names),
         "pooled": pooled_acc.compute(),
         "missing": missing,
+        "plots": setup["plots"],
     }
     return json_clean(summary), pooled_acc
 
@@ -220,14 +237,17 @@ def _summary(setup: dict, results: List[tuple], options: MetricOptions, missing:
 def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, dataset_json: Optional[PathLike] = None,
                      out_dir: Optional[PathLike] = None, num_processes: int = 1, progress: bool = True,
                      write: bool = True, cases: Optional[Sequence[str]] = None, allow_missing: bool = False,
-                     options: Optional[MetricOptions] = None, **metric_options) -> dict:
+                     options: Optional[MetricOptions] = None, plots: bool = True, **metric_options) -> dict:
     """Evaluate one or more prediction folders against ``gt_folder``; return (and write) the summary.
 
     ``options``: the metrics' :class:`~nnunet_calibration.settings.MetricOptions` (defaults, ranges and
     conventions there); or, instead, its fields as keywords (``n_bins_ece=10, ...``), read by
     ``MetricOptions.from_mapping`` (so ``convention="sdc-code"`` implies 10 ECE bins unless given). ``out_dir`` default:
     ``PRED_FOLDER/calibration_evaluation`` (several folders: in their common parent). With
-    ``write=False`` nothing is written. Raises :class:`EvaluationInputError` on bad input.
+    ``write=False`` nothing is written. Raises :class:`EvaluationInputError` on bad input. Where the
+    output may be and what happens to an existing one: :mod:`.output` (before any case is computed, the
+    location is checked and the staging folder made). ``plots``: reliability diagrams of at most
+    :data:`.output.MAX_PLOTTED_CLASSES` classes (``False``: none), recorded in ``summary["plots"]``.
 
     ``cases``: the case ids that must be evaluated (default: every reference in ``gt_folder``; for
     one fold's ``validation`` folder pass that fold's validation cases, :func:`.labels.split_validation_cases`).
@@ -237,7 +257,7 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     Summary schema: ``{"config", "classes", "cases": [{"case", "folder", "metrics": {"DSC": {cls: v},
     "HD95": {cls: v}, "DSC_mean", "HD95_mean", "ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE",
     "mL1-MCE", "NLL", "Brier"}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
-    "missing": {"predictions": [...], "references": [...]}}``.
+    "missing": {"predictions": [...], "references": [...]}, "plots": {"drawn", "classes", "note", ...}}``.
     """
     pred_folders, options = _check_arguments(pred_folders, num_processes, options, metric_options)
     dj_path = Path(dataset_json) if dataset_json is not None else find_dataset_json(pred_folders[0])
@@ -246,23 +266,22 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
     file_ending = dj.get("file_ending", ".nii.gz")
     jobs, missing = collect_jobs(pred_folders, gt_folder, file_ending, cases, allow_missing)
     reader = reader_writer(dict(dj, file_ending=file_ending), jobs[0]["reference"])
-    out_dir = Path(out_dir).resolve() if out_dir is not None else default_out_dir(pred_folders)
-    staging = make_staging(out_dir) if write else None  # before computing: an unwritable output fails now
     setup = {"lm": lm, "class_names": class_names, "regions": regions, "pred_folders": pred_folders,
-             "gt_folder": gt_folder, "dj_path": dj_path, "file_ending": file_ending, "reader": reader}
+             "gt_folder": gt_folder, "dj_path": dj_path, "file_ending": file_ending, "reader": reader,
+             "plots": plot_plan(class_names, plots and write, "--no-plots" if write else "write=False")}
+    output = _output_folder(out_dir, setup) if write else None  # before computing: a bad output fails now
 
     from tqdm import tqdm
 
     try:
         n_proc = min(int(num_processes), len(jobs))
         with tqdm(total=len(jobs), desc="calib-evaluate", unit="case", disable=not progress) as bar:
-            results = run_jobs(jobs, lm, class_names, regions, options, reader, n_proc, bar)
+            results = run_jobs(jobs, (lm, class_names, regions, options, reader), n_proc, bar)
         summary, pooled_acc = _summary(setup, results, options, missing)
         if write:
-            write_outputs(out_dir, staging, summary, class_names, pooled_acc, [r[1] for r in results])
-            summary["config"]["out_dir"] = str(out_dir)
+            write_outputs(output, summary, class_names, pooled_acc, [r[1] for r in results])
     except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        if output is not None:
+            output.discard()
         raise
     return summary

@@ -1,64 +1,271 @@
-"""The output folder of the evaluator: its default location, the checks made before any case is
-computed, the staging folder next to it, and writing ``summary.json``, ``per_case.csv`` and the
-plots there before the staging folder is moved into place."""
+"""The evaluator's output folder: where it may be, the checks made before any case is computed,
+the staging folder next to it, and how it replaces an earlier output.
+
+Nothing of the user's is ever removed, and nothing appears half-written:
+
+* the output folder may not be, contain or lie inside an input folder (a prediction folder, the
+  reference folder ``--gt``); it may not be or contain the folder of ``dataset.json`` (often a model
+  folder, where an output inside is fine). The default location ``PRED_FOLDER/calibration_evaluation``
+  (a sub-folder of the evaluator's own name) is the one exception to "inside";
+* every run writes, last, a manifest (:data:`MANIFEST`) into the output folder listing the files it
+  wrote with their size and SHA-256. An existing output folder is replaced only if it is empty or
+  holds exactly files of its manifest, unchanged (checked before the work starts and again when
+  the new folder is moved into place); then exactly those files are deleted. A folder with other
+  files, or without a manifest, is refused: it holds someone else's files;
+* before any case is computed: a path under a regular file, an unwritable location (the staging
+  folder is created there now) and an existing folder that cannot be renamed (tried: renamed aside
+  and back) are errors naming the path. Parent folders created for the output are removed again
+  if the run fails;
+* everything is written into a staging folder ``.OUT.tmp-<pid>-*`` next to the output and renamed
+  into place at the end (:class:`OutputFolder`).
+
+Plots: at most :data:`MAX_PLOTTED_CLASSES` classes get a reliability diagram and a panel of the
+dataset reliability histogram (the first ones); ``plots=False`` draws none. What was drawn is
+recorded in ``summary.json["plots"]``.
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from nnunet_calibration.metrics import METRIC_KEYS
-from nnunet_calibration.utils import remove_stale_staging, replace_dir, staging_dir
+from nnunet_calibration.utils import remove_stale_staging, staging_dir
 
 from .errors import EvaluationInputError
 
 PathLike = Union[str, os.PathLike]
 
-OUR_OUTPUTS = ("summary.json", "per_case.csv")
+#: the name of the evaluator's default output folder, inside the (common parent of the) prediction folder(s)
+DEFAULT_NAME = "calibration_evaluation"
+#: the manifest the evaluator writes into its output folder: the files it wrote, with size and SHA-256
+MANIFEST = "calib_evaluate_manifest.json"
+MANIFEST_FORMAT = "nnunet-calibration/calib-evaluate-output"
+#: plots are drawn for at most this many classes (the first ones): 300 classes took over 5 minutes
+MAX_PLOTTED_CLASSES = 20
 
 
 def default_out_dir(pred_folders: Sequence[PathLike]) -> Path:
     """``PRED_FOLDER/calibration_evaluation`` (several folders: in their common parent)."""
     folders = [str(Path(f).resolve()) for f in pred_folders]
     base = folders[0] if len(folders) == 1 else os.path.commonpath(folders)
-    return Path(base) / "calibration_evaluation"
+    return Path(base) / DEFAULT_NAME
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise EvaluationInputError(f"{out_dir}: output path exists and is not a folder")
-        foreign = [p.name for p in out_dir.iterdir()
-                   if p.name not in OUR_OUTPUTS and not p.name.endswith(".png")]
-        if foreign:
-            raise EvaluationInputError(f"{out_dir}: output folder exists and holds other files ({foreign[:3]}); "
-                                       "choose another -o")
+def check_not_an_input(out_dir: Path, inputs: Sequence[Tuple[str, PathLike, bool]], default: Optional[Path]) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder (``inputs``:
+    ``(what, folder, inside_refused)``; ``inside_refused`` False: only "is" and "contains" are
+    refused, for the folder that merely holds ``dataset.json``, often a model folder). ``default``
+    (the default location) may lie inside any of them."""
+    out = Path(os.path.realpath(out_dir))
+    is_default = default is not None and out == Path(os.path.realpath(default))
+    for what, folder, inside_refused in inputs:
+        f = Path(os.path.realpath(folder))
+        if out == f:
+            relation = "is"
+        elif out in f.parents:
+            relation = "contains"
+        elif f in out.parents and inside_refused and not is_default:
+            relation = "is inside"
+        else:
+            continue
+        raise EvaluationInputError(f"{out_dir}: the output folder {relation} the {what} {folder}; "
+                                   "choose an -o outside the input folders")
 
 
-def make_staging(out_dir: Path) -> Path:
-    """Create the staging folder next to ``out_dir`` now, so that an unwritable location fails before
-    any case is computed."""
-    _prepare_out_dir(out_dir)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(folder: Path, names: List[str], shown: Path) -> Dict[str, dict]:
+    if MANIFEST not in names:
+        raise EvaluationInputError(f"{shown}: output folder exists and holds files calib-evaluate did not write "
+                                   f"(no {MANIFEST}; e.g. {names[:3]}); choose another -o")
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out_dir)
-        tmp = staging_dir(out_dir)
-        probe = tmp / ".write-test"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"] if manifest.get("format") == MANIFEST_FORMAT else None
+        ok = isinstance(files, dict) and all(
+            isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..", MANIFEST) and isinstance(v, dict)
+            for n, v in files.items())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise EvaluationInputError(f"{shown / MANIFEST}: not a manifest of calib-evaluate; the folder is not "
+                                   "replaced, choose another -o")
+    return files
+
+
+def our_files(folder: Path, shown: Optional[Path] = None) -> List[str]:
+    """The files of an existing output folder, all written by the evaluator (``[]`` if it is empty);
+    an :class:`EvaluationInputError` if it holds anything else or a file changed since it was written.
+    ``shown``: the folder's name in messages (default ``folder``)."""
+    shown = folder if shown is None else shown
+    try:
+        names = sorted(os.listdir(folder))
     except OSError as e:
-        raise EvaluationInputError(f"{out_dir}: output location is not writable ({e.strerror or e})") from e
-    return tmp
+        raise EvaluationInputError(f"{shown}: cannot read the existing output folder ({e.strerror or e})") from e
+    if not names:
+        return []
+    files = _read_manifest(folder, names, shown)
+    other = [n for n in names if n not in files and n != MANIFEST]
+    if other:
+        raise EvaluationInputError(f"{shown}: output folder holds files calib-evaluate did not write "
+                                   f"({other[:3]}); choose another -o")
+    for name in names:
+        if name == MANIFEST:
+            continue
+        p, want = folder / name, files[name]
+        try:
+            changed = (not p.is_file() or p.is_symlink() or p.stat().st_size != want.get("bytes")
+                       or _sha256(p) != want.get("sha256"))
+        except OSError as e:
+            raise EvaluationInputError(f"{shown / name}: cannot read it to check it ({e.strerror or e}); the folder is "
+                                       "not replaced, choose another -o") from e
+        if changed:
+            raise EvaluationInputError(f"{shown / name}: changed since calib-evaluate wrote it; the folder is not "
+                                       "replaced, choose another -o")
+    return names
 
 
+def _check_path(out_dir: Path) -> None:
+    """An existing output path must be a folder; no ancestor of it may be a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvaluationInputError(f"{out_dir}: output path exists and is not a folder")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EvaluationInputError(f"{out_dir}: output path lies under {parent}, which is a file, "
+                                           "not a folder")
+            return
+
+
+class OutputFolder:
+    """The output folder of one run: :meth:`prepare` (checks, staging), :meth:`commit` (move into
+    place), :meth:`discard` (remove the staging folder and the parents created for it)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.staging: Optional[Path] = None
+        self.created: List[Path] = []  # parent folders created by prepare, outermost first
+
+    def prepare(self) -> Path:
+        """Check the output location and create the staging folder now (see the module docstring)."""
+        out = self.out_dir
+        _check_path(out)
+        if out.is_dir():
+            our_files(out)
+        try:
+            for parent in reversed(out.parents):
+                if not parent.exists():
+                    parent.mkdir()
+                    self.created.append(parent)
+            remove_stale_staging(out)
+            self.staging = staging_dir(out)
+            probe = self.staging / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+            if out.is_dir():
+                self._try_rename()
+        except OSError as e:
+            self.discard()
+            raise EvaluationInputError(f"{out}: output location is not writable ({e.strerror or e})") from e
+        except BaseException:
+            self.discard()
+            raise
+        return self.staging
+
+    def _try_rename(self) -> None:
+        """An existing output folder is replaced by renaming: try it now (aside and back)."""
+        aside = staging_dir(self.out_dir, "old")
+        try:
+            os.rename(self.out_dir, aside / "old")
+        except OSError as e:
+            os.rmdir(aside)
+            raise EvaluationInputError(f"{self.out_dir}: the existing output folder cannot be replaced "
+                                       f"(renaming it fails: {e.strerror or e})") from e
+        try:
+            os.rename(aside / "old", self.out_dir)
+        except OSError as e:
+            raise EvaluationInputError(f"{self.out_dir}: renamed aside to {aside / 'old'} to test it, and it cannot "
+                                       f"be renamed back ({e.strerror or e}); move it back by hand") from e
+        os.rmdir(aside)
+
+    def discard(self) -> None:
+        """Remove the staging folder and the parent folders :meth:`prepare` created (if still empty)."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        for parent in reversed(self.created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+    def commit(self) -> Path:
+        """Write the manifest into the staging folder and move it into place; an earlier output is
+        checked again and exactly its files are deleted afterwards."""
+        tmp, out = self.staging, self.out_dir
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1))
+        try:
+            if not out.is_dir() or not os.listdir(out):
+                os.replace(tmp, out)  # a new folder, or over an empty one
+                self.staging = None
+                return out
+            aside = staging_dir(out, "old")
+        except OSError as e:
+            raise EvaluationInputError(f"{out}: cannot move the output into place ({e.strerror or e})") from e
+        old = aside / "old"
+        try:
+            os.rename(out, old)
+        except OSError as e:
+            os.rmdir(aside)
+            raise EvaluationInputError(f"{out}: cannot move the earlier output aside ({e.strerror or e})") from e
+        try:
+            names = our_files(old, shown=out)  # again: nothing may have been added since the check
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            os.rmdir(aside)
+            raise
+        self.staging = None
+        for name in names:
+            (old / name).unlink()
+        old.rmdir()
+        aside.rmdir()
+        return out
+
+
+# -- writing ------------------------------------------------------------------------------------------
 def safe_name(name: str) -> str:
     """A class name usable in a file name."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+
+
+def plot_plan(class_names: Sequence[str], plots: bool, why_not: str = "--no-plots") -> dict:
+    """``summary["plots"]``: whether plots are drawn, for which classes, and why not for the others."""
+    drawn = list(class_names[:MAX_PLOTTED_CLASSES]) if plots else []
+    if not plots:
+        note = f"no plots ({why_not})"
+    elif len(drawn) < len(class_names):
+        note = (f"plots of the first {len(drawn)} of {len(class_names)} classes only (at most "
+                f"{MAX_PLOTTED_CLASSES}; --no-plots: none)")
+    else:
+        note = f"plots of all {len(drawn)} classes"
+    return {"drawn": bool(drawn), "classes": drawn, "n_classes": len(class_names),
+            "max_classes": MAX_PLOTTED_CLASSES, "note": note}
 
 
 def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) -> None:
@@ -76,19 +283,21 @@ def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) ->
                         (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for v in row])
 
 
-def write_outputs(out_dir: Path, tmp: Path, summary: dict, class_names, pooled_acc, case_accs) -> None:
-    """Write every output file into the staging folder ``tmp``, then move it to ``out_dir``."""
+def write_outputs(folder: OutputFolder, summary: dict, class_names, pooled_acc, case_accs) -> None:
+    """Write every output file into the staging folder, then move it into place (:meth:`OutputFolder.commit`)."""
     from .plots import plot_dataset_reliability_histogram, plot_reliability_diagram
 
-    summary["config"]["out_dir"] = str(out_dir)
+    tmp = folder.staging
+    summary["config"]["out_dir"] = str(folder.out_dir)
     with open(tmp / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
     write_per_case_csv(tmp / "per_case.csv", summary["cases"], summary["classes"])
-    edges, n, conf, freq = pooled_acc.reliability()
-    for k, name in enumerate(class_names):
-        plot_reliability_diagram(tmp / f"reliability_{safe_name(name)}.png", edges, n[k], conf[k], freq[k],
-                                 title=f"Pooled reliability: {name} ({summary['config']['n_cases']} cases)")
-    per_case_freq = np.stack([a.reliability()[3] for a in case_accs])  # (cases, K, bins)
-    plot_dataset_reliability_histogram(tmp / "dataset_reliability_histogram.png", edges, per_case_freq,
-                                       class_names)
-    replace_dir(tmp, out_dir)
+    drawn = summary["plots"]["classes"]
+    if drawn:
+        edges, n, conf, freq = pooled_acc.reliability()
+        for k, name in enumerate(drawn):
+            plot_reliability_diagram(tmp / f"reliability_{safe_name(name)}.png", edges, n[k], conf[k], freq[k],
+                                     title=f"Pooled reliability: {name} ({summary['config']['n_cases']} cases)")
+        per_case_freq = np.stack([a.reliability()[3][:len(drawn)] for a in case_accs])  # (cases, K, bins)
+        plot_dataset_reliability_histogram(tmp / "dataset_reliability_histogram.png", edges, per_case_freq, drawn)
+    folder.commit()

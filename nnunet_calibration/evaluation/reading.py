@@ -39,30 +39,31 @@ def load_probabilities(npz_path: PathLike) -> np.ndarray:
     return probs
 
 
-def read_reference(path: PathLike, reader=None) -> Tuple[np.ndarray, dict]:
+def read_reference(path: PathLike, reader=None, role: str = "reference") -> Tuple[np.ndarray, dict]:
     """A reference segmentation as nnU-Net reads it: ``(labels (z, y, x) int32, properties)``.
 
     ``reader``: an nnU-Net reader/writer instance (:func:`~.labels.reader_writer`; default ``SimpleITKIO``).
     The file is checked first (:func:`nnunet_calibration.io.verify_image_file`: truncated / corrupt
     ``.gz`` streams and short NIfTI files are errors). 2D images come back as ``(1, y, x)`` with
-    nnU-Net's spacing convention (first entry 999 x the largest in-plane spacing)."""
+    nnU-Net's spacing convention (first entry 999 x the largest in-plane spacing). ``role``: what the
+    file is, in messages (``"prediction segmentation"`` for nnU-Net's segmentation next to an npz)."""
     path = Path(path)
     try:
         verify_image_file(path)
     except CorruptFileError as e:
-        raise EvaluationInputError(f"unreadable reference: {e}") from e
+        raise EvaluationInputError(f"unreadable {role}: {e}") from e
     reader = SimpleITKIO() if reader is None else reader
     try:
         with quiet_itk():
             seg, props = reader.read_seg(str(path))
     except Exception as e:
-        raise EvaluationInputError(f"{path}: unreadable reference ({type(e).__name__}: {e})") from e
+        raise EvaluationInputError(f"{path}: unreadable {role} ({type(e).__name__}: {e})") from e
     arr = np.asarray(seg)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
     if np.issubdtype(arr.dtype, np.floating):
         if np.any(arr != np.round(arr)):
-            raise EvaluationInputError(f"{path}: reference holds non-integer values")
+            raise EvaluationInputError(f"{path}: {role} holds non-integer values")
     return arr.astype(np.int32, copy=False), props
 
 
@@ -95,7 +96,7 @@ def prediction_properties(job: dict, reader) -> Tuple[Optional[dict], Optional[s
         return props, str(pkl)
     seg = Path(job["folder"]) / f"{job['case']}{job['file_ending']}"
     if seg.is_file():
-        arr, props = read_reference(seg, reader)
+        arr, props = read_reference(seg, reader, role="prediction segmentation")
         props = dict(props, shape_before_cropping=tuple(arr.shape))
         return props, str(seg)
     return None, None

@@ -135,7 +135,7 @@ def test_killed_worker_is_an_error_naming_the_case_not_a_hang(tmp_path):
     try:
         victim = None
         t0 = time.time()
-        while victim is None and time.time() - t0 < 120 and proc.poll() is None:
+        while victim is None and time.time() - t0 < 600 and proc.poll() is None:  # slow on a busy machine
             workers = [p for p, cmd in _children(proc.pid) if "spawn_main" in cmd]
             if len(workers) == 2:
                 time.sleep(0.5)  # killed while importing or busy with a case: the pool is broken either way
