@@ -6,8 +6,8 @@
     calib-experiment check EXPERIMENT.yaml        # validate only
 
 ``run --backend local`` trains every unfinished (trainer, fold) one after another (interrupted ones
-continue with ``--c``), then writes the report. ``run --backend slurm`` submits one job array per
-trainer and a report job that runs when every fold succeeded (cancelled by SLURM otherwise), and
+continue with ``--c``), then writes the report. ``run --backend slurm`` submits one job array of
+every unfinished (trainer, fold) and a report job that runs when every fold succeeded (cancelled by SLURM otherwise), and
 returns. Running again resumes: finished folds are skipped, nothing is trained twice.
 ``status`` shows per fold the state, epoch / total, last validation pseudo-Dice, mean epoch time,
 estimated time left and log (``--watch`` refreshes it). Exit status of ``train-fold`` (one SLURM
@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("experiment")
     t = sub.add_parser("train-fold")  # internal: one SLURM array task (not listed in --help)
     t.add_argument("experiment")
-    t.add_argument("--trainer", required=True)
-    t.add_argument("--fold", type=int, required=True)
+    t.add_argument("--trainer", default=None)
+    t.add_argument("--fold", type=int, default=None)
+    t.add_argument("--task-table", default=None, help="instead of --trainer/--fold: entry --task-index of this table")
+    t.add_argument("--task-index", type=int, default=None)
     t.add_argument("--device", default="auto")
     return p
 
@@ -83,8 +85,14 @@ def _submit(exp, output_root) -> int:
     from nnunet_calibration.experiments.slurm import submit
 
     rec = submit(exp, output_root)
-    for label, r in rec["trainers"].items():
-        print(f"submitted {label}: job array {r['job_id']} (folds {r['folds']})")
+    if rec["array"]:
+        arr, by_label = rec["array"], {}
+        for label, fold in arr["tasks"]:
+            by_label.setdefault(label, []).append(fold)
+        limit = f", at most {exp.slurm.max_parallel} at once" if exp.slurm.max_parallel else ""
+        print(f"submitted job array {arr['job_id']}: {len(arr['tasks'])} tasks{limit} (task table {arr['table']})")
+        for label, folds in by_label.items():
+            print(f"  {label}: folds {folds}")
     for label, sk in rec["skipped"].items():
         for fold, why in sk.items():
             print(f"skipped {label} fold {fold}: {why}")
@@ -151,12 +159,12 @@ def _report(args, command: str) -> int:
 
 
 def _train_fold(args, command: str) -> int:
-    from nnunet_calibration.experiments.environment import resolve_device
-    from nnunet_calibration.experiments.slurm import train_fold_main
+    from nnunet_calibration.experiments.slurm import train_fold_entry
 
-    exp = _load(args.experiment, check_trainers=False)
-    device = resolve_device(exp, slurm=True) if args.device == "auto" else args.device
-    return train_fold_main(exp, args.trainer, args.fold, device)
+    if (args.task_table is None) == (args.trainer is None or args.fold is None) or \
+            (args.task_table is not None and args.task_index is None):
+        raise ExperimentError("train-fold needs --trainer and --fold, or --task-table and --task-index")
+    return train_fold_entry(args.experiment, args.trainer, args.fold, args.device, args.task_table, args.task_index)
 
 
 if __name__ == "__main__":

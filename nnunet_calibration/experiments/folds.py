@@ -14,9 +14,11 @@ States (:class:`FoldStatus`, from nnU-Net's files in the fold folder)
 --------------------------------------------------------------------
 ``finished``: ``checkpoint_final.pth`` and ``validation/summary.json`` exist (if the ``.npz``
 probabilities are missing only ``nnUNetv2_train ... --val --npz`` runs to write them);
-``interrupted``: ``checkpoint_latest.pth`` (or a final checkpoint without validation): continued
-with ``--c``; ``not started``: neither. The status table adds ``failed``, ``in progress`` and
-``stopped`` (see :mod:`.status`) and SLURM's own states.
+``interrupted``: ``checkpoint_latest.pth`` (continued with ``--c``) or a final checkpoint without
+validation (:func:`trained`: only ``--val --npz`` runs); ``not started``: neither. The trainers keep
+one older ``checkpoint_previous.pth`` and record a resume that had to fall back to it
+(:func:`recovery_events`; :mod:`nnunet_calibration.trainers.timelimit`). The status table adds
+``failed``, ``in progress`` and ``stopped`` (see :mod:`.status`) and SLURM's own states.
 
 What a fold was trained with
 ----------------------------
@@ -36,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 
 from nnunet_calibration.settings import Experiment, TrainerEntry
+from nnunet_calibration.timelimit import RECOVERY_FILE
 from nnunet_calibration.utils import write_json_atomic
 
 RECORD_FILE = "calibration_hparams.json"
@@ -88,6 +91,22 @@ def fold_state(exp: Experiment, entry: TrainerEntry, fold: int) -> FoldStatus:
     if (d / "checkpoint_latest.pth").is_file() or (d / "checkpoint_final.pth").is_file():
         return FoldStatus.INTERRUPTED
     return FoldStatus.NOT_STARTED
+
+
+def trained(exp: Experiment, entry: TrainerEntry, fold: int) -> bool:
+    """The training is complete (``checkpoint_final.pth``); the final validation may still be missing."""
+    return (fold_folder(exp, entry, fold) / "checkpoint_final.pth").is_file()
+
+
+def recovery_events(exp: Experiment, entry: TrainerEntry, fold: int) -> list[dict]:
+    """Resumes of this fold that fell back to ``checkpoint_previous.pth`` (the trainers' record,
+    :data:`nnunet_calibration.timelimit.RECOVERY_FILE`), oldest first; ``[]`` if none."""
+    f = fold_folder(exp, entry, fold) / RECOVERY_FILE
+    try:
+        events = json.loads(f.read_text()) if f.is_file() else []
+    except (OSError, json.JSONDecodeError):
+        return []
+    return events if isinstance(events, list) else []
 
 
 def has_npz(exp: Experiment, entry: TrainerEntry, fold: int) -> bool:

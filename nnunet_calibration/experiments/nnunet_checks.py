@@ -93,8 +93,14 @@ def _dataset_name(exp: Experiment, pre: Path) -> str:
     return matches[0]
 
 
-def _check_preprocessed(exp: Experiment, plans_file: Path, configs: dict) -> None:
-    """The configuration's preprocessed data (its ``data_identifier`` folder) must exist and hold cases."""
+def data_identifier(exp: Experiment, plans_file: Path, configs: dict | None = None) -> str:
+    """The configuration's ``data_identifier`` (following nnU-Net's ``inherits_from``) in ``plans_file``
+    (``configs``: its ``configurations``, if already read)."""
+    if configs is None:
+        try:
+            configs = json.loads(plans_file.read_text())["configurations"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExperimentError(f"{exp.path}: plans file {plans_file} is not readable ({e})") from None
     name, seen, ident = exp.configuration, set(), None
     while ident is None and name in configs and name not in seen:  # nnU-Net's 'inherits_from' chain
         seen.add(name)
@@ -102,7 +108,12 @@ def _check_preprocessed(exp: Experiment, plans_file: Path, configs: dict) -> Non
         name = configs[name].get("inherits_from")
     if not ident:
         raise ExperimentError(f"{exp.path}: configuration {exp.configuration!r} in {plans_file} has no data_identifier")
-    folder = plans_file.parent / ident
+    return ident
+
+
+def _check_preprocessed(exp: Experiment, plans_file: Path, configs: dict) -> None:
+    """The configuration's preprocessed data (its ``data_identifier`` folder) must exist and hold cases."""
+    folder = plans_file.parent / data_identifier(exp, plans_file, configs)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise ExperimentError(f"{exp.path}: configuration {exp.configuration!r} of {exp.dataset_name} is not "
                               f"preprocessed ({folder} is missing or empty); run: nnUNetv2_preprocess -d "

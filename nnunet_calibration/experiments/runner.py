@@ -2,8 +2,8 @@
 on this machine (one after another, or ``--parallel N`` side by side).
 
 Every training runs ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -p PLANS --npz -device DEVICE``
-(``--c`` for an interrupted fold, only ``--val --npz`` for a finished fold without probabilities,
-nothing for a finished one; states: :mod:`.folds`) with ``nnUNet_results`` of its trainer entry and
+(``--c`` for an interrupted fold, only ``--val --npz`` for a trained fold without validation or
+probabilities, nothing for a finished one; states: :mod:`.folds`) with ``nnUNet_results`` of its trainer entry and
 ``NNUNET_CALIB_HPARAMS`` (:mod:`nnunet_calibration.settings.training`). Output goes to
 ``<state>/logs/<label>_fold<F>.log``. Interrupted (Ctrl-C, SIGTERM), the backend stops the trainings it
 started (their process groups) before it returns; they continue with ``--c`` from their last
@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nnunet_calibration.experiments.environment import experiment_env, resolve_device
-from nnunet_calibration.experiments.folds import (FoldStatus, fold_state, has_npz, log_path,
-                                                  read_local_state, results_root, write_local_state)
+from nnunet_calibration.experiments.folds import (FoldStatus, fold_state, has_npz, log_path, read_local_state,
+                                                  results_root, trained, write_local_state)
 from nnunet_calibration.nnunet_utils import nnunet_command, training_env
 from nnunet_calibration.settings import HPARAMS_ENV, Experiment, ExperimentError, TrainerEntry, hparams_env_value
 
@@ -43,7 +43,8 @@ def train_command(exp: Experiment, entry: TrainerEntry, fold: int, device: str,
     if state == FoldStatus.FINISHED:
         return None if has_npz(exp, entry, fold) else base + ["--val"]
     if state == FoldStatus.INTERRUPTED:
-        return base + ["--c"]
+        # trained but not validated (stopped during the final validation): validate only
+        return base + (["--val"] if trained(exp, entry, fold) else ["--c"])
     return base
 
 

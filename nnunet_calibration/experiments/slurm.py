@@ -1,29 +1,35 @@
-"""SLURM backend: one job array per trainer (one task per unfinished fold) and one report job.
+"""SLURM backend: ONE job array of every unfinished (trainer, fold) of the study, and one report job.
 
 Everything goes through SLURM's own client programs (``sbatch``, ``squeue``, ``scontrol``); the
 cluster is found the usual way (``slurm.conf`` or ``SLURM_CONF``).
 
-- Each array task runs ``python -m nnunet_calibration.experiments.cli train-fold EXPERIMENT
-  --trainer LABEL --fold $SLURM_ARRAY_TASK_ID --device DEVICE`` (:func:`train_fold_main`), which decides at run time between
-  a fresh training, ``--c`` (interrupted) and nothing (finished): a requeued or re-submitted task
-  never trains twice. Its output: ``<state>/logs/<label>_fold<F>.log``.
-- The report job depends on all arrays with ``--dependency=afterok:ID:ID... --kill-on-invalid-dep=yes``:
-  SLURM cancels it when any fold fails. Output: ``<state>/logs/report.log``.
-- Job scripts (``<state>/slurm/*.sbatch``) put this Python environment's ``bin`` first on ``PATH``,
-  call this interpreter explicitly and export the nnU-Net folders, ``nnUNet_extTrainer`` (if set),
-  nnU-Net's speed settings (if set) and the trainer's ``NNUNET_CALIB_HPARAMS``.
+- One array per submission, whatever the trainers: task ``i`` trains entry ``i`` of the task table
+  ``<state>/slurm/tasks_<n>.json`` (label and fold; fold by fold, every trainer's fold 0 first), so
+  ``slurm.max_parallel: N`` bounds the whole study to N tasks at once (``--array=0,1,...%N``). A task
+  runs ``python -m nnunet_calibration.experiments.cli train-fold EXPERIMENT --task-table TABLE
+  --task-index $SLURM_ARRAY_TASK_ID`` (:func:`train_fold_entry`), which decides at run time between a
+  fresh training, ``--c`` (interrupted), ``--val --npz`` (trained, not validated) and nothing
+  (finished): a requeued or re-submitted task never trains twice. Its output goes to
+  ``<state>/logs/<label>_fold<F>.log``; SLURM's own file ``<state>/logs/slurm/<array>_<task>.out``
+  holds the job script's lines.
+- The report job depends on the array (and on earlier submissions' tasks still queued) with
+  ``--dependency=afterok:... --kill-on-invalid-dep=yes``: SLURM cancels it when a fold fails. It
+  never gets the GPUs; its options are the ``report_*`` ones (``report_extra_args``: default
+  ``extra_args``, ``[]`` for none). Output: ``<state>/logs/report.log``.
+- Job scripts (``<state>/slurm/train_<n>.sbatch``, ``report.sbatch``), in this order: the
+  ``slurm.setup`` lines; this Python environment's ``bin`` first on ``PATH``; the nnU-Net folders and
+  ``nnUNet_extTrainer`` (if set); nnU-Net's settings for the device
+  (:func:`~nnunet_calibration.experiments.environment.job_settings`: on a GPU no CPU setting and
+  ``nnUNet_n_proc_DA`` = cpus per GPU); the file's ``environment:`` (overrides); with
+  ``slurm.scratch`` a node-local copy of the configuration's preprocessed data that
+  ``nnUNet_preprocessed`` then points at; the command, prefixed by ``slurm.container``.
 - Submitted ids are recorded in ``<state>/slurm_jobs.json``; ``run`` again skips folds that are
   finished or still pending/running in SLURM.
-- Time limits: with ``slurm.signal_seconds: N`` (default 600) the arrays get
-  ``--signal=B:USR1@N``. The task (``train-fold``) forwards the signal to the training, whose
-  trainer (every trainer of this package) finishes the current epoch, writes
-  ``checkpoint_latest.pth`` and exits with status 75; with ``slurm.requeue: true`` (default, and
-  ``--requeue``) the task then requeues itself with ``scontrol requeue``; it starts again later and
-  continues with ``--c``. A requeued task keeps its job id and appends to the same log; the report
-  job still waits for it. Without requeue the task ends with 75 (failed for SLURM; the report job
-  is cancelled) and ``calib-experiment run`` continues it.
-- ``slurm.max_parallel: N`` throttles each array to N tasks at once (``--array=0,1,2,3,4%N``);
-  ``slurm.gpus: N > 1`` trains each fold with nnU-Net's multi-GPU mode (``-num_gpus N``, DDP).
+- Time limits (``slurm.signal_seconds``, ``--signal=B:USR1@N``): the job script records the warning
+  in a stop file from its first line on and passes it to the task, which passes it to the training
+  (:mod:`nnunet_calibration.trainers.timelimit`: exit 75 before training, after the current epoch
+  with a checkpoint, or during the final validation); with ``slurm.requeue`` the task then requeues
+  itself (``scontrol requeue``) and continues later (``--c`` or ``--val``) in the same job id and log.
 """
 from __future__ import annotations
 
@@ -33,19 +39,20 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from nnunet_calibration.experiments.environment import experiment_env, resolve_device
-from nnunet_calibration.experiments.folds import FoldStatus, fold_state, log_path, results_root
+from nnunet_calibration.experiments.environment import STAGED_ENV, job_environment, job_settings, resolve_device
+from nnunet_calibration.experiments.folds import log_path
 from nnunet_calibration.experiments.runner import fold_env, train_command
-from nnunet_calibration.settings import HPARAMS_ENV, Experiment, ExperimentError, hparams_env_value
-from nnunet_calibration.timelimit import TIMELIMIT_EXIT_CODE, stop_signal
+from nnunet_calibration.settings import Experiment, ExperimentError
+from nnunet_calibration.timelimit import STOP_FILE_ENV, TIMELIMIT_EXIT_CODE, TaskWarning, stop_file, stop_signal
 from nnunet_calibration.utils import write_json_atomic
 
-_PASS_ENV = ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_npp", "nnUNet_nps",
-             "nnUNet_n_proc_DA", "OMP_NUM_THREADS", "SLURM_CONF")
+_TASK_INDEX = '"$SLURM_ARRAY_TASK_ID"'
 
 
 def jobs_file(exp: Experiment) -> Path:
@@ -72,12 +79,7 @@ def queue_states() -> dict[str, str]:
                           stderr=subprocess.PIPE, text=True, timeout=60)
     if proc.returncode != 0:
         raise ExperimentError(f"squeue failed: {proc.stderr.strip()}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        if "|" in line:
-            jid, state = line.strip().split("|", 1)
-            out[jid] = state
-    return out
+    return dict(line.strip().split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
 
 
 def job_state(job_id: str) -> str | None:
@@ -86,62 +88,147 @@ def job_state(job_id: str) -> str | None:
                           stderr=subprocess.PIPE, text=True, timeout=60)
     if proc.returncode != 0:
         return None
-    for tok in proc.stdout.split():
-        if tok.startswith("JobState="):
-            return tok.split("=", 1)[1]
-    return None
+    return next((t.split("=", 1)[1] for t in proc.stdout.split() if t.startswith("JobState=")), None)
 
 
-def _sbatch_lines(opts: list[str]) -> str:
-    return "".join(f"#SBATCH {o}\n" for o in opts)
+def _recorded(sub: dict):
+    """(label, fold, task id) of one recorded submission: one array of the study (task i = entry i), or
+    the earlier record of one array per trainer (``trainers: {label: {job_id, folds}}``, task = fold)."""
+    arr = sub.get("array") or {}
+    for i, (label, fold) in enumerate(arr.get("tasks", [])):
+        yield label, int(fold), f"{arr['job_id']}_{i}"
+    for label, rec in (sub.get("trainers") or {}).items():
+        for fold in rec.get("folds", []):
+            yield label, int(fold), f"{rec['job_id']}_{fold}"
 
 
-def _exports(env: dict) -> str:
-    return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in env.items())
+def submitted_tasks(jobs: dict) -> dict[tuple[str, int], str]:
+    """{(label, fold): "<array>_<index>"} of every recorded submission (the latest one wins)."""
+    return {(label, fold): t for sub in jobs.get("submissions", []) for label, fold, t in _recorded(sub)}
 
 
-def _common_env(exp: Experiment) -> dict:
-    env = {}
-    for key in ("raw", "preprocessed", "results"):
-        try:
-            env[f"nnUNet_{key}"] = str(exp.nnunet_folder(key))
-        except ExperimentError:
-            if key != "raw":
-                raise
-    base = experiment_env(exp, device=resolve_device(exp, slurm=True))
-    for k in _PASS_ENV:
-        if base.get(k):
-            env[k] = base[k]
-    return env
+def active_tasks(exp: Experiment, jobs: dict | None = None) -> dict[tuple[str, int], tuple[str, str]]:
+    """{(label, fold): (task id, SLURM state)} for recorded tasks that SLURM still lists."""
+    jobs = read_jobs(exp) if jobs is None else jobs
+    tasks = {}
+    for sub in jobs.get("submissions", []):  # every submission's tasks: an earlier one may still run
+        for label, fold, t in _recorded(sub):
+            tasks.setdefault((label, fold), []).append(t)
+    if not tasks:
+        return {}
+    queue = queue_states()
+    return {key: (t, queue[t]) for key, ids in tasks.items() for t in ids if t in queue}
 
 
-def _script(exp: Experiment, opts: list[str], env: dict, command: list[str]) -> str:
-    bindir = str(Path(sys.executable).parent)
-    return ("#!/bin/bash\n" + _sbatch_lines(opts) + "set -eo pipefail\n"
-            f"# written by calib-experiment on {_dt.datetime.now().isoformat(timespec='seconds')}\n"
-            f"export PATH={shlex.quote(bindir)}:\"$PATH\"\n" + _exports(env) +
-            "echo \"host $(hostname) job ${SLURM_JOB_ID} task ${SLURM_ARRAY_TASK_ID:-none} $(date -Is)\"\n"
-            "exec " + " ".join(shlex.quote(c) for c in command) + "\n")
+# -- job scripts ---------------------------------------------------------------------------------
+def _exports(values: dict) -> str:
+    """``unset`` for the None values, ``export K=V`` for the others (values literal; ``PATH``'s
+    trailing ``:$PATH`` expanded)."""
+    unset = [k for k, v in values.items() if v is None]
+    lines = [f"unset {' '.join(unset)}\n"] if unset else []
+    for k, v in ((k, str(v)) for k, v in values.items() if v is not None):
+        tail = ':"$PATH"' if k == "PATH" and v.endswith(":$PATH") else ""
+        lines.append(f"export {k}={shlex.quote(v[:-6] if tail else v)}{tail}\n")
+    return "".join(lines)
 
 
-def _resource_opts(s, gpus: int, cpus: int, mem, time, partition) -> list[str]:
+def _environment_lines(exp: Experiment, settings: dict, what: str) -> str:
+    """The job's environment, section by section (:func:`~.environment.job_environment`)."""
+    return "".join(f"# {title}\n" + _exports(values) for title, values in job_environment(exp, settings, what))
+
+
+def _staging_lines(exp: Experiment) -> str:
+    """slurm.scratch: copy the configuration's preprocessed data to a node-local folder of this job."""
+    if not exp.slurm.scratch:
+        return ""
+    from nnunet_calibration.experiments.nnunet_checks import data_identifier
+
+    src = exp.nnunet_folder("preprocessed") / exp.dataset_name
+    ident = data_identifier(exp, src / f"{exp.plans}.json")
+    items = " ".join(shlex.quote(str(src / x)) for x in ("gt_segmentations", ident)) + f" {shlex.quote(str(src))}/*.json"
+    scratch = exp.slurm.scratch.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+    return (f"# node-local copy of the preprocessed {exp.configuration} data (slurm.scratch)\n"
+            f'export {STAGED_ENV}="{scratch}/calib_{exp.name}_$SLURM_JOB_ID"\n'
+            f'stage="${STAGED_ENV}/{exp.dataset_name}"\n'
+            f'mkdir -p "$stage" && cp -r {items} "$stage/"\n'
+            f'export nnUNet_preprocessed="${STAGED_ENV}"\n')
+
+
+def _header(opts: list[str], what: str) -> str:
+    return ("#!/bin/bash\n" + "".join(f"#SBATCH {o}\n" for o in opts) +
+            f"# written by calib-experiment on {_dt.datetime.now().isoformat(timespec='seconds')}: {what}\n")
+
+
+def _setup(setup: tuple) -> str:
+    return ("# set-up (slurm.setup)\n" + "".join(line + "\n" for line in setup)) if setup else ""
+
+
+def _command(exp: Experiment, args: list[str]) -> str:
+    """This interpreter running ``calib-experiment ARGS``, behind ``slurm.container`` (shell text, as given)."""
+    words = [sys.executable, "-m", "nnunet_calibration.experiments.cli", *args]
+    return " ".join(([exp.slurm.container.strip()] if exp.slurm.container else []) +
+                    [a if a == _TASK_INDEX else shlex.quote(a) for a in words])
+
+
+_WARNING = """# time-limit warning (SIG{sig}): recorded in a stop file from here on and passed on to the task
+export {stop_env}={stop}/"$SLURM_JOB_ID"
+rm -f "${stop_env}"
+task=
+trap 'touch "${stop_env}"; [ -z "$task" ] || kill -{sig} "$task" 2>/dev/null' {sig}
+set -eo pipefail
+"""
+_SUPERVISE = """echo "host $(hostname) job $SLURM_JOB_ID = array task ${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID $(date -Is)"
+# the task runs in the background (the warning ignored until its handler is in place; the stop file
+# keeps it) so that this shell can pass the warning on
+( trap '' {sig}; exec {command} ) &
+task=$!
+rc=0; wait "$task" || rc=$?
+while kill -0 "$task" 2>/dev/null; do rc=0; wait "$task" || rc=$?; done
+{cleanup}exit "$rc"
+"""
+
+
+def training_script(exp: Experiment, device: str, table: Path, n_tasks: int) -> str:
+    """The array's job script (see the module docstring)."""
+    s = exp.slurm
+    opts = [f"--job-name=calib_{exp.name}", f"--array={array_spec(range(n_tasks), s.max_parallel)}",
+            f"--output={exp.state_folder / 'logs' / 'slurm' / '%A_%a.out'}", "--open-mode=append"]
+    opts += _resource_opts(s.extra_args, s.cpus, s.mem, s.time, s.partition,
+                           s.gres or (f"gpu:{s.gpus}" if s.gpus else None)) + timelimit_opts(s)
+    sig = stop_signal().name[3:]
+    command = _command(exp, ["train-fold", str(exp.path), "--task-table", str(table), "--task-index", _TASK_INDEX])
+    cleanup = f'[ -z "${{{STAGED_ENV}:-}}" ] || rm -rf "${STAGED_ENV}"\n' if s.scratch else ""
+    return (_header(opts, f"task i trains entry i of {table}") +
+            _WARNING.format(sig=sig, stop_env=STOP_FILE_ENV, stop=shlex.quote(str(exp.state_folder / "slurm" / "stop")))
+            + _setup(s.setup) + _environment_lines(exp, job_settings(exp, device), f"device {device}") +
+            _staging_lines(exp) + _SUPERVISE.format(sig=sig, command=command, cleanup=cleanup))
+
+
+def report_script(exp: Experiment, output_root: str | None = None) -> str:
+    """The report job's script: CPU only, its own options."""
+    s = exp.slurm
+    opts = [f"--job-name=calib_{exp.name}_report", f"--output={exp.state_folder / 'logs' / 'report.log'}",
+            "--open-mode=append"]
+    extra = s.extra_args if s.report_extra_args is None else s.report_extra_args
+    opts += _resource_opts(extra, s.report_cpus, s.report_mem, s.report_time, s.report_partition or s.partition)
+    args = ["report", str(exp.path)] + (["--output-root", str(Path(output_root).resolve())] if output_root else [])
+    return (_header(opts, "the report (after every fold)") + "set -eo pipefail\n" + _setup(s.setup) +
+            _environment_lines(exp, {}, "the report") + "exec " + _command(exp, args) + "\n")
+
+
+def _resource_opts(extra, cpus: int, mem, time, partition, gres: str | None = None) -> list[str]:
     # jobs start in the folder calib-experiment was called from (relative report paths resolve as locally)
     opts = [f"--chdir={os.getcwd()}", f"--cpus-per-task={cpus}"]
-    if gpus:
-        opts.append(f"--gres=gpu:{gpus}")
-    if mem:
-        opts.append(f"--mem={mem}")
-    if time:
-        opts.append(f"--time={time}")
-    if partition:
-        opts.append(f"--partition={partition}")
-    opts += [str(a) for a in (s.extra_args or [])]
-    return opts
+    opts += [f"--gres={gres}"] if gres else []
+    opts += [f"--mem={mem}"] if mem else []
+    opts += [f"--time={time}"] if time else []
+    opts += [f"--partition={partition}"] if partition else []
+    return opts + [str(a) for a in (extra or [])]
 
 
-def array_spec(folds, max_parallel: int | None = None) -> str:
-    """``--array`` value: the folds, throttled to ``max_parallel`` tasks at once (``0,1,2%2``)."""
-    text = ",".join(str(f) for f in folds)
+def array_spec(indices, max_parallel: int | None = None) -> str:
+    """``--array`` value: the task indices, throttled to ``max_parallel`` tasks at once (``0,1,2%2``)."""
+    text = ",".join(str(i) for i in indices)
     return f"{text}%{int(max_parallel)}" if max_parallel else text
 
 
@@ -149,7 +236,7 @@ def timelimit_opts(s) -> list[str]:
     """sbatch options of the time-limit handling (see the module docstring)."""
     opts = []
     if s.signal_seconds:
-        # B: the signal goes to the batch step (train-fold, which forwards it to the training)
+        # B: the signal goes to the batch shell (the job script, which passes it on)
         opts.append(f"--signal=B:{stop_signal().name[3:]}@{int(s.signal_seconds)}")
     opts.append("--requeue" if s.requeue else "--no-requeue")
     return opts
@@ -163,84 +250,57 @@ def _sbatch(script: Path, extra: list[str] | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def active_tasks(exp: Experiment, jobs: dict | None = None) -> dict[tuple[str, int], tuple[str, str]]:
-    """{(label, fold): (job id, SLURM state)} for recorded tasks that SLURM still lists."""
-    jobs = read_jobs(exp) if jobs is None else jobs
-    if not jobs.get("submissions"):
-        return {}
-    queue = queue_states()
-    out = {}
-    for sub in jobs["submissions"]:
-        for label, rec in sub.get("trainers", {}).items():
-            jid = rec["job_id"]
-            for fold in rec["folds"]:
-                for key in (f"{jid}_{fold}", jid):
-                    if key in queue:
-                        out[(label, fold)] = (f"{jid}_{fold}", queue[key])
-                        break
-    return out
+# -- submitting ----------------------------------------------------------------------------------
+def _unfinished(exp: Experiment, device: str, active: dict) -> tuple[list, dict]:
+    """([(label, fold)] to train, fold by fold; {label: {fold: why skipped}})."""
+    tasks, skipped = [], {}
+    for fold in exp.all_folds:
+        for spec in exp.trainers:
+            key = (spec.label, fold)
+            if fold not in exp.folds_for(spec):
+                continue
+            if key in active:
+                why = f"already {active[key][1].lower()} as job {active[key][0]}"
+            elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:
+                why = "finished"
+            else:
+                tasks.append(key)
+                continue
+            skipped.setdefault(spec.label, {})[fold] = why
+    return tasks, skipped
 
 
 def submit(exp: Experiment, output_root: str | None = None) -> dict:
-    """Submit the unfinished folds (one array per trainer) and the report job; return the record."""
+    """Submit the unfinished folds (one array) and the report job; return the record."""
     _need("sbatch")
-    s = exp.slurm
     device = resolve_device(exp, slurm=True)
-    active = active_tasks(exp)
+    jobs = read_jobs(exp)
+    active = active_tasks(exp, jobs)
     sdir = exp.state_folder / "slurm"
-    sdir.mkdir(parents=True, exist_ok=True)
-    (exp.state_folder / "logs").mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "trainers": {}, "report": None,
-              "skipped": {}}
-    common = _common_env(exp)
-    for spec in exp.trainers:
-        folds, skipped = [], {}
-        for fold in exp.folds_for(spec):
-            if (spec.label, fold) in active:
-                skipped[fold] = f"already {active[(spec.label, fold)][1].lower()} as job {active[(spec.label, fold)][0]}"
-            elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:
-                skipped[fold] = str(FoldStatus.FINISHED)
-            else:
-                folds.append(fold)
-        record["skipped"][spec.label] = skipped
-        if not folds:
-            continue
-        env = dict(common)
-        env["nnUNet_results"] = str(results_root(exp, spec))
-        hp = hparams_env_value(exp.hparams_for(spec))
-        if hp:
-            env[HPARAMS_ENV] = hp
-        opts = [f"--job-name=calib_{exp.name}_{spec.label}", f"--array={array_spec(folds, s.max_parallel)}",
-                f"--output={log_path(exp, spec.label, '%a')}", "--open-mode=append"]
-        opts += _resource_opts(s, s.gpus, s.cpus, s.mem, s.time, s.partition)
-        opts += timelimit_opts(s)
-        command = [py, "-m", "nnunet_calibration.experiments.cli", "train-fold", str(exp.path), "--trainer",
-                   spec.label, "--fold", "${SLURM_ARRAY_TASK_ID}", "--device", device]
-        text = _script(exp, opts, env, command).replace("'${SLURM_ARRAY_TASK_ID}'", "\"${SLURM_ARRAY_TASK_ID}\"")
-        script = sdir / f"{spec.label}.sbatch"
-        script.write_text(text)
-        record["trainers"][spec.label] = {"job_id": _sbatch(script), "folds": folds, "script": str(script)}
-    # the report waits for every array of this submission and for still-active earlier tasks
-    deps = sorted({r["job_id"] for r in record["trainers"].values()} |
-                  {jid.split("_")[0] for jid, _ in active.values()})
-    previous = read_jobs(exp)["submissions"]
-    last_report = (previous[-1].get("report") or {}).get("job_id") if previous else None
-    if not record["trainers"] and last_report and last_report in queue_states():
+    for d in (sdir / "stop", exp.state_folder / "logs" / "slurm"):
+        d.mkdir(parents=True, exist_ok=True)
+    n = len(jobs["submissions"])
+    tasks, skipped = _unfinished(exp, device, active)
+    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "array": None, "report": None,
+              "skipped": skipped}
+    if tasks:
+        table = write_json_atomic(sdir / f"tasks_{n}.json", {"experiment": str(exp.path), "tasks": [
+            {"label": label, "fold": fold} for label, fold in tasks]})
+        script = sdir / f"train_{n}.sbatch"
+        script.write_text(training_script(exp, device, table, len(tasks)))
+        record["array"] = {"job_id": _sbatch(script), "tasks": [list(t) for t in tasks], "table": str(table),
+                           "script": str(script)}
+    # the report waits for this array and for still-active tasks of earlier submissions
+    deps = sorted(({record["array"]["job_id"]} if tasks else set()) | {t.split("_")[0] for t, _ in active.values()})
+    last_report = (jobs["submissions"][-1].get("report") or {}).get("job_id") if jobs["submissions"] else None
+    if not tasks and last_report and last_report in queue_states():
         # nothing new to train and the earlier report job still waits: do not start a second one
         record["report"] = {"job_id": last_report, "depends_on": [], "script": None, "reused": True}
         return record
-    opts = [f"--job-name=calib_{exp.name}_report", f"--output={exp.state_folder / 'logs' / 'report.log'}",
-            "--open-mode=append"]
-    opts += _resource_opts(s, 0, s.report_cpus, s.report_mem, s.report_time, s.report_partition or s.partition)
-    command = [py, "-m", "nnunet_calibration.experiments.cli", "report", str(exp.path)]
-    if output_root is not None:
-        command += ["--output-root", str(Path(output_root).resolve())]
     script = sdir / "report.sbatch"
-    script.write_text(_script(exp, opts, common, command))
+    script.write_text(report_script(exp, output_root))
     extra = [f"--dependency=afterok:{':'.join(deps)}", "--kill-on-invalid-dep=yes"] if deps else []
     record["report"] = {"job_id": _sbatch(script, extra), "depends_on": deps, "script": str(script)}
-    jobs = read_jobs(exp)
     jobs["submissions"].append(record)
     write_json_atomic(jobs_file(exp), jobs)
     return record
@@ -248,8 +308,8 @@ def submit(exp: Experiment, output_root: str | None = None) -> dict:
 
 # -- one array task ------------------------------------------------------------------------------
 def fold_num_gpus(exp: Experiment, device: str) -> int:
-    """GPUs one fold trains on: ``slurm.gpus`` on CUDA (nnU-Net's ``-num_gpus``), else 1."""
-    return max(1, int(exp.slurm.gpus)) if device == "cuda" else 1
+    """GPUs one fold trains on: ``slurm.gpus`` (or ``gres``'s count) on CUDA (``-num_gpus``), else 1."""
+    return max(1, int(exp.slurm.gpu_count)) if device == "cuda" else 1
 
 
 def _requeue(job_id: str) -> tuple[bool, str]:
@@ -264,69 +324,106 @@ def _requeue(job_id: str) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout.strip()
 
 
-def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: dict | None = None) -> int:
-    """Entry point of one SLURM array task: train/resume one fold, output to this job's log (stdout).
+def _log_to(path: Path) -> None:
+    """From now on this process's stdout and stderr (and its children's) append to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
-    Time limits (``slurm.signal_seconds``): SLURM sends the warning signal (``SIGUSR1``) to this
-    process (the batch step, ``--signal=B:USR1@N``); it is forwarded to the training's process group,
-    whose trainer finishes its epoch, writes ``checkpoint_latest.pth`` and exits with
-    :data:`~nnunet_calibration.trainers.timelimit.TIMELIMIT_EXIT_CODE`. Then, if ``slurm.requeue``,
-    the task requeues itself (``scontrol requeue $SLURM_JOB_ID``): it runs again later, finds the
-    checkpoint and continues with ``--c``. Returns the training's exit status, or
-    ``TIMELIMIT_EXIT_CODE`` when the fold was stopped by the signal (requeued or not).
-    """
-    env = dict(os.environ if env is None else env)
-    spec = exp.trainer(label)
-    cmd = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
-    if cmd is None:
-        print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
-        return 0
-    print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
-    child_env = fold_env(exp, spec, device, env)
-    sig = stop_signal(env)
-    received: list[int] = []
-    proc: subprocess.Popen | None = None
 
-    def forward(signum, frame):  # noqa: ARG001
-        received.append(signum)
-        print(f"{label} fold {fold}: received {signal.Signals(signum).name} (time limit near): the training "
-              f"stops after its current epoch with a checkpoint", flush=True)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signum)  # the training and, under DDP, its worker processes
-            except ProcessLookupError:
-                pass
-
-    previous = signal.signal(sig, forward)
+def _table_task(table: str, index: int) -> tuple[str, int]:
+    """(label, fold) of entry ``index`` of a task table (:func:`submit`)."""
     try:
-        # its own process group, so that the signal reaches nnU-Net's DDP workers too; the training
-        # starts with the signal ignored: nnU-Net's multi-GPU parent process (mp.spawn) has no trainer
-        # and would otherwise be killed by it, while every trainer installs its own handler
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)
+        task = json.loads(Path(table).read_text())["tasks"][int(index)]
+        return str(task["label"]), int(task["fold"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ExperimentError(f"task table {table}: no entry {index} ({type(e).__name__}: {e})") from None
+
+
+def train_fold_entry(experiment: str, label: str | None, fold: int | None, device: str = "auto",
+                     table: str | None = None, index: int | None = None) -> int:
+    """``calib-experiment train-fold``: one SLURM task. The warning handler comes first; then the
+    task's (label, fold) (from the task table when given), its log, the experiment, the training."""
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.settings import load_experiment
+
+    env = dict(os.environ)
+    own = stop_file(env) is None
+    if own:  # by hand, outside the job script: a stop file of this process
+        env[STOP_FILE_ENV] = os.path.join(tempfile.gettempdir(), f"calib_stop_{os.getpid()}")
+    warning = TaskWarning(env)
+    try:
+        if table is not None:
+            label, fold = _table_task(table, index)
+        exp = validate(load_experiment(experiment), check_trainers=False)
+        if table is not None:
+            print(f"array task {index}: {label} fold {fold}; output: {log_path(exp, label, fold)}", flush=True)
+            _log_to(log_path(exp, label, fold))
+        if device == "auto":
+            device = resolve_device(exp, slurm=True)
+        return train_fold_main(exp, label, fold, device, env, warning)
     finally:
-        signal.signal(sig, previous)
-    stopped = rc == TIMELIMIT_EXIT_CODE or (received and rc != 0)
-    if not stopped or fold_state(exp, spec, fold) == FoldStatus.FINISHED:
-        return rc
-    state = fold_state(exp, spec, fold)
-    print(f"{label} fold {fold}: stopped by the time limit (exit {rc}); fold {state}", flush=True)
+        warning.close()
+        if own and os.path.exists(env[STOP_FILE_ENV]):
+            os.remove(env[STOP_FILE_ENV])
+
+
+def train_fold_main(exp: Experiment, label: str, fold: int, device: str, env: dict | None = None,
+                    warning: TaskWarning | None = None) -> int:
+    """Train, resume or validate one fold (output: stdout). Returns the training's exit status, 0 when
+    the fold is complete, or :data:`TIMELIMIT_EXIT_CODE` when the time-limit warning stopped it (then,
+    with ``slurm.requeue``, the task has requeued itself; the next run continues with ``--c`` or ``--val``)."""
+    env = dict(os.environ if env is None else env)
+    own, warning = warning is None, warning or TaskWarning(env)
+    spec = exp.trainer(label)
+    try:
+        print(f"# {_dt.datetime.now().isoformat(timespec='seconds')} host {socket.gethostname()} SLURM job "
+              f"{env.get('SLURM_JOB_ID', '-')}", flush=True)
+        if warning.came():
+            print(f"{label} fold {fold}: time-limit warning before the training started", flush=True)
+            return _after_warning(exp, spec, fold, device, env, None)
+        cmd = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
+        if cmd is None:
+            print(f"{label} fold {fold}: already finished, nothing to do", flush=True)
+            return 0
+        print(f"{label} fold {fold}: {' '.join(cmd)}", flush=True)
+        # its own process group, so that the warning reaches nnU-Net's DDP workers too; the training
+        # starts with the signal ignored (nnU-Net's multi-GPU parent process has no trainer and would
+        # be killed by it); every trainer installs its handler when it is constructed
+        proc = subprocess.Popen(cmd, env=fold_env(exp, spec, device, env), start_new_session=True,
+                                preexec_fn=lambda: signal.signal(warning.sig, signal.SIG_IGN))
+        rc = warning.wait(proc)
+        if rc == 0 or not (rc == TIMELIMIT_EXIT_CODE or warning.came()):
+            return rc
+        return _after_warning(exp, spec, fold, device, env, rc)
+    finally:
+        if own:
+            warning.close()
+
+
+def _after_warning(exp: Experiment, spec, fold: int, device: str, env: dict, rc: int | None) -> int:
+    """The fold was stopped by the warning (``rc``: the training's exit status, None if none started):
+    requeue the task unless the fold is complete."""
+    label = spec.label
+    nxt = train_command(exp, spec, fold, device, fold_num_gpus(exp, device))
+    if nxt is None:
+        print(f"{label} fold {fold}: complete (the warning came at its end)", flush=True)
+        return 0
+    what = "--val" if "--val" in nxt else ("--c" if "--c" in nxt else "a fresh start")
+    print(f"{label} fold {fold}: stopped by the time limit (exit {rc}); it continues with {what}", flush=True)
     job = env.get("SLURM_JOB_ID")
-    if exp.slurm.requeue and job and state == FoldStatus.INTERRUPTED:
+    if exp.slurm.requeue and job:
         ok, out = _requeue(job)
         if ok:
-            print(f"{label} fold {fold}: requeued SLURM job {job}; it continues from checkpoint_latest.pth (--c)",
-                  flush=True)
+            print(f"{label} fold {fold}: requeued SLURM job {job}", flush=True)
         else:
             print(f"{label} fold {fold}: scontrol requeue {job} failed ({out}), not requeued; run "
                   f"calib-experiment run again to continue", flush=True)
     else:
         print(f"{label} fold {fold}: not requeued (slurm.requeue: {exp.slurm.requeue}); run calib-experiment "
-              f"run again to continue with --c", flush=True)
+              f"run again to continue with {what}", flush=True)
     return TIMELIMIT_EXIT_CODE

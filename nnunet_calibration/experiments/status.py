@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
-                                                  read_local_state)
+                                                  read_local_state, recovery_events, trained)
 from nnunet_calibration.settings import Experiment, ExperimentError
 
 
@@ -144,13 +144,13 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
     (a checkpoint exists, not running); ``in progress`` / ``stopped`` (nnU-Net's log shows epochs but
     there is no checkpoint yet: written recently, or not, see :func:`_without_checkpoint`); ``not started``.
+    The detail also names a resume that fell back to ``checkpoint_previous.pth`` because
+    ``checkpoint_latest.pth`` was unreadable (:func:`~nnunet_calibration.experiments.folds.recovery_events`).
     """
+    from nnunet_calibration.experiments.slurm import submitted_tasks
+
     jobs, active, slurm_note = _slurm_view(exp, use_slurm)
-    submitted = {}
-    for sub in jobs.get("submissions", []):
-        for label, rec in sub.get("trainers", {}).items():
-            for fold in rec["folds"]:
-                submitted[(label, fold)] = f"{rec['job_id']}_{fold}"
+    submitted = submitted_tasks(jobs)
     local = read_local_state(exp)
     out = []
     for spec in exp.trainers:
@@ -170,7 +170,7 @@ def _slurm_view(exp: Experiment, use_slurm: bool) -> tuple[dict, dict, str]:
         return {"submissions": []}, {}, ""
     try:
         jobs = slurm.read_jobs(exp)
-        return jobs, (slurm.active_tasks(exp, jobs) if jobs.get("submissions") else {}), ""
+        return jobs, slurm.active_tasks(exp, jobs), ""
     except (ExperimentError, OSError) as e:
         return {"submissions": []}, {}, f"(SLURM queue not readable: {e})"
 
@@ -200,9 +200,20 @@ def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict
         rec.update(status=FoldStatus.FAILED, detail=f"local run exited with {run.get('returncode')} at "
                                                     f"{run.get('time')} ({st})", log=run.get("log", str(log)))
     elif st == FoldStatus.INTERRUPTED:
-        rec["detail"] = "checkpoint present; run again to continue (--c)"
+        rec["detail"] = ("trained, not validated; run again to validate (--val)" if trained(exp, spec, fold) else
+                         "checkpoint present; run again to continue (--c)")
     elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
         rec.update(_without_checkpoint(rec["progress"]))
+    return _with_recovery(rec, recovery_events(exp, spec, fold))
+
+
+def _with_recovery(rec: dict, events: list[dict]) -> dict:
+    """Add the last checkpoint fallback (the trainers' record) to the row's detail."""
+    if events:
+        e = events[-1]
+        note = (f"resumed from {e.get('resumed_from')} (epoch {e.get('epoch')}) at {e.get('time')}: "
+                f"{e.get('unreadable')} was unreadable" + (f" ({len(events)} such resumes)" if len(events) > 1 else ""))
+        rec["detail"] = "; ".join(x for x in (rec["detail"], note) if x)
     return rec
 
 

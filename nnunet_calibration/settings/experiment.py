@@ -9,23 +9,17 @@ the fields of :class:`~.training.Training`, :class:`~.metrics.MetricOptions`, :c
     configuration: 2d                 # any configuration of the plans (2d, 3d_fullres, ...)
     plans: nnUNetPlans
     folds: [0, 1, 2, 3, 4]            # default 0-4
-    device: auto                      # cpu | cuda | auto (cuda when SLURM gpus > 0 or CUDA is present)
-    training:                         # for every trainer (Training), through NNUNET_CALIB_HPARAMS
-      num_epochs: 1000
+    device: auto                      # cpu | cuda | auto (cuda when SLURM asks for GPUs or CUDA is present)
+    training: {num_epochs: 1000}      # for every trainer (Training), through NNUNET_CALIB_HPARAMS
     trainers:
       - nnUNetTrainerDiceCE           # a bare name
-      - nnUNetTrainerSDC_DC
-      - name: nnUNetTrainerSDC        # a hyperparameter variant: its own label and results folder
-        label: SDC_alpha0.2
-        hparams: {alpha: 0.2}
+      - {name: nnUNetTrainerSDC, label: SDC_alpha0.2, hparams: {alpha: 0.2}}   # a variant: own results folder
     baseline: nnUNetTrainerDiceCE     # label of the Wilcoxon reference (default: the DiceCE trainer)
-    evaluation:
-      num_processes: 1
-      options: {}                     # MetricOptions
+    evaluation: {num_processes: 1, options: {}}   # options: MetricOptions
     report: {}                        # Report
     slurm: {}                         # Slurm
-    nnunet_paths:                     # default: the nnUNet_raw/_preprocessed/_results environment variables
-      results: /data/nnUNet_results
+    environment: {nnUNet_n_proc_DA: 8}   # variables of every training and job, overriding the defaults
+    nnunet_paths: {results: /data/nnUNet_results}   # default: the nnUNet_raw/... environment variables
     state_dir: .calib_state           # default: <nnUNet_results>/calib_experiments/<name>
 
 Relative paths are taken relative to the experiment file's folder. The loader
@@ -81,12 +75,8 @@ def slurm_time_seconds(text: str) -> int | None:
     if m.group(1) is not None:
         d, h, mi, se = (int(x) if x else 0 for x in m.group(1, 2, 3, 4))
         return ((d * 24 + h) * 60 + mi) * 60 + se
-    parts = [int(x) for x in m.group(5, 6, 7) if x is not None]
-    if len(parts) == 1:
-        return parts[0] * 60
-    if len(parts) == 2:
-        return parts[0] * 60 + parts[1]
-    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    parts = [int(x) for x in m.group(5, 6, 7) if x is not None]  # MM, MM:SS or HH:MM:SS
+    return sum(p * w for p, w in zip(parts, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]))
 
 
 _TIME = Rule(lambda v: v is None or (isinstance(v, str) and slurm_time_seconds(v) is not None),
@@ -96,38 +86,65 @@ _MEM = Rule(lambda v: v is None or (is_int(v) and v > 0) or (isinstance(v, str) 
             "SLURM's --mem: MB as an integer or a text like 32G")
 _ARGS = Rule(lambda v: isinstance(v, (str, tuple, list)) and (isinstance(v, str) or all(isinstance(a, str) for a in v)),
              "a list of sbatch options (texts)")
+_LINES = Rule(lambda v: isinstance(v, tuple) and all(isinstance(a, str) and "\n" not in a for a in v),
+              "a list of shell lines (texts)")
 _OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null")
+_GRES_RE = re.compile(r"^[A-Za-z][\w-]*(:[\w.-]+)*(,[A-Za-z][\w-]*(:[\w.-]+)*)*$")
+_GRES = Rule(lambda v: v is None or (isinstance(v, str) and bool(_GRES_RE.match(v))), 'a --gres text like "gpu:a100:1"')
+
+
+def gres_gpus(gres: str | None) -> int | None:
+    """GPUs a ``--gres`` text asks for (``gpu:a100:2`` -> 2, ``gpu:a100`` -> 1); None if it names none."""
+    for item in (gres or "").split(","):
+        parts = item.split(":")
+        if parts[0] == "gpu":
+            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return None
 
 
 @dataclass(frozen=True)
 class Slurm(Settings):
-    """``slurm:``: resources and time-limit handling of the SLURM backend."""
+    """``slurm:``: resources, cluster environment and time-limit handling of the SLURM backend."""
 
     SECTION = "slurm"
 
     gpus: int = setting(0, NON_NEGATIVE_INT, "--gres=gpu:N (0: none); > 1: nnU-Net's multi-GPU mode (-num_gpus N)")
-    cpus: int = setting(4, POSITIVE_INT, "--cpus-per-task")
+    gres: str | None = setting(None, _GRES, "--gres of a training task instead of gpu:N (typed GPUs: gpu:a100:1)")
+    cpus: int = setting(4, POSITIVE_INT, "--cpus-per-task; on a GPU also nnU-Net's augmentation workers")
     mem: str | None = setting("16G", _MEM, "--mem")
     time: str | None = setting("24:00:00", _TIME, "--time of a training task")
     partition: str | None = setting(None, OPTIONAL_TEXT, "--partition")
-    extra_args: tuple = setting((), _ARGS, "further sbatch options")
+    extra_args: tuple = setting((), _ARGS, "further sbatch options of the training tasks")
+    setup: tuple = setting((), _LINES, "shell lines run first in every job (module load, source .../activate)")
+    container: str | None = setting(None, OPTIONAL_TEXT, "prefix of the job's command (apptainer exec --nv IMAGE)")
+    scratch: str | None = setting(None, OPTIONAL_TEXT, "node-local folder (e.g. $TMPDIR): a training task copies "
+                                                       "the configuration's preprocessed data there first")
     report_cpus: int = setting(2, POSITIVE_INT, "--cpus-per-task of the report job")
     report_mem: str | None = setting("8G", _MEM, "--mem of the report job")
     report_time: str | None = setting("04:00:00", _TIME, "--time of the report job")
     report_partition: str | None = setting(None, OPTIONAL_TEXT, "--partition of the report job (default: partition)")
+    report_extra_args: tuple | None = setting(None, _ARGS, "sbatch options of the report job (default: extra_args; "
+                                                           "[]: none); it never gets the GPUs")
     signal_seconds: int = setting(600, NON_NEGATIVE_INT, "SIGUSR1 this long before the limit (--signal=B:USR1@N); "
                                                          "0: none; default 600, at most half of time")
-    requeue: bool = setting(True, BOOL, "on that signal: finish the epoch, checkpoint, requeue the task (--c)")
-    max_parallel: int | None = setting(None, _OPTIONAL_POSITIVE_INT,
-                                       "at most this many tasks of a trainer at once (--array=...%N); null: no limit")
+    requeue: bool = setting(True, BOOL, "on that signal: stop cleanly, requeue the task (--c, or --val)")
+    max_parallel: int | None = setting(None, _OPTIONAL_POSITIVE_INT, "at most this many (trainer, fold) tasks of the "
+                                                                     "study at once (--array=...%N); null: no limit")
 
     def __post_init__(self):
         for k in ("mem", "report_mem"):
             if is_int(getattr(self, k)):
                 object.__setattr__(self, k, str(getattr(self, k)))
-        if isinstance(self.extra_args, str):
-            object.__setattr__(self, "extra_args", tuple(self.extra_args.split()))
+        for k in ("extra_args", "report_extra_args", "setup"):  # a text: one line, or options split at blanks
+            if isinstance(v := getattr(self, k), str):
+                object.__setattr__(self, k, (v,) if k == "setup" else tuple(v.split()))
         super().__post_init__()
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs of one training task: ``gres``'s if it names GPUs, else ``gpus``."""
+        n = gres_gpus(self.gres)
+        return self.gpus if n is None else n
 
     @classmethod
     def prepare(cls, data: dict) -> dict:
@@ -141,6 +158,9 @@ class Slurm(Settings):
         if self.signal_seconds and limit is not None and self.signal_seconds >= limit:
             raise SettingsError(f"signal_seconds ({self.signal_seconds} s) must be shorter than slurm.time "
                                 f"({self.time!r} = {limit} s)")
+        n = gres_gpus(self.gres)
+        if n is not None and self.gpus and n != self.gpus:
+            raise SettingsError(f"gpus ({self.gpus}) and gres ({self.gres!r}, {n} GPUs) disagree: give one")
 
 
 _RANK = Rule(lambda v: isinstance(v, (list, tuple)) and bool(v) and all(m in REPORT_METRICS for m in v),
@@ -241,6 +261,12 @@ class TrainerEntry(Settings):
         return cls.from_mapping(dict(item, label=str(label), hparams=dict(hp)), where)
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OWN_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "NNUNET_CALIB_HPARAMS")
+_ENVIRONMENT = Rule(lambda v: isinstance(v, dict) and all(isinstance(k, str) and _ENV_NAME.match(k) and k not in _OWN_ENV
+                                                          and isinstance(x, str) for k, x in v.items()),
+                    f"a mapping of environment variable names to texts or numbers (not {', '.join(_OWN_ENV)}: "
+                    f"nnunet_paths and training set those)")
 _DEVICE = one_of(("cpu", "cuda", "auto"))
 _FOLDS = Rule(lambda v: isinstance(v, tuple) and bool(v) and all(is_int(f) and f >= 0 for f in v)
               and len(set(v)) == len(v), "a list of distinct non-negative integers")
@@ -266,6 +292,8 @@ class Experiment(Settings):
     slurm: Slurm = setting(Slurm(), None, "the SLURM backend")
     nnunet_paths: NnunetPaths = setting(NnunetPaths(), None, "nnU-Net's folders")
     state_dir: str | None = setting(None, OPTIONAL_TEXT, "state and logs (default <nnUNet_results>/calib_experiments/<name>)")
+    environment: dict = setting(dict, _ENVIRONMENT, "environment variables of every training and job (nnU-Net's "
+                                                    "nnUNet_compile, nnUNet_n_proc_DA, ...): they override the defaults")
     path: Path | None = field(default=None, metadata={"file": False})
     dataset_name: str | None = field(default=None, metadata={"file": False})
 
@@ -290,6 +318,9 @@ class Experiment(Settings):
             data["dataset"] = str(data["dataset"])
         if is_int(data.get("folds")):
             data["folds"] = [data["folds"]]
+        if isinstance(data.get("environment"), dict):  # YAML numbers and booleans as the shell would write them
+            data["environment"] = {k: (str(v).lower() if isinstance(v, bool) else str(v) if is_int(v) or
+                                       (isinstance(v, float) and v == v) else v) for k, v in data["environment"].items()}
         return data
 
     # -- what the file's values mean ------------------------------------------------------------

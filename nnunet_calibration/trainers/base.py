@@ -39,14 +39,17 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_calibration.settings import HPARAMS_ENV, parse_hparams, split_hparams
-from nnunet_calibration.trainers.timelimit import TimeLimitMixin
+from nnunet_calibration.trainers.timelimit import SafeCheckpointMixin, TimeLimitMixin
+from nnunet_calibration.utils import write_json_atomic
 
 
-class nnUNetTrainerHparamsBase(TimeLimitMixin, nnUNetTrainer):
+class nnUNetTrainerHparamsBase(TimeLimitMixin, SafeCheckpointMixin, nnUNetTrainer):
     """Common base: nnU-Net's trainer plus per-run hyperparameters (see the module docstring).
 
-    Also survives cluster time limits (:class:`~nnunet_calibration.trainers.timelimit.TimeLimitMixin`:
-    on SLURM's warning signal, stop after the current epoch with ``checkpoint_latest.pth``, exit 75).
+    Also survives clusters (:mod:`nnunet_calibration.trainers.timelimit`): on SLURM's time-limit warning,
+    from construction to exit, it stops cleanly with exit status 75 (after the current epoch with
+    ``checkpoint_latest.pth``, or before training / during the final validation), and it writes
+    checkpoints atomically, keeping one older ``checkpoint_latest.pth`` to resume from if needed.
 
     It keeps nnU-Net's default loss (Dice + CE, or Dice + BCE for regions; nnU-Net's own classes);
     the runnable form is :class:`nnUNetTrainerDiceCE`, the DiceCE baseline of the papers' tables
@@ -59,6 +62,7 @@ class nnUNetTrainerHparamsBase(TimeLimitMixin, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        self.install_timelimit_handler()  # first: a warning during start-up is not lost
         super().__init__(plans, configuration, fold, dataset_json, device)
         overrides = parse_hparams(os.environ.get(HPARAMS_ENV))
         training, loss = split_hparams(overrides, type(self).loss_hparams,
@@ -110,8 +114,8 @@ class nnUNetTrainerHparamsBase(TimeLimitMixin, nnUNetTrainer):
         super().initialize()
         if self.local_rank == 0 and self.output_folder is not None:
             os.makedirs(self.output_folder, exist_ok=True)
-            with open(os.path.join(self.output_folder, "calibration_hparams.json"), "w") as f:
-                json.dump(self.used_hparams(), f, indent=2, default=str)
+            write_json_atomic(os.path.join(self.output_folder, "calibration_hparams.json"),
+                              json.loads(json.dumps(self.used_hparams(), default=str)))
             self.print_to_log_file(f"nnunet-calibration hyperparameters: {json.dumps(self.used_hparams(), default=str)}")
 
     # -- deep supervision, exactly as nnU-Net wraps its default loss ----------------------------

@@ -4,20 +4,27 @@ The cluster (slurmctld, slurmd, munged; Debian packages ``slurmctld slurmd slurm
 started by ``experiments_testlib.SlurmCluster`` in a fresh state folder and stopped by PID afterwards. Without the
 packages (or without root) the tests are skipped with the reason — never passed.
 
-Two experiments are submitted at once:
+``test_slurm_throttle_across_trainers``: two trainers, one array, ``max_parallel: 1``: one task runs,
+the other is held by SLURM (``JobArrayTaskLimit``) although the node has room; then all is cancelled.
+
+``test_slurm_experiment`` submits two experiments at once:
 - ``slurm-ok``: nnUNetTrainerDiceCE, folds 0 and 1, short training, in its own nnUNet_results: one job
   array of two tasks, then the report job (afterok) writes the report, whose numbers are checked
   against the evaluator;
-- ``slurm-broken``: a fold whose ``checkpoint_latest.pth`` is corrupt, so nnU-Net's ``--c`` fails at
-  start-up (the file passes ``calib-experiment check``, which refuses bad settings before
-  submitting): its task fails, SLURM cancels its report job (``--kill-on-invalid-dep=yes``), and
-  ``status`` reports the fold as failed with its log.
+- ``slurm-broken``: a fold whose ``checkpoint_latest.pth`` is corrupt (and no previous one to fall
+  back to), so nnU-Net's ``--c`` fails at start-up (the file passes ``calib-experiment check``, which
+  refuses bad settings before submitting): its task fails, SLURM cancels its report job
+  (``--kill-on-invalid-dep=yes``), and ``status`` reports the fold as failed with its log.
 
-The time-limit test (``test_slurm_requeue_on_time_limit_signal``) trains one fold under SLURM,
-sends the warning signal to the running task (``scancel --signal=USR1 --batch``), and checks that
-the training stops after its epoch with ``checkpoint_latest.pth``, the task requeues itself,
-continues with ``--c`` and ends with exactly the planned epochs, each trained once.
-Every wait has a timeout.
+The time-limit test (``test_slurm_requeue_on_time_limit_signal``) trains one fold under SLURM and
+sends the warning signal to the running task twice (``scancel --signal=USR1 --batch``): mid-training
+(the training stops after its epoch with ``checkpoint_latest.pth``, the task requeues itself and
+continues with ``--c``) and in the last epoch (the training finishes, stops before or during the
+final validation, requeues, and the third run only validates with ``--val``); the fold ends with
+exactly the planned epochs, each trained once. Every wait has a timeout.
+
+The job scripts' contents (GPU vs CPU settings, gres, container, staging) are checked without SLURM
+in ``test_experiment_jobscripts.py``.
 """
 import os
 import shutil
@@ -81,19 +88,19 @@ def _job_fields(task: str) -> dict:
     return dict(re.findall(r"\b(\w+)=(\S+)", out))
 
 
-def _running_again(task: str, job: dict | None = None) -> bool:
-    """The requeued task (``Restarts`` > 0) has started its second run (or finished it). A task that
-    SLURM holds (``Reason`` containing "held") is released. ``job``: fields already read, if any."""
+def _running_again(task: str, job: dict | None = None, restarts: int = 1) -> bool:
+    """The requeued task (``Restarts`` >= ``restarts``) has started its next run (or finished it). A task
+    that SLURM holds (``Reason`` containing "held") is released. ``job``: fields already read, if any."""
     import subprocess
 
     job = _job_fields(task) if job is None else job
     if "held" in job.get("Reason", "").lower():
         subprocess.run(["scontrol", "release", task], capture_output=True, timeout=60)
-    restarts = job.get("Restarts", "")
-    return restarts.isdigit() and int(restarts) > 0 and job.get("JobState") in ("RUNNING", "COMPLETED")
+    n = job.get("Restarts", "")
+    return n.isdigit() and int(n) >= restarts and job.get("JobState") in ("RUNNING", "COMPLETED")
 
 
-def _release_requeued(task: str, timeout: float, diagnose) -> None:
+def _release_requeued(task: str, timeout: float, diagnose, restarts: int = 1) -> None:
     """Move a requeued task's BeginTime (requeue time + 2 minutes) to now.
 
     Measured here: an ``scontrol update StartTime=now`` sent while the task is still ``COMPLETING`` is
@@ -109,7 +116,7 @@ def _release_requeued(task: str, timeout: float, diagnose) -> None:
     while time.monotonic() < end:
         job = _job_fields(task)
         state = job.get("JobState", "")
-        if _running_again(task, job):
+        if _running_again(task, job, restarts):
             return
         if state == "PENDING" and pending_since is None:
             pending_since = time.monotonic()
@@ -145,6 +152,47 @@ def _logs(exp) -> str:
     return "\n".join(out)
 
 
+def test_slurm_throttle_across_trainers(slurm, synthetic_labels, tmp_path, capsys):
+    """Two trainers, one array, ``max_parallel: 1``: SLURM runs one task and holds the other with
+    ``JobArrayTaskLimit`` although the node has room for both; then everything is cancelled."""
+    import subprocess
+
+    from nnunet_calibration.experiments.nnunet_checks import validate
+    from nnunet_calibration.experiments.slurm import read_jobs
+    from nnunet_calibration.settings import load_experiment
+
+    ds = synthetic_labels
+    f = write_experiment(tmp_path / "th.yaml", name="slurm-throttle", dataset=ds.dataset_id, configuration="2d",
+                         folds=[0], device="cpu", training=SHORT, trainers=["nnUNetTrainerDiceCE", "nnUNetTrainerFocal"],
+                         state_dir=str(tmp_path / "state_th"), nnunet_paths={"results": str(tmp_path / "results_th")},
+                         slurm={"cpus": 1, "mem": "1G", "time": "00:10:00", "max_parallel": 1, "report_cpus": 1,
+                                "report_mem": "1G"})
+    (tmp_path / "results_th").mkdir()
+    assert cli.main(["run", str(f), "--backend", "slurm"]) == 0
+    capsys.readouterr()
+    sub = read_jobs(validate(load_experiment(f), check_trainers=False))["submissions"][0]
+    array, report = sub["array"]["job_id"], sub["report"]["job_id"]
+    assert sub["array"]["tasks"] == [["nnUNetTrainerDiceCE", 0], ["nnUNetTrainerFocal", 0]]
+
+    def queue():
+        out = subprocess.run(["squeue", "-h", "-r", "-j", array, "-o", "%i|%T|%r"], capture_output=True, text=True,
+                             timeout=60).stdout
+        return dict((line.split("|")[0], line.split("|")[1:]) for line in out.split())
+
+    def one_running():
+        q = queue()
+        return q if sorted(v[0] for v in q.values()) == ["PENDING", "RUNNING"] else None
+
+    try:
+        seen = _wait_for("one task running, one held by the throttle", one_running, 120,
+                         lambda: _slurm_state(slurm, array), interval=1)
+        held = [v for v in seen.values() if v[0] == "PENDING"][0]
+        assert held[1] == "JobArrayTaskLimit", seen
+    finally:
+        subprocess.run(["scancel", array, report], capture_output=True, timeout=60)
+    _wait_for("the cancelled tasks to leave the queue", lambda: not queue(), 120, lambda: _slurm_state(slurm, array))
+
+
 def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     ds = synthetic_labels
     ok = write_experiment(tmp_path / "ok.yaml", name="slurm-ok", dataset=ds.dataset_id, configuration="2d",
@@ -168,7 +216,7 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     assert cli.main(["run", str(broken), "--backend", "slurm", "--output-root", str(out_root)]) == 0
     assert cli.main(["run", str(ok), "--backend", "slurm", "--output-root", str(out_root)]) == 0
     printed = capsys.readouterr().out
-    assert "submitted nnUNetTrainerDiceCE: job array" in printed
+    assert "submitted job array" in printed and "  nnUNetTrainerDiceCE: folds [0, 1]" in printed
 
     # submitting again while the folds are queued or running submits no second training
     from nnunet_calibration.experiments.nnunet_checks import validate
@@ -177,7 +225,7 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
 
     exp_ok = validate(load_experiment(ok))
     again = submit(exp_ok, str(out_root))
-    assert again["trainers"] == {}
+    assert again["array"] is None
     assert set(again["skipped"]["nnUNetTrainerDiceCE"]) == {0, 1}
     states = [s["status"] for s in _status(ok)[1]]
     assert all(s in ("pending", "running", "completing", "configuring", "finished") for s in states), states
@@ -205,8 +253,7 @@ def test_slurm_experiment(slurm, synthetic_labels, tmp_path, capsys):
     log0 = (exp_ok.state_folder / "logs" / "nnUNetTrainerDiceCE_fold0.log").read_text()
     assert "nnUNetv2_train" in log0 and str(Path(os.sys.executable).parent) in log0
     jobs = read_jobs(exp_ok)
-    assert jobs["submissions"][0]["report"]["depends_on"] == [jobs["submissions"][0]["trainers"]
-                                                              ["nnUNetTrainerDiceCE"]["job_id"]]
+    assert jobs["submissions"][0]["report"]["depends_on"] == [jobs["submissions"][0]["array"]["job_id"]]
     script = Path(jobs["submissions"][0]["report"]["script"]).read_text()
     assert "--cpus-per-task=1" in script and "--mem=2G" in script
 
@@ -243,9 +290,11 @@ def _epoch_lines(fold: Path) -> list[int]:
 
 
 def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, capsys):
-    """SLURM's time-limit warning mid-training: checkpoint at the end of the epoch, exit 75, requeue,
-    ``--c``; the fold ends with exactly ``num_epochs`` epochs, each trained once (checked in nnU-Net's
-    logs and in its final checkpoint); the report job (afterok) still runs afterwards."""
+    """SLURM's time-limit warning twice: mid-training (checkpoint at the end of the epoch, exit 75,
+    requeue, ``--c``) and in the last epoch (the training finishes, stops before or during the final
+    validation, requeue, only ``--val``); the fold ends with exactly ``num_epochs`` epochs, each trained
+    once (checked in nnU-Net's logs and in its final checkpoint); the report job (afterok) still runs."""
+    import re
     import subprocess
 
     import numpy as np
@@ -275,22 +324,25 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     exp = validate(load_experiment(f))
     spec = exp.trainers[0]
     fold = fold_folder(exp, spec, 0)
-    sub = read_jobs(exp)["submissions"][0]["trainers"]["nnUNetTrainerDiceCE"]
-    task = f"{sub['job_id']}_0"
-    script = Path(sub["script"]).read_text()
+    arr = read_jobs(exp)["submissions"][0]["array"]
+    task = f"{arr['job_id']}_0"
+    script = Path(arr["script"]).read_text()
     assert "--signal=B:USR1@60" in script and "--requeue" in script and "--array=0%1" in script
     log = exp.state_folder / "logs" / "nnUNetTrainerDiceCE_fold0.log"
     text = lambda: log.read_text() if log.is_file() else ""  # noqa: E731
     diag = lambda: f"log {log}:\n{text()[-3000:]}\n{_logs(exp)}"  # noqa: E731
+    diag_all = lambda: f"{diag()}\n{_slurm_state(slurm, task)}"  # noqa: E731
+    warn = lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", task], capture_output=True,  # noqa: E731
+                                  text=True, timeout=60)
 
-    # the trainer announces its handler in on_train_start: the signal now lands in epoch 0 or soon after
-    _wait_for("the training to start", lambda: "time limit: on SIGUSR1" in text(), 300, diag)
-    proc = subprocess.run(["scancel", "--signal=USR1", "--batch", task], capture_output=True, text=True, timeout=60)
+    # 1. the trainer announces its handler in on_train_start: the warning now lands in epoch 0 or soon after
+    _wait_for("the training to start", lambda: "time limit: on SIGUSR1" in text(), 300, diag, interval=0.5)
+    proc = warn()
     assert proc.returncode == 0, proc.stderr
-    _wait_for("the requeue", lambda: "requeued SLURM job" in text(), 240, diag)
+    _wait_for("the requeue", lambda: "requeued SLURM job" in text(), 240, diag, interval=0.5)
     log_first = text()
     assert f"exit status {TIMELIMIT_EXIT_CODE}" in log_first
-    stopped = int(__import__("re").search(r"stopped after epoch (\d+)", log_first).group(1))
+    stopped = int(re.search(r"stopped after epoch (\d+)", log_first).group(1))
     assert 0 <= stopped < epochs - 1
     # between the runs: the checkpoint records the next epoch; status shows the progress so far
     ckpt = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
@@ -300,25 +352,38 @@ def test_slurm_requeue_on_time_limit_signal(slurm, synthetic_labels, tmp_path, c
     # SLURM holds a requeued job for a while (BeginTime, about 2 minutes) before it may start again:
     # release it so that the test stays short (a real cluster just waits); see _release_requeued for
     # when the update takes effect.
-    diag_all = lambda: f"{diag()}\n{_slurm_state(slurm, task)}"  # noqa: E731
     _release_requeued(task, 240, diag_all)
-    _wait_for("the requeued task to run again", lambda: _running_again(task), 300, diag_all)
+    _wait_for("the requeued task to run again", lambda: _running_again(task), 300, diag_all, interval=1)
+
+    # 2. the second run continues (--c); the warning in its last epoch: the training finishes and the
+    # task stops before (or during) the final validation, requeues, and the third run only validates
+    last_epoch = re.compile(rf": Epoch {epochs - 1}\s*$", re.M)
+    _wait_for("the last epoch", lambda: last_epoch.search(text().split("requeued SLURM job", 1)[1]), 300, diag_all,
+              interval=0.2)
+    proc = warn()
+    assert proc.returncode == 0, proc.stderr
+    _wait_for("the second requeue", lambda: text().count("requeued SLURM job") == 2, 240, diag_all, interval=0.5)
+    second = text().split("requeued SLURM job")[1]
+    assert re.search(r"fold 0: .*nnUNetv2_train.* --c$", second, re.M), second[-3000:]
+    assert re.search(r"time limit: warning (before|during) the final validation", second), second[-3000:]
+    assert (fold / "checkpoint_final.pth").is_file() and fold_state(exp, spec, 0) == FoldStatus.INTERRUPTED
+    _release_requeued(task, 240, diag_all, restarts=2)
+    _wait_for("the task to run a third time", lambda: _running_again(task, restarts=2), 300, diag_all, interval=1)
 
     report = out_root / "slurm-requeue" / "README.md"
     _wait_for("the fold and the report", lambda: fold_state(exp, spec, 0) == FoldStatus.FINISHED and report.is_file(), 420,
               diag_all, interval=3)
-    # the second run continued from the checkpoint (--c) in the same SLURM task
-    assert "resumed" in text() or "--c" in text().split("requeued SLURM job", 1)[1]
+    third = text().split("requeued SLURM job")[2]
+    assert re.search(r"fold 0: .*nnUNetv2_train.* --val$", third, re.M) and " --c" not in third, third[-3000:]
     job = _job_fields(task)
-    assert job.get("Restarts") == "1", job
-    # every epoch trained exactly once, in order, over the two runs; none lost
+    assert job.get("Restarts") == "2", job
+    # every epoch trained exactly once, in order, over the three runs; none lost
     assert _epoch_lines(fold) == list(range(epochs)), _epoch_lines(fold)
-    assert len(list(fold.glob("training_log_*.txt"))) == 2
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == epochs
     logging = final["logging"]
     assert len(logging["epoch_end_timestamps"]) == epochs and len(logging["train_losses"]) == epochs
-    assert not (fold / "checkpoint_latest.pth").exists()
+    assert not (fold / "checkpoint_latest.pth").exists() and any((fold / "validation").glob("*.npz"))
 
     # status against nnU-Net's own record of the run (its checkpoint's logger), not the log text
     prog = training_progress(fold, epochs)

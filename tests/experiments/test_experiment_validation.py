@@ -81,6 +81,13 @@ def test_training_values(tmp_path, key, value, what):
     ({"slurm": {"time": "00:05:00", "signal_seconds": 600}}, "slurm.signal_seconds (600 s) must be shorter than "
                                                               "slurm.time ('00:05:00' = 300 s)"),
     ({"slurm": {"gpu": 1}}, "slurm: unknown key(s) ['gpu']; valid keys: "),
+    ({"slurm": {"gres": "a100 x1"}}, 'slurm.gres must be a --gres text like "gpu:a100:1"'),
+    ({"slurm": {"gres": "gpu:a100:2", "gpus": 1}}, "gpus (1) and gres ('gpu:a100:2', 2 GPUs) disagree: give one"),
+    ({"slurm": {"setup": ["module load x\nmodule load y"]}}, "slurm.setup must be a list of shell lines"),
+    ({"slurm": {"report_extra_args": 3}}, "slurm.report_extra_args must be a list of sbatch options"),
+    ({"environment": {"nnUNet_results": "/x"}}, "environment must be a mapping of environment variable names"),
+    ({"environment": {"bad-name": "1"}}, "environment must be a mapping of environment variable names"),
+    ({"environment": ["nnUNet_compile=f"]}, "environment must be a mapping"),
     ({"slurm": "gpu"}, "slurm must be a mapping"),
     ({"nnunet_paths": {"result": "/x"}}, "nnunet_paths: unknown key(s) ['result']; valid keys: "),
     ({"nnunet_paths": {"results": 3}}, "nnunet_paths.results must be a non-empty text or null"),
@@ -136,6 +143,12 @@ def test_good_file_and_defaults(tmp_path):
     assert exp.report.ranked == ("DSC", "ECE")
     d = Slurm()
     assert (d.signal_seconds, d.requeue, d.max_parallel) == (600, True, None)
+    # cluster environments: typed GPUs count as gpus, one setup line as a text, YAML values as the shell writes them
+    gpu = write_experiment(tmp_path / "gpu.yaml", **dict(BASE, slurm={"gres": "gpu:a100:2", "setup": "module load x"},
+                                                         environment={"nnUNet_compile": True, "nnUNet_n_proc_DA": 8}))
+    exp = load_experiment(gpu)
+    assert exp.slurm.gpu_count == 2 and exp.slurm.setup == ("module load x",)
+    assert exp.environment == {"nnUNet_compile": "true", "nnUNet_n_proc_DA": "8"}
     # the default warning is at most half of a short limit; an explicit one must be shorter than the limit
     short = write_experiment(tmp_path / "short.yaml", **dict(BASE, slurm={"time": "00:10:00"}))
     assert load_experiment(short).slurm.signal_seconds == 300
