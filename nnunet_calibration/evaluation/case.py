@@ -16,10 +16,23 @@ from .reading import geometry_problems, is_2d, load_probabilities, prediction_pr
 from .segmentation import probabilities_to_segmentation, segmentation_metrics
 
 
-def _read_checked(job: dict, lm, regions, reader):
+def check_probabilities(probs, regions: bool, path) -> None:
+    """The evaluator's check of a probability map (NaN, values outside [0, 1], softmax channels not
+    summing to 1 within ``SOFTMAX_SUM_TOLERANCE``): an :class:`EvaluationInputError` naming ``path``.
+    Also used by ``calib-calibrate apply``."""
+    try:
+        # the same tolerance as the argmax shortcut of evaluate_case, which relies on this check
+        validate_probabilities(probs, regions, SOFTMAX_SUM_TOLERANCE)
+    except ValueError as e:
+        raise EvaluationInputError(f"{path}: {e}") from e
+
+
+def read_checked(job: dict, lm, regions, reader):
     """``(probs, ref, spacing, flags)`` of a case in the array's axis order (2D: ``(y, x)``), after
     the geometry check against nnU-Net's CASE.pkl / segmentation and the checks of shapes, channels,
-    probabilities and label values."""
+    probabilities and label values. Also used by ``calib-calibrate fit`` (the same checks).
+
+    ``job``: ``{"case", "folder", "npz", "reference"}`` (optionally ``"file_ending"``)."""
     npz, ref_path = job["npz"], job["reference"]
     probs = load_probabilities(npz)
     ref3, ref_props = read_reference(ref_path, reader)
@@ -45,11 +58,7 @@ def _read_checked(job: dict, lm, regions, reader):
     if probs.shape[0] != lm.num_segmentation_heads:
         raise EvaluationInputError(f"{npz}: {probs.shape[0]} channels but dataset.json implies "
                                    f"{lm.num_segmentation_heads} ({'regions' if regions else 'classes incl. background'})")
-    try:
-        # the same tolerance as the argmax shortcut of evaluate_case, which relies on this check
-        validate_probabilities(probs, regions is not None, SOFTMAX_SUM_TOLERANCE)
-    except ValueError as e:
-        raise EvaluationInputError(f"{npz}: {e}") from e
+    check_probabilities(probs, regions is not None, npz)
     allowed = list(lm.all_labels) + ([lm.ignore_label] if lm.ignore_label is not None else [])
     try:
         validate_labels(ref, allowed)
@@ -67,7 +76,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
     reader/writer instance (default ``SimpleITKIO``).
     """
     reader = SimpleITKIO() if reader is None else reader
-    probs, ref, spacing, flags = _read_checked(job, lm, regions, reader)
+    probs, ref, spacing, flags = read_checked(job, lm, regions, reader)
     acc = CalibrationAccumulator(options, regions=regions is not None, region_labels=regions,
                                  ignore_index=lm.ignore_label).update(probs, ref)
     seg = probabilities_to_segmentation(probs, lm, sum_tolerance=SOFTMAX_SUM_TOLERANCE)  # sums checked before

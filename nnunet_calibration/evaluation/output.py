@@ -14,7 +14,8 @@ Nothing of the user's is ever removed, and nothing appears half-written:
   files, or without a manifest, is refused: it holds someone else's files;
 * before any case is computed: a path under a regular file, an unwritable location (the staging
   folder is created there now) and an existing folder that cannot be renamed (tried: renamed aside
-  and back) are errors naming the path. Parent folders created for the output are removed again
+  and back) are errors naming the path (the checks shared with ``calib-calibrate apply``:
+  :mod:`nnunet_calibration.output_location`). Parent folders created for the output are removed again
   if the run fails;
 * everything is written into a staging folder ``.OUT.tmp-<pid>-*`` next to the output and renamed
   into place at the end (:class:`OutputFolder`).
@@ -30,14 +31,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from nnunet_calibration.metrics import METRIC_KEYS
-from nnunet_calibration.utils import remove_stale_staging, staging_dir
+from nnunet_calibration.output_location import StagedOutput, check_not_an_input  # noqa: F401 (re-export)
+from nnunet_calibration.utils import staging_dir
 
 from .errors import EvaluationInputError
 
@@ -57,27 +58,6 @@ def default_out_dir(pred_folders: Sequence[PathLike]) -> Path:
     folders = [str(Path(f).resolve()) for f in pred_folders]
     base = folders[0] if len(folders) == 1 else os.path.commonpath(folders)
     return Path(base) / DEFAULT_NAME
-
-
-def check_not_an_input(out_dir: Path, inputs: Sequence[Tuple[str, PathLike, bool]], default: Optional[Path]) -> None:
-    """Refuse an output folder that is, contains or lies inside an input folder (``inputs``:
-    ``(what, folder, inside_refused)``; ``inside_refused`` False: only "is" and "contains" are
-    refused, for the folder that merely holds ``dataset.json``, often a model folder). ``default``
-    (the default location) may lie inside any of them."""
-    out = Path(os.path.realpath(out_dir))
-    is_default = default is not None and out == Path(os.path.realpath(default))
-    for what, folder, inside_refused in inputs:
-        f = Path(os.path.realpath(folder))
-        if out == f:
-            relation = "is"
-        elif out in f.parents:
-            relation = "contains"
-        elif f in out.parents and inside_refused and not is_default:
-            relation = "is inside"
-        else:
-            continue
-        raise EvaluationInputError(f"{out_dir}: the output folder {relation} the {what} {folder}; "
-                                   "choose an -o outside the input folders")
 
 
 def _sha256(path: Path) -> str:
@@ -138,80 +118,14 @@ def our_files(folder: Path, shown: Optional[Path] = None) -> List[str]:
     return names
 
 
-def _check_path(out_dir: Path) -> None:
-    """An existing output path must be a folder; no ancestor of it may be a file."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EvaluationInputError(f"{out_dir}: output path exists and is not a folder")
-    for parent in out_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise EvaluationInputError(f"{out_dir}: output path lies under {parent}, which is a file, "
-                                           "not a folder")
-            return
+class OutputFolder(StagedOutput):
+    """The evaluator's output folder of one run: :meth:`prepare` (the shared checks of
+    :class:`~nnunet_calibration.output_location.StagedOutput`, and an existing folder must hold
+    exactly its own files: :func:`our_files`), :meth:`commit` (manifest, move into place),
+    :meth:`discard` (remove the staging folder and the parents created for it)."""
 
-
-class OutputFolder:
-    """The output folder of one run: :meth:`prepare` (checks, staging), :meth:`commit` (move into
-    place), :meth:`discard` (remove the staging folder and the parents created for it)."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        self.staging: Optional[Path] = None
-        self.created: List[Path] = []  # parent folders created by prepare, outermost first
-
-    def prepare(self) -> Path:
-        """Check the output location and create the staging folder now (see the module docstring)."""
-        out = self.out_dir
-        _check_path(out)
-        if out.is_dir():
-            our_files(out)
-        try:
-            for parent in reversed(out.parents):
-                if not parent.exists():
-                    parent.mkdir()
-                    self.created.append(parent)
-            remove_stale_staging(out)
-            self.staging = staging_dir(out)
-            probe = self.staging / ".write-test"
-            probe.write_bytes(b"x")
-            probe.unlink()
-            if out.is_dir():
-                self._try_rename()
-        except OSError as e:
-            self.discard()
-            raise EvaluationInputError(f"{out}: output location is not writable ({e.strerror or e})") from e
-        except BaseException:
-            self.discard()
-            raise
-        return self.staging
-
-    def _try_rename(self) -> None:
-        """An existing output folder is replaced by renaming: try it now (aside and back)."""
-        aside = staging_dir(self.out_dir, "old")
-        try:
-            os.rename(self.out_dir, aside / "old")
-        except OSError as e:
-            os.rmdir(aside)
-            raise EvaluationInputError(f"{self.out_dir}: the existing output folder cannot be replaced "
-                                       f"(renaming it fails: {e.strerror or e})") from e
-        try:
-            os.rename(aside / "old", self.out_dir)
-        except OSError as e:
-            raise EvaluationInputError(f"{self.out_dir}: renamed aside to {aside / 'old'} to test it, and it cannot "
-                                       f"be renamed back ({e.strerror or e}); move it back by hand") from e
-        os.rmdir(aside)
-
-    def discard(self) -> None:
-        """Remove the staging folder and the parent folders :meth:`prepare` created (if still empty)."""
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
-        for parent in reversed(self.created):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        self.created = []
+    def check_existing(self) -> None:
+        our_files(self.out_dir)
 
     def commit(self) -> Path:
         """Write the manifest into the staging folder and move it into place; an earlier output is

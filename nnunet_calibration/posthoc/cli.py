@@ -16,9 +16,10 @@ Post-hoc calibration of a trained nnU-Net v2 model.
   calib-calibrate fit MODEL_FOLDER [-f FOLDS] [--method temperature|vector] [--max-voxels N]
       fits by NLL on the fold_X/validation/CASE.npz files (nnUNetv2_train ... --npz) against the
       references and writes MODEL_FOLDER/{CALIBRATION_FILE}.
-  calib-calibrate apply PRED_FOLDER -m MODEL_FOLDER -o OUT
+  calib-calibrate apply PRED_FOLDER -m MODEL_FOLDER -o OUT [--force]
       writes a calibrated copy of a prediction folder (nnUNetv2_predict --save_probabilities) in
-      nnU-Net's own layout (CASE.npz, CASE.pkl, segmentation, dataset.json, plans.json).
+      nnU-Net's own layout (CASE.npz, CASE.pkl, segmentation, dataset.json, plans.json); the copy
+      is marked as calibrated (calibration.json, CASE.pkl) and refused as PRED_FOLDER unless --force.
 
 Softmax (labels) and sigmoid (regions) models are both handled. Exit status 2 on bad input
 (the message names the file); nothing is written then."""
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-m", "--model", dest="model_folder", required=True, metavar="MODEL_FOLDER",
                    help=f"model folder holding {CALIBRATION_FILE}")
     a.add_argument("-o", "--output", dest="out_folder", required=True, metavar="OUT",
-                   help="new output folder (must not exist)")
+                   help="new output folder (must not exist; not inside PRED_FOLDER)")
+    a.add_argument("--force", action="store_true",
+                   help="apply even to a folder that is already a calibrated output (marked in its "
+                        "calibration.json / CASE.pkl): the calibration is then applied twice")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -63,7 +67,8 @@ def run(args, command: str) -> int:
             print(line)
         print(f"written: {args.model_folder}/{CALIBRATION_FILE}")
     else:
-        rec = apply_calibration(args.pred_folder, args.model_folder, args.out_folder, progress=not args.no_progress)
+        rec = apply_calibration(args.pred_folder, args.model_folder, args.out_folder, progress=not args.no_progress,
+                                force=args.force)
         print(f"{rec['applied_to']['cases']} cases written to {args.out_folder} "
               f"(segmentations {rec['applied_to']['segmentations']})")
         print("note: " + ENSEMBLE_CAVEAT)

@@ -39,14 +39,27 @@ temperature; any sigmoid scaling), otherwise recomputed from the calibrated prob
 exactly as nnU-Net does (argmax, first channel winning ties) and written with the plans'
 reader/writer and the case's pkl properties. ``dataset.json``, ``plans.json`` and
 ``predict_from_raw_data_args.json`` are copied; ``calibration.json`` (the applied calibration plus
-``applied_to``) is added. Everything is written into a temporary folder next to ``OUT`` that is
-renamed at the end; on any error nothing is left. Errors (:class:`CalibrationError`, naming the
-file): no ``calibration.json``, a label set or channel count that differs from the calibration's,
-no npz files, an existing ``OUT``.
+``applied_to``) is added, and every ``CASE.pkl`` gets the key :data:`PKL_MARK` (a list with one entry
+per applied calibration). A folder so marked is refused as ``PRED_FOLDER`` unless ``force`` (the
+temperature would be applied twice). Everything is written into a staging folder next to ``OUT``
+(:class:`~nnunet_calibration.output_location.StagedOutput`, the checks shared with
+``calib-evaluate``: a path under a file or an unwritable place fails before any case is read) that
+is renamed at the end; on any error nothing is left. Errors (:class:`CalibrationError` or another
+:class:`~nnunet_calibration.errors.UserError`, naming the file): no ``calibration.json``; a field of
+it that is missing or wrong (``channels``, ``parameters.temperature(s)`` not a number, not within
+the fit's bounds :data:`~.scaling.T_BOUNDS`, not one per channel); a label set or channel count that
+differs from the calibration's; no npz files; probabilities failing the evaluator's check (NaN,
+outside [0, 1], softmax sums off); an existing ``OUT``, or one that is, contains or lies inside
+``PRED_FOLDER`` (or is or contains the model folder).
+
+Fit reads every case with the evaluator's checks
+(:func:`~nnunet_calibration.evaluation.case.read_checked`: geometry against ``CASE.pkl``, shapes,
+channels, probabilities, label values); a case validated in two folds is an error.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -59,10 +72,12 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_calibration.errors import UserError
-from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities, load_reference,
-                                                probabilities_to_segmentation)
+from nnunet_calibration.evaluation.case import check_probabilities, read_checked
+from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities,
+                                                probabilities_to_segmentation, reader_writer)
+from nnunet_calibration.output_location import StagedOutput, check_not_an_input, check_output_path
 from nnunet_calibration.posthoc import scaling
-from nnunet_calibration.utils import remove_stale_staging, staging_dir, write_json_atomic
+from nnunet_calibration.utils import write_json_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -71,6 +86,8 @@ FORMAT = "nnunet-calibration/calibration"
 VERSION = 1
 DEFAULT_MAX_VOXELS = 2_000_000
 COPIED_JSON = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
+#: the key that marks a calibrated case in its ``CASE.pkl`` (a list: one entry per calibration applied)
+PKL_MARK = "nnunet_calibration_applied"
 ENSEMBLE_CAVEAT = (
     "The parameters were fitted on single-fold validation predictions (each case predicted by the one "
     "model that did not train on it). nnU-Net's multi-fold inference averages the folds' logits, which "
@@ -135,6 +152,15 @@ def validation_cases(model_folder: PathLike, folds: Optional[Sequence[int]] = No
             raise CalibrationError(f"{val}: {what}; run nnUNetv2_train DATASET CONFIG {f} --val --npz "
                                    f"(-tr TRAINER -p PLANS) to write the validation probabilities")
         out[int(f)] = npzs
+    seen: dict[str, int] = {}
+    for f, npzs in out.items():
+        for npz in npzs:
+            case = npz.name[:-4]
+            if case in seen:
+                raise CalibrationError(f"{npz}: case '{case}' is in the validation of fold {seen[case]} and of fold "
+                                       f"{f}; a case may be validated in one fold only (the fit would count it twice "
+                                       "and the cross-fit would leak it)")
+            seen[case] = f
     return out
 
 
@@ -157,17 +183,17 @@ def reference_folder(model_folder: PathLike, gt_folder: Optional[PathLike] = Non
     raise CalibrationError(f"{model_folder}: no reference folder found (tried {tried_text}); pass one with --gt")
 
 
-def _read_reference(gt: Path, case: str, file_ending: str, shape) -> np.ndarray:
+def _read_case(npz: Path, gt: Path, file_ending: str, lm, regions, reader):
+    """``(probs, ref)`` of a validation case after the evaluator's checks
+    (:func:`~nnunet_calibration.evaluation.case.read_checked`: geometry against CASE.pkl, shapes,
+    channels, probabilities, label values)."""
+    case = npz.name[:-4]
     path = gt / f"{case}{file_ending}"
     if not path.is_file():
         raise CalibrationError(f"{path}: reference of case '{case}' not found")
-    try:
-        ref = load_reference(path)[0]
-    except EvaluationInputError as e:
-        raise CalibrationError(str(e)) from e
-    if ref.size != int(np.prod(shape)):
-        raise CalibrationError(f"{path}: reference shape {ref.shape} does not match the probabilities {tuple(shape)}")
-    return ref.reshape(shape)
+    job = {"case": case, "folder": str(npz.parent), "npz": npz, "reference": path, "file_ending": file_ending}
+    probs, ref, _, _ = read_checked(job, lm, regions, reader)
+    return probs, ref
 
 
 def _load_probs(path: Path, n_channels: int) -> np.ndarray:
@@ -187,10 +213,39 @@ def _params_json(params, method: str, channels: list) -> dict:
     return {"temperatures": [float(t) for t in np.asarray(params)], "channels": list(channels)}
 
 
-def params_from_calibration(calibration: dict):
-    """The parameters of a ``calibration.json`` dict: ``float`` (temperature) or ``ndarray`` (vector)."""
-    p = calibration["parameters"]
-    return float(p["temperature"]) if calibration["method"] == "temperature" else np.asarray(p["temperatures"], float)
+def _temperature(value, path, field: str) -> float:
+    lo, hi = scaling.T_BOUNDS
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CalibrationError(f"{path}: field '{field}' must be a number, got {value!r}")
+    if not (math.isfinite(value) and lo * (1 - 1e-9) <= value <= hi * (1 + 1e-9)):
+        raise CalibrationError(f"{path}: field '{field}' is {value!r}, outside the fitted range [{lo:g}, {hi:g}] "
+                               "(t_bounds)")
+    return float(value)
+
+
+def params_from_calibration(calibration: dict, path: PathLike = CALIBRATION_FILE):
+    """The parameters of a ``calibration.json`` dict: ``float`` (temperature) or ``ndarray`` (vector),
+    checked: numbers within the fit's bounds :data:`~.scaling.T_BOUNDS`, one per channel of
+    ``channels`` (a :class:`CalibrationError` naming ``path`` and the field otherwise)."""
+    channels = calibration.get("channels")
+    if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
+        raise CalibrationError(f"{path}: field 'channels' is missing or not a list of channel names "
+                               f"(got {channels!r})")
+    p = calibration.get("parameters")
+    if not isinstance(p, dict):
+        raise CalibrationError(f"{path}: field 'parameters' is missing or not an object")
+    if calibration.get("method") == "temperature":
+        return _temperature(p.get("temperature"), path, "parameters.temperature")
+    temps = p.get("temperatures")
+    if not isinstance(temps, list):
+        raise CalibrationError(f"{path}: field 'parameters.temperatures' must be a list, got {temps!r}")
+    if len(temps) != len(channels):
+        raise CalibrationError(f"{path}: field 'parameters.temperatures' has {len(temps)} values for the "
+                               f"{len(channels)} channels {channels}")
+    if "channels" in p and p["channels"] != channels:
+        raise CalibrationError(f"{path}: field 'parameters.channels' {p['channels']!r} differs from 'channels' "
+                               f"{channels!r}")
+    return np.asarray([_temperature(t, path, f"parameters.temperatures[{i}]") for i, t in enumerate(temps)], float)
 
 
 def _package_version() -> str:
@@ -213,11 +268,11 @@ def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, met
     file_ending = dj.get("file_ending", ".nii.gz")
     cases = validation_cases(folder, folds, file_ending)
     gt = reference_folder(folder, gt_folder)
+    reader = reader_writer(dj)
     res = scaling.VoxelReservoir(max_voxels, seed)
     jobs = [(f, npz) for f, npzs in cases.items() for npz in npzs]
     for f, npz in tqdm(jobs, desc="calibration: reading validation cases", unit="case", disable=not progress):
-        p = _load_probs(npz, len(channels))
-        y = _read_reference(gt, npz.name[:-4], file_ending, p.shape[1:])
+        p, y = _read_case(npz, gt, file_ending, info["label_manager"], regions, reader)
         try:
             res.add_case(p, y, regions, group=f)
         except ValueError as e:
@@ -263,9 +318,43 @@ def read_calibration(model_folder: PathLike) -> dict:
     if not path.is_file():
         raise CalibrationError(f"{path}: not found; run 'calib-calibrate fit {model_folder}' first")
     cal = _load_json(path)
-    if cal.get("format") != FORMAT or cal.get("method") not in scaling.METHODS or "parameters" not in cal:
-        raise CalibrationError(f"{path}: not a calibration file of this package (format {cal.get('format')!r})")
+    if not isinstance(cal, dict) or cal.get("format") != FORMAT:
+        got = cal.get("format") if isinstance(cal, dict) else type(cal).__name__
+        raise CalibrationError(f"{path}: not a calibration file of this package (format {got!r})")
+    if cal.get("method") not in scaling.METHODS:
+        raise CalibrationError(f"{path}: field 'method' must be one of {scaling.METHODS}, got {cal.get('method')!r}")
+    if not isinstance(cal.get("labels"), dict):
+        raise CalibrationError(f"{path}: field 'labels' is missing or not an object")
+    params_from_calibration(cal, path)
     return cal
+
+
+def _read_pkl(pkl: Path) -> dict:
+    try:
+        with open(pkl, "rb") as f:
+            props = pickle.load(f)
+    except Exception as e:
+        raise CalibrationError(f"{pkl}: unreadable properties pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(props, dict):
+        raise CalibrationError(f"{pkl}: properties pickle does not hold a dict")
+    return props
+
+
+def calibrated_mark(pred: Path, pkls: Sequence[Path]) -> Optional[str]:
+    """Why ``pred`` is already a calibrated output (its ``calibration.json`` with ``applied_to``, or a
+    ``CASE.pkl`` with :data:`PKL_MARK`), or ``None``."""
+    cal = pred / CALIBRATION_FILE
+    if cal.is_file():
+        try:
+            rec = json.loads(cal.read_text())
+        except (OSError, ValueError):
+            rec = None
+        if isinstance(rec, dict) and "applied_to" in rec:
+            return f"its {CALIBRATION_FILE} records an applied calibration"
+    for pkl in pkls:
+        if PKL_MARK in _read_pkl(pkl):
+            return f"{pkl.name} is marked as calibrated ('{PKL_MARK}')"
+    return None
 
 
 # -- apply -----------------------------------------------------------------------------------------
@@ -276,8 +365,9 @@ def _same_label_set(a: dict, b: dict) -> bool:
 
 
 def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder: PathLike,
-                      progress: bool = True) -> dict:
-    """Write the calibrated copy of ``pred_folder`` to ``out_folder``; return the written ``calibration.json``."""
+                      progress: bool = True, force: bool = False) -> dict:
+    """Write the calibrated copy of ``pred_folder`` to ``out_folder``; return the written ``calibration.json``.
+    ``force``: apply to a folder that is already a calibrated output (scaling twice)."""
     pred, out = Path(pred_folder), Path(out_folder)
     cal = read_calibration(model_folder)
     cal_path = Path(model_folder) / CALIBRATION_FILE
@@ -287,10 +377,10 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
                                "fit again")
     if not pred.is_dir():
         raise CalibrationError(f"{pred}: prediction folder does not exist")
+    check_not_an_input(out, [("prediction folder", pred, True), ("model folder", Path(model_folder), False)])
+    check_output_path(out)
     if out.exists():
         raise CalibrationError(f"{out}: output folder exists; choose a new one")
-    if out.resolve() == pred.resolve():
-        raise CalibrationError(f"{out}: output folder must differ from the prediction folder")
     dj_path = pred / "dataset.json"
     dj = _load_json(dj_path)
     if not _same_label_set(dj, cal):
@@ -299,8 +389,11 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
                                f"({cal_path})")
     lm, names, regions = _labels(dj, dj_path)
     is_regions = regions is not None
-    params = params_from_calibration(cal)
+    params = params_from_calibration(cal, cal_path)
     n_channels = len(cal["channels"])
+    if n_channels != lm.num_segmentation_heads:
+        raise CalibrationError(f"{cal_path}: field 'channels' names {n_channels} channels, the label set has "
+                               f"{lm.num_segmentation_heads}")
     npzs = sorted(pred.glob("*.npz"))
     if not npzs:
         raise CalibrationError(f"{pred}: no CASE.npz files (predict with --save_probabilities)")
@@ -318,10 +411,16 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
         pkl = npz.with_suffix(".pkl")
         if recompute and not pkl.is_file():
             raise CalibrationError(f"{pkl}: missing; its image properties are needed to write the segmentation")
+    pkls = [p for p in (npz.with_suffix(".pkl") for npz in npzs) if p.is_file()]
+    mark = calibrated_mark(pred, pkls)
+    if mark is not None and not force:
+        raise CalibrationError(f"{pred}: already calibrated ({mark}); applying again would scale twice; "
+                               "pass --force to do it anyway")
+    applied = {"calibration": str(cal_path.resolve()), "method": cal["method"], "parameters": cal["parameters"],
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)  # a killed run's staging folder (its pid is gone)
-    tmp = staging_dir(out)
+    staged = StagedOutput(out)  # checks the location (writable) and creates the staging folder now
+    tmp = staged.prepare()  # a killed run's staging folder (its pid is gone) is removed here
     try:
         for name in COPIED_JSON:
             if (pred / name).is_file():
@@ -329,25 +428,26 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
         for npz in tqdm(npzs, desc="calibration: applying", unit="case", disable=not progress):
             case = npz.name[:-4]
             p = _load_probs(npz, n_channels)
+            check_probabilities(p, is_regions, npz)  # the evaluator's check (NaN, range, sums)
             q = scaling.apply_scaling(p, params, is_regions)
             np.savez_compressed(tmp / npz.name, probabilities=q)
             pkl = npz.with_suffix(".pkl")
-            if pkl.is_file():
-                shutil.copy2(pkl, tmp / pkl.name)
+            props = _read_pkl(pkl) if pkl.is_file() else None
+            if props is not None:  # marked as calibrated (PKL_MARK), otherwise as nnU-Net wrote it
+                with open(tmp / pkl.name, "wb") as f:
+                    pickle.dump(dict(props, **{PKL_MARK: [*props.get(PKL_MARK, []), applied]}), f)
             seg = pred / f"{case}{file_ending}"
             if not recompute and seg.is_file():
                 shutil.copy2(seg, tmp / seg.name)
             elif recompute:
-                with open(pkl, "rb") as f:
-                    props = pickle.load(f)
                 rw.write_seg(probabilities_to_segmentation(q, lm), str(tmp / seg.name), props)
         rec = dict(cal, applied_to={"prediction_folder": str(pred.resolve()), "cases": len(npzs),
                                     "segmentations": "recomputed" if recompute else "copied",
                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         write_json_atomic(tmp / CALIBRATION_FILE, rec)
-        os.rename(tmp, out)
+        staged.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     return rec
 

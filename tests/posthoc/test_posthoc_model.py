@@ -93,10 +93,17 @@ def test_apply_lowers_held_out_nll_and_keeps_nnunet_layout(fitted, synthetic_pre
         z = np.log(np.maximum(p.astype(np.float64), 1e-7)) / t
         e = np.exp(z - z.max(0))
         np.testing.assert_allclose(q, e / e.sum(0), atol=1e-6)
-        # one temperature keeps the decision: segmentation and pkl copied byte for byte
+        # one temperature keeps the decision: segmentation copied byte for byte, pkl as nnU-Net wrote
+        # it plus the mark of the applied calibration (issue 21)
         case = npz.name[:-4]
         assert (out / f"{case}.nii.gz").read_bytes() == (sp.pred_folder / f"{case}.nii.gz").read_bytes()
-        assert (out / f"{case}.pkl").read_bytes() == (sp.pred_folder / f"{case}.pkl").read_bytes()
+        with open(out / f"{case}.pkl", "rb") as f:
+            props = pickle.load(f)
+        with open(sp.pred_folder / f"{case}.pkl", "rb") as f:
+            original = pickle.load(f)
+        mark = props.pop(model.PKL_MARK)
+        assert len(mark) == 1 and mark[0]["parameters"] == {"temperature": t}
+        assert pickle.dumps(props) == pickle.dumps(original)
     for name in ("dataset.json", "plans.json"):
         assert (out / name).read_bytes() == (sp.pred_folder / name).read_bytes()
     applied = json.loads((out / "calibration.json").read_text())
@@ -189,18 +196,28 @@ def test_bad_input_clear_errors_and_nothing_written(fitted, synthetic_prediction
     sitk.WriteImage(sitk.Image(3, 3, sitk.sitkUInt8), str(first))
     before = (fitted / "calibration.json").read_bytes()
     assert cli.main(["fit", str(fitted), "--gt", str(gt), "--no-progress"]) == 2
-    assert f"{first.name}: reference shape" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the evaluator's geometry check (issue 21)
+    assert "geometry mismatch" in err and str(first) in err
     assert (fitted / "calibration.json").read_bytes() == before
 
 
 def test_fit_on_two_folds_writes_cross_fitted_estimate(synthetic_prediction, tmp_path):
-    """fold_1/validation is a copy of fold_0's: the cross-fitted temperature of each fold is then the
-    all-voxel fit of fold 0 alone, and the NLL before is the direct NLL of the validation files."""
+    """fold_1/validation is a copy of fold_0's under other case names (a case may be in one fold only),
+    with copies of the references: the cross-fitted temperature of each fold is then the all-voxel fit
+    of fold 0 alone, and the NLL before is the direct NLL of the validation files."""
     sp = synthetic_prediction
     folder = _copy_model(sp.model_folder, tmp_path / sp.dataset.name / sp.model_folder.name)
-    shutil.copytree(folder / "fold_0" / "validation", folder / "fold_1" / "validation")
-    single = model.fit_model(folder, [0], max_voxels=None, write=False, progress=False)
-    rec = model.fit_model(folder, max_voxels=None, progress=False)
+    gt = tmp_path / "gt"
+    shutil.copytree(model.reference_folder(folder), gt)
+    val1 = folder / "fold_1" / "validation"
+    val1.mkdir(parents=True)
+    for f in (folder / "fold_0" / "validation").iterdir():
+        case, _, ext = f.name.partition(".")
+        shutil.copy2(f, val1 / f"{case}copy.{ext}")
+        if ext == "npz":
+            shutil.copy2(gt / f"{case}.nii.gz", gt / f"{case}copy.nii.gz")
+    single = model.fit_model(folder, [0], max_voxels=None, gt_folder=gt, write=False, progress=False)
+    rec = model.fit_model(folder, max_voxels=None, gt_folder=gt, progress=False)
     assert rec["folds"] == [0, 1] and rec["cases"] == 2 * single["cases"]
     assert rec["voxels"]["used"] == rec["voxels"]["available"] == 2 * single["voxels"]["available"]
     cf = rec["crossfit"]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -179,3 +180,24 @@ def wait_for(condition, timeout: float, step: float = 0.05):
         if value or time.monotonic() - t0 >= timeout:
             return value
         time.sleep(step)
+
+
+def read_only(path: Path) -> None:
+    """Make ``path`` unwritable for this user: ``chattr +i`` as root (root ignores permission bits), else chmod."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root without chattr: no way to make a folder read-only for root here")
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"the file system refuses chattr +i: {r.stderr.strip()}")
+
+
+def writable_again(path: Path) -> None:
+    """Undo :func:`read_only`."""
+    if path.exists():
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        else:
+            path.chmod(0o755)

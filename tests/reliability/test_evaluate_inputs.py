@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,8 +27,8 @@ import pytest
 
 from nnunet_calibration.evaluation import output
 from nnunet_calibration.evaluation.output import MANIFEST, MAX_PLOTTED_CLASSES
-from reliability_testlib import (alive, build, children, fingerprint, maps, replicate, run_inprocess, sigint_held,
-                                 signal_masks, start, wait_for)
+from reliability_testlib import (alive, build, children, fingerprint, maps, read_only, replicate, run_inprocess,
+                                 sigint_held, signal_masks, start, wait_for, writable_again)
 
 
 def one_error_line(err: str) -> str:
@@ -216,26 +214,6 @@ def test_interrupt_while_workers_start_exits_at_once(tmp_path, how):
 
 
 # ---------------------------------------------------------------------------------------------- 5
-def _read_only(path: Path) -> None:
-    """Make ``path`` unwritable for this user: ``chattr +i`` as root (root ignores permission bits), else chmod."""
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return
-    if shutil.which("chattr") is None:
-        pytest.skip("running as root without chattr: no way to make a folder read-only for root here")
-    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"the file system refuses chattr +i: {r.stderr.strip()}")
-
-
-def _writable_again(path: Path) -> None:
-    if path.exists():
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
-        else:
-            path.chmod(0o755)
-
-
 ROW5 = {"under_a_file": "output path lies under", "deep_under_a_file": "output path lies under",
         "existing_file": "output path exists and is not a folder", "read_only_place": "output location is not writable",
         "non_renamable_output": "the existing output folder cannot be replaced"}
@@ -258,17 +236,17 @@ def test_unusable_output_location_fails_before_any_case(tmp_path, capsys, where)
             locked = tmp_path / "ro"
             locked.mkdir()
             out = locked / "out"
-            _read_only(locked)
+            read_only(locked)
         else:
             out = locked = _earlier_output(tmp_path, pred, gt, capsys)
-            _read_only(locked)
+            read_only(locked)
         (pred / "case_001.npz").write_bytes(b"not a zip")  # would stop the run later: the output error comes first
         before = fingerprint(tmp_path)
         rc, stdout, err = run_inprocess(capsys, pred, "--gt", gt, "-o", out)
         after = fingerprint(tmp_path)
     finally:
         if locked is not None:
-            _writable_again(locked)
+            writable_again(locked)
     assert rc == 2, stdout + err
     line = one_error_line(err)
     assert ROW5[where] in line and str(out) in line, line
