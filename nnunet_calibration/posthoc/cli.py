@@ -6,8 +6,9 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from nnunet_calibration.posthoc.apply import apply_calibration
 from nnunet_calibration.posthoc.model import (CALIBRATION_FILE, DEFAULT_MAX_VOXELS, ENSEMBLE_CAVEAT, CalibrationError,
-                                              apply_calibration, fit_model, format_summary)
+                                              fit_model, format_summary)
 from nnunet_calibration.utils import ArgumentParser, cli_main
 
 DESCRIPTION = f"""\

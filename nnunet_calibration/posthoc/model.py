@@ -29,28 +29,7 @@ other folds' sampled voxels, and the NLL of fold k's voxels before and after: an
 estimate); ``prob_floor``, ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
 ``caveat`` (:data:`ENSEMBLE_CAVEAT`).
 
-Apply (:func:`apply_calibration`)
----------------------------------
-``PRED_FOLDER`` (``nnUNetv2_predict --save_probabilities`` output, or a ``fold_X/validation``)
-is rewritten into a *new* folder ``OUT`` in nnU-Net's own layout: ``CASE.npz`` (key
-``probabilities``, float32, same shape), ``CASE.pkl`` copied, and the segmentation
-``CASE{file_ending}``: copied unchanged when the calibration cannot change the decision (one
-temperature; any sigmoid scaling), otherwise recomputed from the calibrated probabilities
-exactly as nnU-Net does (argmax, first channel winning ties) and written with the plans'
-reader/writer and the case's pkl properties. ``dataset.json``, ``plans.json`` and
-``predict_from_raw_data_args.json`` are copied; ``calibration.json`` (the applied calibration plus
-``applied_to``) is added, and every ``CASE.pkl`` gets the key :data:`PKL_MARK` (a list with one entry
-per applied calibration). A folder so marked is refused as ``PRED_FOLDER`` unless ``force`` (the
-temperature would be applied twice). Everything is written into a staging folder next to ``OUT``
-(:class:`~nnunet_calibration.output_location.StagedOutput`, the checks shared with
-``calib-evaluate``: a path under a file or an unwritable place fails before any case is read) that
-is renamed at the end; on any error nothing is left. Errors (:class:`CalibrationError` or another
-:class:`~nnunet_calibration.errors.UserError`, naming the file): no ``calibration.json``; a field of
-it that is missing or wrong (``channels``, ``parameters.temperature(s)`` not a number, not within
-the fit's bounds :data:`~.scaling.T_BOUNDS`, not one per channel); a label set or channel count that
-differs from the calibration's; no npz files; probabilities failing the evaluator's check (NaN,
-outside [0, 1], softmax sums off); an existing ``OUT``, or one that is, contains or lies inside
-``PRED_FOLDER`` (or is or contains the model folder).
+Apply: :mod:`nnunet_calibration.posthoc.apply`.
 
 Fit reads every case with the evaluator's checks
 (:func:`~nnunet_calibration.evaluation.case.read_checked`: geometry against ``CASE.pkl``, shapes,
@@ -61,8 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,10 +49,9 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_calibration.errors import UserError
-from nnunet_calibration.evaluation.case import check_probabilities, read_checked
+from nnunet_calibration.evaluation.case import read_checked
 from nnunet_calibration.evaluation.core import (EvaluationInputError, label_info, load_probabilities,
-                                                probabilities_to_segmentation, reader_writer)
-from nnunet_calibration.output_location import StagedOutput, check_not_an_input, check_output_path
+                                                reader_writer)
 from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.utils import write_json_atomic
 
@@ -327,129 +303,6 @@ def read_calibration(model_folder: PathLike) -> dict:
         raise CalibrationError(f"{path}: field 'labels' is missing or not an object")
     params_from_calibration(cal, path)
     return cal
-
-
-def _read_pkl(pkl: Path) -> dict:
-    try:
-        with open(pkl, "rb") as f:
-            props = pickle.load(f)
-    except Exception as e:
-        raise CalibrationError(f"{pkl}: unreadable properties pickle ({type(e).__name__}: {e})") from e
-    if not isinstance(props, dict):
-        raise CalibrationError(f"{pkl}: properties pickle does not hold a dict")
-    return props
-
-
-def calibrated_mark(pred: Path, pkls: Sequence[Path]) -> Optional[str]:
-    """Why ``pred`` is already a calibrated output (its ``calibration.json`` with ``applied_to``, or a
-    ``CASE.pkl`` with :data:`PKL_MARK`), or ``None``."""
-    cal = pred / CALIBRATION_FILE
-    if cal.is_file():
-        try:
-            rec = json.loads(cal.read_text())
-        except (OSError, ValueError):
-            rec = None
-        if isinstance(rec, dict) and "applied_to" in rec:
-            return f"its {CALIBRATION_FILE} records an applied calibration"
-    for pkl in pkls:
-        if PKL_MARK in _read_pkl(pkl):
-            return f"{pkl.name} is marked as calibrated ('{PKL_MARK}')"
-    return None
-
-
-# -- apply -----------------------------------------------------------------------------------------
-def _same_label_set(a: dict, b: dict) -> bool:
-    def norm(labels):
-        return {k: sorted(v) if isinstance(v, (list, tuple)) else [v] for k, v in labels.items()}
-    return norm(a["labels"]) == norm(b["labels"]) and a.get("regions_class_order") == b.get("regions_class_order")
-
-
-def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder: PathLike,
-                      progress: bool = True, force: bool = False) -> dict:
-    """Write the calibrated copy of ``pred_folder`` to ``out_folder``; return the written ``calibration.json``.
-    ``force``: apply to a folder that is already a calibrated output (scaling twice)."""
-    pred, out = Path(pred_folder), Path(out_folder)
-    cal = read_calibration(model_folder)
-    cal_path = Path(model_folder) / CALIBRATION_FILE
-    model_dj = _load_json(Path(model_folder) / "dataset.json")
-    if not _same_label_set(model_dj, cal):
-        raise CalibrationError(f"{cal_path}: its label set differs from {Path(model_folder) / 'dataset.json'}; "
-                               "fit again")
-    if not pred.is_dir():
-        raise CalibrationError(f"{pred}: prediction folder does not exist")
-    check_not_an_input(out, [("prediction folder", pred, True), ("model folder", Path(model_folder), False)])
-    check_output_path(out)
-    if out.exists():
-        raise CalibrationError(f"{out}: output folder exists; choose a new one")
-    dj_path = pred / "dataset.json"
-    dj = _load_json(dj_path)
-    if not _same_label_set(dj, cal):
-        raise CalibrationError(f"{dj_path}: label set {dj.get('labels')} (regions_class_order "
-                               f"{dj.get('regions_class_order')}) differs from the calibration's {cal['labels']} "
-                               f"({cal_path})")
-    lm, names, regions = _labels(dj, dj_path)
-    is_regions = regions is not None
-    params = params_from_calibration(cal, cal_path)
-    n_channels = len(cal["channels"])
-    if n_channels != lm.num_segmentation_heads:
-        raise CalibrationError(f"{cal_path}: field 'channels' names {n_channels} channels, the label set has "
-                               f"{lm.num_segmentation_heads}")
-    npzs = sorted(pred.glob("*.npz"))
-    if not npzs:
-        raise CalibrationError(f"{pred}: no CASE.npz files (predict with --save_probabilities)")
-    file_ending = dj.get("file_ending", ".nii.gz")
-    recompute = scaling.changes_decision(params, is_regions)
-    rw = None
-    if recompute:
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # only needed to write segmentations
-        plans_path = pred / "plans.json"
-        if not plans_path.is_file():
-            raise CalibrationError(f"{plans_path}: needed to write the recomputed segmentations (vector scaling "
-                                   "can change the argmax) but not found")
-        rw = PlansManager(_load_json(plans_path)).image_reader_writer_class()  # an instance (property + call)
-    for npz in npzs:  # check the whole folder before writing anything
-        pkl = npz.with_suffix(".pkl")
-        if recompute and not pkl.is_file():
-            raise CalibrationError(f"{pkl}: missing; its image properties are needed to write the segmentation")
-    pkls = [p for p in (npz.with_suffix(".pkl") for npz in npzs) if p.is_file()]
-    mark = calibrated_mark(pred, pkls)
-    if mark is not None and not force:
-        raise CalibrationError(f"{pred}: already calibrated ({mark}); applying again would scale twice; "
-                               "pass --force to do it anyway")
-    applied = {"calibration": str(cal_path.resolve()), "method": cal["method"], "parameters": cal["parameters"],
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-    staged = StagedOutput(out)  # checks the location (writable) and creates the staging folder now
-    tmp = staged.prepare()  # a killed run's staging folder (its pid is gone) is removed here
-    try:
-        for name in COPIED_JSON:
-            if (pred / name).is_file():
-                shutil.copy2(pred / name, tmp / name)
-        for npz in tqdm(npzs, desc="calibration: applying", unit="case", disable=not progress):
-            case = npz.name[:-4]
-            p = _load_probs(npz, n_channels)
-            check_probabilities(p, is_regions, npz)  # the evaluator's check (NaN, range, sums)
-            q = scaling.apply_scaling(p, params, is_regions)
-            np.savez_compressed(tmp / npz.name, probabilities=q)
-            pkl = npz.with_suffix(".pkl")
-            props = _read_pkl(pkl) if pkl.is_file() else None
-            if props is not None:  # marked as calibrated (PKL_MARK), otherwise as nnU-Net wrote it
-                with open(tmp / pkl.name, "wb") as f:
-                    pickle.dump(dict(props, **{PKL_MARK: [*props.get(PKL_MARK, []), applied]}), f)
-            seg = pred / f"{case}{file_ending}"
-            if not recompute and seg.is_file():
-                shutil.copy2(seg, tmp / seg.name)
-            elif recompute:
-                rw.write_seg(probabilities_to_segmentation(q, lm), str(tmp / seg.name), props)
-        rec = dict(cal, applied_to={"prediction_folder": str(pred.resolve()), "cases": len(npzs),
-                                    "segmentations": "recomputed" if recompute else "copied",
-                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        write_json_atomic(tmp / CALIBRATION_FILE, rec)
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
-    return rec
 
 
 def format_summary(rec: dict) -> Iterable[str]:
