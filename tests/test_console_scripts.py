@@ -227,7 +227,8 @@ def test_sigterm_calib_plan_small(synthetic_labels, tmp_path):
     shutil.copytree(synthetic_labels.preprocessed, pre / synthetic_labels.name)
     before = snapshot(pre)
     rc, _, err, fired, kids = sigterm_when(
-        [script("calib-plan-small"), str(synthetic_labels.dataset_id), "--spacing-factor", "1", "--overwrite"],
+        [script("calib-plan-small"), str(synthetic_labels.dataset_id), "--spacing-factor", "1", "--fov-factor", "1",
+         "--overwrite"],
         _env(nnUNet_preprocessed=pre, nnUNet_raw=synthetic_labels.env["nnUNet_raw"]),
         staging_of(pre / synthetic_labels.name, ".nnUNetPlans_2d_small.tmp-"))
     assert_interrupted("calib-plan-small", rc, err, fired, kids)

@@ -128,7 +128,7 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
     if n_stages < 3:
         # nnU-Net's deep supervision gives the lowest-resolution output weight 0: with fewer than 3
         # stages every remaining weight would be 0 (a NaN loss)
-        raise SmallConfigError(f"the small patch {list(patch)} leaves only {n_stages} U-Net stages (nnU-Net's deep "
+        raise SmallConfigError(f"the small patch {[int(v) for v in patch]} leaves only {n_stages} U-Net stages (nnU-Net's deep "
                                f"supervision needs at least 3); use a smaller --spacing-factor than {spacing_factor} or a larger "
                                f"--fov-factor than {fov_factor}")
     arch = json.loads(json.dumps(base["architecture"]))  # deep copy of the parent's architecture

@@ -206,8 +206,10 @@ def test_interrupt_while_workers_start_exits_at_once(tmp_path, how):
         elapsed = time.monotonic() - t0
         assert proc.returncode == 130, stdout + err
         assert err.strip() == "calib-evaluate: interrupted; nothing written", err
-        assert elapsed < 10, f"{elapsed:.1f} s"
-        assert wait_for(lambda: not any(alive(p) for p in workers), 10)
+        # not a speed goal: it must not wait for the workers to finish starting (that took 113 s before);
+        # generous for a loaded 2-core CI
+        assert elapsed < 60, f"{elapsed:.1f} s"
+        assert wait_for(lambda: not any(alive(p) for p in workers), 30)
     finally:
         _kill_all(proc, workers)
     assert fingerprint(tmp_path) == before
