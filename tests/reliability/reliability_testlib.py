@@ -93,16 +93,22 @@ def fingerprint(root: Path) -> dict:
     return out
 
 
-def run_inprocess(capsys, *args) -> tuple:
-    """``(exit status, stdout, stderr)`` of ``calib-evaluate ARGS --no-progress`` in this process."""
-    from nnunet_calibration.evaluation.cli import main
-
+def run_main(main, capsys, *args) -> tuple:
+    """``(exit status, stdout, stderr)`` of a console script's ``main(ARGS + ["--no-progress"])`` in this
+    process (argparse's SystemExit counts as the exit status)."""
     try:
         rc = main([*map(str, args), "--no-progress"])
     except SystemExit as e:  # argparse
         rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
+
+
+def run_inprocess(capsys, *args) -> tuple:
+    """:func:`run_main` of ``calib-evaluate``."""
+    from nnunet_calibration.evaluation.cli import main
+
+    return run_main(main, capsys, *args)
 
 
 def env() -> dict:

@@ -27,19 +27,14 @@ import SimpleITK as sitk
 
 from nnunet_calibration.posthoc import model
 from nnunet_calibration.posthoc.cli import main
-from reliability_testlib import build, fingerprint, read_only, writable_again
+from reliability_testlib import build, fingerprint, read_only, run_main, writable_again
 
 SHAPE = (3, 8, 10)
 
 
 def run(capsys, *args) -> tuple:
-    """``(exit status, stdout, stderr)`` of ``calib-calibrate ARGS --no-progress`` in this process."""
-    try:
-        rc = main([*map(str, args), "--no-progress"])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    """:func:`reliability_testlib.run_main` of ``calib-calibrate``."""
+    return run_main(main, capsys, *args)
 
 
 def one_error_line(err: str) -> str:
