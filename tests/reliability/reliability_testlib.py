@@ -116,11 +116,22 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT / SIGTERM at their defaults and not blocked, as a shell starts a
+    command (dispositions SIG_IGN and the signal mask are inherited through exec, and the pytest worker
+    that starts the child may have either changed)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start(*args, new_session: bool = False) -> subprocess.Popen:
-    """``calib-evaluate ARGS --no-progress`` as a process of its own (stdout / stderr piped);
-    ``new_session``: in a process group of its own (for a Ctrl-C to the whole group, ``os.killpg``)."""
+    """``calib-evaluate ARGS --no-progress`` as a process of its own (stdout / stderr piped), started as
+    from a terminal; ``new_session``: in a process group of its own (for a Ctrl-C to the whole group,
+    ``os.killpg``)."""
     return subprocess.Popen([*CLI, *map(str, args), "--no-progress"], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def _stat(pid: int):
