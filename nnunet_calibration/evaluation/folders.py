@@ -68,12 +68,13 @@ import numpy as np
 
 from nnunet_calibration.io import DIRECTION_ATOL, ORIGIN_ATOL, ORIGIN_RTOL, SPACING_RTOL
 from nnunet_calibration.metrics import METRIC_KEYS, CalibrationAccumulator
+from nnunet_calibration.output_location import check_not_an_input
 from nnunet_calibration.settings import MetricOptions
 from nnunet_calibration.utils import json_clean, nanmean
 
 from .errors import EvaluationInputError
 from .labels import find_dataset_json, label_info, read_dataset_json, reader_writer
-from .output import OutputFolder, check_not_an_input, default_out_dir, plot_plan, write_outputs
+from .output import OutputFolder, default_out_dir, plot_plan, write_outputs
 from .pool import run_jobs
 from .segmentation import SDC_CODE_CLASS
 

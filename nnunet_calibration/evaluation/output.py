@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_calibration.metrics import METRIC_KEYS
-from nnunet_calibration.output_location import StagedOutput, check_not_an_input  # noqa: F401 (re-export)
+from nnunet_calibration.output_location import StagedOutput
 from nnunet_calibration.utils import staging_dir
 
 from .errors import EvaluationInputError
