@@ -166,17 +166,13 @@ PRE, PORT = sys.argv[2], sys.argv[4]
 
 
 def run(rank, world):
-    from trainers_testlib import make_trainer
+    from trainers_testlib import ddp_rank_trainer
     from nnunet_calibration.trainers import nnUNetTrainerDiceCE
     from nnunet_calibration.trainers.timelimit import TimeLimitStop
     from nnunet_calibration.timelimit import LATEST_CHECKPOINT, PREVIOUS_CHECKPOINT, RECOVERY_FILE
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
-    torch.set_num_threads(1)
-    # the trainer is built before the process group: nnU-Net's own DDP set-up assumes CUDA devices
-    tr = make_trainer(nnUNetTrainerDiceCE, PRE, "2d")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    tr.is_ddp, tr.local_rank = True, rank
+    tr = ddp_rank_trainer(nnUNetTrainerDiceCE, PRE, PORT, rank, world)
+    tr.local_rank = rank
     tr.network = DDP(tr.network)
     os.makedirs(tr.output_folder, exist_ok=True)
     latest = os.path.join(tr.output_folder, LATEST_CHECKPOINT)

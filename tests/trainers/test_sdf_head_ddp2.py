@@ -30,19 +30,14 @@ import torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # tests/trainers and tests/, as pytest does
-from trainers_testlib import make_trainer, random_targets
+from trainers_testlib import ddp_rank_trainer, random_targets
 from nnunet_calibration.trainers import nnUNetTrainerSDC
 
 PRE, PORT = sys.argv[2], sys.argv[3]
 
 
 def run(rank, world):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
-    torch.set_num_threads(1)
-    # the trainer is built before the process group: nnU-Net's own DDP set-up assumes CUDA devices
-    tr = make_trainer(nnUNetTrainerSDC, PRE, "2d")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    tr.is_ddp = True  # nnU-Net's DDP deep-supervision weights (lowest output 1e-6 instead of 0)
+    tr = ddp_rank_trainer(nnUNetTrainerSDC, PRE, PORT, rank, world)  # lowest DS output weighted 1e-6, not 0
     for lam in (0.1, 0.0):
         tr.loss_hparams["lambda_sdf"] = lam
         torch.manual_seed(0)

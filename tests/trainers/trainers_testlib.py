@@ -32,6 +32,22 @@ def make_trainer(cls, preprocessed: Path, configuration: str = "2d", initialize:
     return trainer
 
 
+def ddp_rank_trainer(cls, preprocessed, port: str, rank: int, world: int):
+    """Rank ``rank`` of a ``world``-process gloo DDP group on this machine (port ``port``), with trainer
+    ``cls`` built (:func:`make_trainer`) *before* the process group (nnU-Net's own DDP set-up assumes CUDA
+    devices) and marked ``is_ddp`` (nnU-Net's DDP deep-supervision weights). For the DDP test scripts."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = make_trainer(cls, preprocessed, "2d")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    trainer.is_ddp = True
+    return trainer
+
+
 def ds_wrapper(loss):
     """The DeepSupervisionWrapper inside a trainer's loss (SDC's loss adapter unwrapped)."""
     return loss.loss if isinstance(loss, SDFHeadLoss) else loss
