@@ -36,7 +36,8 @@ import SimpleITK as sitk
 
 from nnunet_calibration.errors import UserError
 from nnunet_calibration.io import CorruptFileError, read_sitk_image
-from nnunet_calibration.utils import remove_stale_staging, staging_dir
+from nnunet_calibration.output_location import StagedOutput, check_not_an_input, check_writable
+from nnunet_calibration.utils import staging_dir
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL = 1e-3
@@ -234,11 +235,20 @@ class StagedDataset:
     the swap) and writes ``$nnUNet_preprocessed/DatasetXXX_Name/splits_final.json`` (written to a
     temporary file and renamed). Other folders using the same dataset id with a different name in
     nnUNet_raw or nnUNet_preprocessed are refused (nnU-Net could not tell them apart).
+
+    The output location is checked before any work (:mod:`nnunet_calibration.output_location`, the
+    checks ``calib-evaluate`` and ``calib-calibrate apply`` make): the dataset folder and the
+    preprocessed dataset folder may not be, contain or lie inside ``source`` (the download: a
+    conversion never writes into it, and ``--overwrite`` can never delete it); no ancestor may be a
+    file; both locations must accept new files, and an existing dataset folder must be renamable.
+    Parent folders created for the dataset folder are removed again when the conversion fails.
     """
 
     def __init__(self, dataset_id: int, name: str, overwrite: bool = False,
                  raw_root: str | os.PathLike | None = None,
-                 preprocessed_root: str | os.PathLike | None = None, with_test: bool = True):
+                 preprocessed_root: str | os.PathLike | None = None, with_test: bool = True,
+                 source: str | os.PathLike | None = None):
+        self.source = source
         self.name = dataset_folder_name(dataset_id, name)
         self.dataset_id = int(dataset_id)
         self.overwrite = overwrite
@@ -247,6 +257,7 @@ class StagedDataset:
         self.splits_file = self.preprocessed_root / self.name / "splits_final.json"
         self.with_test = with_test
         self._tmp: Path | None = None
+        self._staged: StagedOutput | None = None
         self.committed = False
 
     # -- checks before any work
@@ -264,11 +275,20 @@ class StagedDataset:
                 if p.exists():
                     raise ConversionError(f"target exists: {p} (use --overwrite to replace it)")
 
+    def _check_location(self) -> None:
+        if self.source is not None:
+            inputs = [("source folder", self.source, True)]
+            check_not_an_input(self.target, inputs)
+            check_not_an_input(self.splits_file.parent, inputs)
+        check_writable(self.splits_file.parent)
+
     def __enter__(self) -> "StagedDataset":
         self._check_target()
-        self.raw_root.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(self.target)  # left by a converter killed with SIGKILL
-        self._tmp = staging_dir(self.target)
+        self._check_location()
+        # checks the dataset folder's location, creates its parents and the staging folder (a killed
+        # converter's staging folder is removed), tries renaming an existing target aside and back
+        self._staged = StagedOutput(self.target)
+        self._tmp = self._staged.prepare()
         self.root = self._tmp
         self.imagesTr = self._tmp / "imagesTr"
         self.labelsTr = self._tmp / "labelsTr"
@@ -315,8 +335,8 @@ class StagedDataset:
         self.committed = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._tmp is not None and self._tmp.exists():
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._staged is not None and not self.committed:
+            self._staged.discard()  # the staging folder and the parent folders prepare() created
         self._tmp = None
 
 

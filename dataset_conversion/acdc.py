@@ -176,7 +176,7 @@ def convert_acdc(source: str | Path, dataset_id: int, overwrite: bool = False, *
     split = patient_wise_splits({c["case"]: c["patient"] for c in train_cases}, seed=seed)
 
     with StagedDataset(dataset_id, NAME, overwrite, raw_root=raw_root,
-                       preprocessed_root=preprocessed_root) as st:
+                       preprocessed_root=preprocessed_root, source=source) as st:
         labels_ts = st.root / "labelsTs"
         for c in tqdm(train_cases, desc="ACDC training frames", disable=not progress):
             _check_and_copy(c, st.imagesTr, st.labelsTr)

@@ -211,7 +211,7 @@ def convert_brats(source: str | Path, dataset_id: int, overwrite: bool = False, 
     grades = {cid: g or (names.get(cid, {}).get("Grade") or "").strip() or None for cid, _, g, _ in cases}
     split = patient_wise_splits({c: c for c in ids}, seed=seed)
     with StagedDataset(dataset_id, f"BraTS{rel}", overwrite, raw_root=raw_root,
-                       preprocessed_root=preprocessed_root) as st:
+                       preprocessed_root=preprocessed_root, source=source) as st:
         for cid, _, _, files in tqdm(cases, desc=f"BraTS{rel} training cases", disable=not progress):
             _write_case(st, cid, files, training=True)
         for cid, _, files in tqdm(test, desc=f"BraTS{rel} validation cases", disable=not progress or not test):

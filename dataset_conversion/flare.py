@@ -134,7 +134,7 @@ def convert_flare(source: str | Path, dataset_id: int, overwrite: bool = False, 
     split = patient_wise_splits({c: c for c in train_ids}, seed=seed)
 
     with StagedDataset(dataset_id, f"FLARE{rel}", overwrite, raw_root=raw_root,
-                       preprocessed_root=preprocessed_root) as st:
+                       preprocessed_root=preprocessed_root, source=source) as st:
         for cid in tqdm(train_ids, desc=f"FLARE{rel} training cases", disable=not progress):
             img = read_image(images[cid])
             check_3d_scalar(img, images[cid])

@@ -102,7 +102,7 @@ def convert_prostate(source: str | Path, dataset_id: int, overwrite: bool = Fals
     split = patient_wise_splits({c: c for c in train_ids}, seed=seed)
 
     with StagedDataset(dataset_id, NAME, overwrite, raw_root=raw_root,
-                       preprocessed_root=preprocessed_root) as st:
+                       preprocessed_root=preprocessed_root, source=source) as st:
         label_values = {}
         for cid in tqdm(train_ids, desc="Prostate training cases", disable=not progress):
             _split_checked(images[cid], st.imagesTr, len(channels), segs[cid])

@@ -1,10 +1,12 @@
 """Where a console script may write its output folder: the one set of checks made before the work
 starts, shared by ``calib-evaluate`` (:mod:`nnunet_calibration.evaluation.output`) and
-``calib-calibrate apply`` (:mod:`nnunet_calibration.posthoc.model`). Standard library only (and
+``calib-calibrate apply`` (:mod:`nnunet_calibration.posthoc.model`) and ``calib-convert``
+(:class:`dataset_conversion._common.StagedDataset`). Standard library only (and
 :mod:`nnunet_calibration.utils`).
 
 * :func:`check_not_an_input`: the output folder may not be, contain or lie inside an input folder;
 * :func:`check_output_path`: an existing output path must be a folder; no ancestor may be a file;
+* :func:`check_writable`: a folder that is written later (not staged) accepts new files now;
 * :class:`StagedOutput`: :meth:`~StagedOutput.prepare` creates the missing parent folders and the
   staging folder ``.OUT.tmp-<pid>-*`` next to the output now (an unwritable location fails here,
   before the work), tries renaming an existing output folder aside and back (it is replaced by
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +29,7 @@ from nnunet_calibration.utils import remove_stale_staging, staging_dir
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["OutputLocationError", "check_not_an_input", "check_output_path", "StagedOutput"]
+__all__ = ["OutputLocationError", "check_not_an_input", "check_output_path", "check_writable", "StagedOutput"]
 
 
 class OutputLocationError(UserError):
@@ -66,6 +69,23 @@ def check_output_path(out_dir: PathLike) -> None:
                 raise OutputLocationError(f"{out_dir}: output path lies under {parent}, which is a file, "
                                           "not a folder")
             return
+
+
+def check_writable(folder: PathLike) -> None:
+    """:func:`check_output_path`, and ``folder`` (or, if it does not exist yet, its nearest existing
+    ancestor, where it will be created) accepts a new file: a probe file is created there and removed
+    at once. Nothing else is created."""
+    folder = Path(folder)
+    check_output_path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:  # pragma: no cover - "/" exists
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".write-test-{os.getpid()}-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputLocationError(f"{folder}: output location is not writable ({e.strerror or e})") from e
 
 
 class StagedOutput:

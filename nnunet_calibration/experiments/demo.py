@@ -39,10 +39,11 @@ import yaml
 from dataset_conversion import convert_acdc
 from nnunet_calibration.experiments.environment import with_plugin_trainers
 from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams, validate
-from nnunet_calibration.experiments.report import make_report
+from nnunet_calibration.experiments.report import check_report_folder, make_report
 from nnunet_calibration.experiments.runner import run_local
 from nnunet_calibration.experiments.small_config import add_small_configuration, preprocess_atomically
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
+from nnunet_calibration.output_location import check_not_an_input
 from nnunet_calibration.settings import dump_yaml, load_experiment
 from nnunet_calibration.synthetic import make_synthetic_dataset
 from nnunet_calibration.utils import ArgumentParser, cli_main
@@ -53,6 +54,10 @@ SYNTH_ID = 990
 
 def _template(name: str) -> dict:
     return yaml.safe_load(resources.files("nnunet_calibration.experiments").joinpath(name).read_text())
+
+
+def _template_name(source: str | None) -> str:
+    return "demo_acdc.yaml" if source else "demo_synthetic.yaml"
 
 
 def _preprocessed(pre: Path, dataset_id: int, configuration: str = "2d") -> bool:
@@ -81,14 +86,14 @@ def _dataset(args, folders: dict) -> tuple[int, str]:
             make_synthetic_dataset(folders["raw"], SYNTH_ID, name="SynthDemo", n_train=10, n_test=2)
         else:
             print(f"[1/4] synthetic dataset already in {folders['raw']}", flush=True)
-        return SYNTH_ID, "demo_synthetic.yaml"
+        return SYNTH_ID, _template_name(args.source)
     if not list(folders["raw"].glob(f"Dataset{ACDC_ID:03d}_*")):
         print(f"[1/4] converting {args.source} (calib-convert acdc) ...", flush=True)
         convert_acdc(Path(args.source).resolve(), ACDC_ID, raw_root=folders["raw"],
                      preprocessed_root=folders["preprocessed"], progress=not args.quiet)
     else:
         print(f"[1/4] dataset already converted in {folders['raw']}", flush=True)
-    return ACDC_ID, "demo_acdc.yaml"
+    return ACDC_ID, _template_name(args.source)
 
 
 def _plan(cfg: dict, dataset_id: int, folders: dict, env: dict, work: Path) -> None:
@@ -153,9 +158,23 @@ def _check_source(source: str | None) -> None:
         raise ConversionError(f"{source}: no such folder (an ACDC download with database/training/patientXXX/)")
 
 
+def _check_locations(args, work: Path) -> None:
+    """Before any folder is made: the work folder and the report folder (``OUTPUT_ROOT/<name>``) may not
+    be, contain or lie inside the ACDC folder; the report folder may not be or contain the work folder;
+    an existing report folder must hold only what a report wrote (else the report, hours later, would
+    refuse it)."""
+    inputs = [("ACDC folder", args.source, True)] if args.source else []
+    check_not_an_input(work, inputs)
+    name = args.name or _template(_template_name(args.source))["name"]
+    report = Path(args.output_root).resolve() / name
+    check_not_an_input(report, inputs + [("work folder", work, False)])
+    check_report_folder(report, [name])
+
+
 def run(args, command: str) -> int:
     _check_source(args.source)  # before any folder is made
     work = Path(args.work).resolve()
+    _check_locations(args, work)
     made = [d for d in (work, *(work / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results")))
             if not d.exists()]
     try:

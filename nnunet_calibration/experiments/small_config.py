@@ -154,6 +154,26 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
     }
 
 
+def check_replaceable_configuration(plans_file: Path, content: dict, name: str, plans: str) -> None:
+    """The configuration ``name`` and its preprocessed data folder (``<plans>_<name>``, replaced by the
+    preprocessing) must be this tool's own: an existing configuration of that name must have been made
+    by calib-plan-small (its ``calib_small_config`` record), no other configuration may use that data
+    folder, and an existing data folder needs the configuration (else it is someone else's)."""
+    configs = content.get("configurations", {})
+    data = f"{plans}_{name}"
+    if name in configs and "calib_small_config" not in configs[name]:
+        raise SmallConfigError(f"{plans_file}: configuration {name!r} was not made by calib-plan-small and is "
+                               f"not replaced; choose another name with -c")
+    others = sorted(k for k, v in configs.items() if k != name and v.get("data_identifier") == data)
+    if others:
+        raise SmallConfigError(f"{plans_file}: configuration {others[0]!r} uses the data folder {data}; choose "
+                               f"another name with -c")
+    if (plans_file.parent / data).exists() and name not in configs:
+        raise SmallConfigError(f"{plans_file.parent / data} exists but {plans_file} has no configuration "
+                               f"{name!r}: it was not made by calib-plan-small and is not replaced; move it or "
+                               f"choose another name with -c")
+
+
 def add_small_configuration(dataset: str | int, preprocessed: str | os.PathLike, name: str = DEFAULT_NAME,
                             plans: str = "nnUNetPlans", overwrite: bool = False, **settings) -> tuple[Path, dict]:
     """Add the small configuration to the dataset's plans file (atomically). Returns (plans file, entry)."""
@@ -166,6 +186,7 @@ def add_small_configuration(dataset: str | int, preprocessed: str | os.PathLike,
         raise SmallConfigError(f"{plans_file} already has a configuration {name!r}; pass --overwrite to replace it")
     if name == "2d":
         raise SmallConfigError("the small configuration cannot be named '2d' (it inherits from it)")
+    check_replaceable_configuration(plans_file, content, name, plans)
     entry = small_configuration(content, name=name, plans_name=plans, **settings)
     content["configurations"][name] = entry
     write_json_atomic(plans_file, content, indent=4)
@@ -222,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-features", type=int, default=DEFAULTS["max_features"], help="%(default)s")
     p.add_argument("--max-stages", type=int, default=DEFAULTS["max_stages"], help="%(default)s")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="%(default)s")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name (only one calib-plan-small made)")
     p.add_argument("--no-preprocess", action="store_true", help="only write the plans entry")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="preprocessing processes (1)")
     return p

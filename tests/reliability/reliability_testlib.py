@@ -21,6 +21,8 @@ import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+from nnunet_calibration.posthoc import model
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "nnunet_calibration.evaluation.cli"]
 
@@ -67,6 +69,38 @@ def build(root: Path, n_cases=2, shape=(4, 16, 16), n_classes=2, png=False, pkl=
     return pred, gt
 
 
+#: the image shape of the tiny model folders (:func:`model_folder`)
+SHAPE = (3, 8, 10)
+
+
+def model_folder(root: Path, n_cases: int = 4, pkl: bool = True) -> tuple:
+    """``(model folder, reference folder)``: cases alternately in fold_0 / fold_1 validation."""
+    pred, gt = build(root / "src", n_cases=n_cases, shape=SHAPE, pkl=pkl)
+    folder = root / "Dataset999_Tiny" / "Trainer__Plans__3d_fullres"
+    folder.mkdir(parents=True)
+    shutil.move(str(pred / "dataset.json"), folder / "dataset.json")
+    (folder / "plans.json").write_text("{}")
+    for i, npz in enumerate(sorted(pred.glob("*.npz"))):
+        val = folder / f"fold_{i % 2}" / "validation"
+        val.mkdir(parents=True, exist_ok=True)
+        for f in pred.glob(npz.stem + ".*"):
+            shutil.move(str(f), val / f.name)
+    pred.rmdir()
+    return folder, gt
+
+
+def write_calibration(folder: Path, dataset_json: dict, method: str = "temperature", **parameters) -> Path:
+    """A calibration.json as fit writes it (only the fields apply reads), with ``parameters``."""
+    channels = ["background", *[k for k in dataset_json["labels"] if k != "background"]]
+    params = parameters or {"temperature": 1.5}
+    rec = {"format": model.FORMAT, "version": model.VERSION, "method": method, "nonlinearity": "softmax",
+           "parameters": params, "channels": channels, "labels": dataset_json["labels"],
+           "regions_class_order": None}
+    path = folder / model.CALIBRATION_FILE
+    path.write_text(json.dumps(rec))
+    return path
+
+
 def replicate(pred: Path, gt: Path, n_cases: int) -> None:
     """Copies of ``case_000`` (npz, pkl, reference) as ``case_001`` ... ``case_<n_cases - 1>``: many large
     cases without compressing each one (np.savez_compressed of a large array takes seconds)."""
@@ -93,11 +127,12 @@ def fingerprint(root: Path) -> dict:
     return out
 
 
-def run_main(main, capsys, *args) -> tuple:
-    """``(exit status, stdout, stderr)`` of a console script's ``main(ARGS + ["--no-progress"])`` in this
-    process (argparse's SystemExit counts as the exit status)."""
+def run_main(main, capsys, *args, quiet: str | None = "--no-progress") -> tuple:
+    """``(exit status, stdout, stderr)`` of a console script's ``main(ARGS + [quiet])`` in this process
+    (``quiet``: the script's flag that hides progress bars, None: none; argparse's SystemExit counts as
+    the exit status)."""
     try:
-        rc = main([*map(str, args), "--no-progress"])
+        rc = main([*map(str, args), *([quiet] if quiet else [])])
     except SystemExit as e:  # argparse
         rc = e.code
     out = capsys.readouterr()

@@ -27,10 +27,8 @@ import SimpleITK as sitk
 
 from nnunet_calibration.posthoc import model
 from nnunet_calibration.posthoc.cli import main
-from reliability_testlib import build, fingerprint, read_only, run_main, writable_again
-
-SHAPE = (3, 8, 10)
-
+from reliability_testlib import (SHAPE, build, fingerprint, model_folder, read_only, run_main, writable_again,
+                                 write_calibration)
 
 def run(capsys, *args) -> tuple:
     """:func:`reliability_testlib.run_main` of ``calib-calibrate``."""
@@ -41,34 +39,6 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("calib-calibrate: error: "), err
     return lines[0]
-
-
-def model_folder(root: Path, n_cases: int = 4, pkl: bool = True) -> tuple:
-    """``(model folder, reference folder)``: cases alternately in fold_0 / fold_1 validation."""
-    pred, gt = build(root / "src", n_cases=n_cases, shape=SHAPE, pkl=pkl)
-    folder = root / "Dataset999_Tiny" / "Trainer__Plans__3d_fullres"
-    folder.mkdir(parents=True)
-    shutil.move(str(pred / "dataset.json"), folder / "dataset.json")
-    (folder / "plans.json").write_text("{}")
-    for i, npz in enumerate(sorted(pred.glob("*.npz"))):
-        val = folder / f"fold_{i % 2}" / "validation"
-        val.mkdir(parents=True, exist_ok=True)
-        for f in pred.glob(npz.stem + ".*"):
-            shutil.move(str(f), val / f.name)
-    pred.rmdir()
-    return folder, gt
-
-
-def write_calibration(folder: Path, dataset_json: dict, method: str = "temperature", **parameters) -> Path:
-    """A calibration.json as fit writes it (only the fields apply reads), with ``parameters``."""
-    channels = ["background", *[k for k in dataset_json["labels"] if k != "background"]]
-    params = parameters or {"temperature": 1.5}
-    rec = {"format": model.FORMAT, "version": model.VERSION, "method": method, "nonlinearity": "softmax",
-           "parameters": params, "channels": channels, "labels": dataset_json["labels"],
-           "regions_class_order": None}
-    path = folder / model.CALIBRATION_FILE
-    path.write_text(json.dumps(rec))
-    return path
 
 
 def npz_probs(npz: Path) -> np.ndarray:

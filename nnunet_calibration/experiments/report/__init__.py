@@ -69,7 +69,7 @@ def make_report(experiments: list[Experiment], output_root: str | os.PathLike | 
     name = name or experiments[0].name
     target = (Path(output_root).resolve() / name) if output_root is not None else \
         experiments[0].report_dir().parent / name
-    copies = experiment_copy_names(experiments)
+    copies = experiment_copy_names([exp.name for exp in experiments])
     check_replaceable(target, set(copies.values()))
     with atomic_dir(target) as work:
         data = gather.gather(experiments, work, name, command=command, progress=progress)
@@ -138,9 +138,15 @@ def relative_paths(result: ExperimentResult, report_dir: Path) -> None:
         t["nnUNet_results"] = os.path.relpath(t["nnUNet_results"], report_dir)
 
 
-def experiment_copy_names(experiments: list[Experiment]) -> dict:
-    """File name of each experiment file's copy in the report: ``experiment.yaml`` for a single
-    experiment, ``experiment_<name>.yaml`` for each of a combined report."""
-    if len(experiments) == 1:
-        return {experiments[0].name: "experiment.yaml"}
-    return {exp.name: f"experiment_{exp.name}.yaml" for exp in experiments}
+def experiment_copy_names(names: list[str]) -> dict:
+    """File name of each experiment file's copy in the report, by experiment name: ``experiment.yaml``
+    for a single experiment, ``experiment_<name>.yaml`` for each of a combined report."""
+    if len(names) == 1:
+        return {names[0]: "experiment.yaml"}
+    return {name: f"experiment_{name}.yaml" for name in names}
+
+
+def check_report_folder(target: Path, names: list[str]) -> None:
+    """:func:`check_replaceable` for the report of the experiments ``names`` (before any training, e.g.
+    by ``calib-demo``)."""
+    check_replaceable(target, set(experiment_copy_names(names).values()))
