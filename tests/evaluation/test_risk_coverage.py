@@ -21,10 +21,9 @@ from test_evaluate import REGIONS, make_folders
 SCORE_NAMES = ("foreground_entropy", "boundary_entropy", "expected_dice", "uncertain_fraction")
 
 
-def direct_scores(probs, lab_shape_spacing, regions):
+def direct_scores(probs, spacing, regions):
     """The four scores from the metric functions on the label map made here (argmax; regions:
     ``seg[p_r > 0.5] = r + 1`` in channel order, nnU-Net's convention)."""
-    spacing = lab_shape_spacing
     if regions is None:
         seg, kw = probs.argmax(0).astype(np.int32), {}
     else:
