@@ -1,6 +1,7 @@
 """One case (runs in a worker process, or in the caller's with one process): read it, check it
-(geometry, shapes, channels, probabilities, label values), compute DSC, HD95 and the calibration
-metrics (one :class:`~nnunet_calibration.metrics.CalibrationAccumulator` per case)."""
+(geometry, shapes, channels, probabilities, label values), compute DSC, HD95, the calibration
+metrics (one :class:`~nnunet_calibration.metrics.CalibrationAccumulator` per case) and the case-level
+confidence scores (:mod:`.scores`), all from the one read of the probabilities."""
 from __future__ import annotations
 
 from typing import List
@@ -13,6 +14,7 @@ from nnunet_calibration.metrics.calibration import SOFTMAX_SUM_TOLERANCE
 
 from .errors import EvaluationInputError
 from .reading import geometry_problems, is_2d, load_probabilities, prediction_properties, read_reference
+from .scores import case_scores
 from .segmentation import probabilities_to_segmentation, segmentation_metrics
 
 
@@ -80,6 +82,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
     acc = CalibrationAccumulator(options, regions=regions is not None, region_labels=regions,
                                  ignore_index=lm.ignore_label).update(probs, ref)
     seg = probabilities_to_segmentation(probs, lm, sum_tolerance=SOFTMAX_SUM_TOLERANCE)  # sums checked before
+    scores = case_scores(probs, seg, spacing, regions)
     del probs
     dsc, hd, seg_flags = segmentation_metrics(seg, ref, lm, class_names, spacing, options.convention)
     flags += seg_flags
@@ -87,5 +90,5 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
                "HD95_mean": float(np.mean(list(hd.values())))}
     metrics.update(acc.compute())
     entry = {"case": job["case"], "folder": job["folder"], "prediction": str(job["npz"]),
-             "reference": str(job["reference"]), "spacing": list(spacing), "metrics": metrics, "flags": flags}
+             "reference": str(job["reference"]), "spacing": list(spacing), "metrics": metrics, "scores": scores, "flags": flags}
     return entry, acc

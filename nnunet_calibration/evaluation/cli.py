@@ -19,8 +19,19 @@ and the calibration metrics ECE (foreground, SDC paper Eq. 6), CECE (class-wise)
 Algorithm 1), mL1-ACE/mL1-ECE/mL1-MCE (ACE paper), NLL and Brier (DSC++ paper); per data set the
 mean over cases and the exact pooled values.
 
-Writes OUT/summary.json, OUT/per_case.csv, OUT/reliability_<class>.png and
-OUT/dataset_reliability_histogram.png (plots of at most {max_plotted} classes; --no-plots: none), and
+Which cases to distrust: per case the confidence scores (no reference needed; columns of per_case.csv)
+  foreground_entropy  mean normalised entropy over the predicted foreground (higher = less sure)
+  boundary_entropy    the same within 2 x the largest spacing (mm) of a predicted boundary
+  expected_dice       soft Dice of the probabilities against the prediction (higher = surer)
+  uncertain_fraction  voxels with top-label probability < 0.9 per predicted foreground voxel
+                      (higher = less sure)
+and per score, against the risks 1-DSC (1 - the case's mean DSC) and HD95, the AURC, e-AURC and
+AUGRC (summary.json "risk_coverage"; a case with a NaN score, e.g. no predicted foreground, or NaN
+risk is left out of that score's analysis and counted in n_excluded).
+
+Writes OUT/summary.json, OUT/per_case.csv, OUT/reliability_<class>.png,
+OUT/dataset_reliability_histogram.png and OUT/risk_coverage.png (plots of at most {max_plotted}
+classes; --no-plots: none), and
 OUT/calib_evaluate_manifest.json, the list of the files it wrote. Nothing is written unless every
 case was evaluated (SIGINT and SIGTERM remove the staging folder; one left by a killed run is
 removed by the next; worker processes die with the main process). OUT may not be, contain or lie
@@ -108,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<9} {fmt(m[k]):>8}")
     for k in ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier"):
         print(f"{k:<9} {fmt(m[k]):>8} {fmt(pooled[k]):>8}")
+    rc = summary["risk_coverage"]
+    print("AURC (1-DSC): " + ", ".join(f"{k} {fmt(v['1-DSC']['AURC'])}" for k, v in rc.items()))
     n_flagged = sum(1 for c in summary["cases"] if c["flags"])
     if n_flagged:
         print(f"{n_flagged} case(s) flagged (empty masks, HD95 = image diagonal; geometry not checked): "

@@ -34,18 +34,23 @@ Per case (:mod:`.case`)
   = image diagonal in mm, and the case gets a flag); ``DSC_mean``/``HD95_mean`` = mean over classes.
 * calibration metrics of :mod:`nnunet_calibration.metrics`, from one
   :class:`CalibrationAccumulator` per case.
+* case-level confidence scores (``case["scores"]``, :mod:`.scores`): foreground / boundary entropy,
+  expected Dice, uncertain fraction.
 
 Data set level
 --------------
 * ``mean``: mean over cases of the per-case values (NaN values, e.g. the ECE of a case without
   foreground, are left out of the mean; ``null`` in JSON if every case is NaN).
 * ``pooled``: exact data-set-wide values from the summed per-bin statistics of all cases.
+* ``risk_coverage``: per score and risk (1 - DSC, HD95) the AURC, e-AURC and AUGRC over the cases
+  (NaN convention: :mod:`.scores`).
 
 Output (``out_dir``, :mod:`.output`): ``summary.json``, ``per_case.csv``, ``reliability_<class>.png``
 (pooled reliability diagram per class, from the accumulator's marginal per-bin statistics,
 ``n_bins_ace`` bins) and ``dataset_reliability_histogram.png`` (the ACE paper's dataset reliability
 histogram: per class, for every case and probability bin the case's observed frequency; the colour
-is the number of cases; plots of at most :data:`.output.MAX_PLOTTED_CLASSES` classes), and the
+is the number of cases; plots of at most :data:`.output.MAX_PLOTTED_CLASSES` classes),
+``risk_coverage.png`` (selective risk 1 - DSC against coverage per score; with the other plots), and the
 manifest of the files written (:data:`.output.MANIFEST`). Everything is first written to a temporary
 folder next to ``out_dir`` that is renamed at the end, so nothing appears unless every case was
 evaluated. That folder (``.OUT.tmp-<pid>-*``) is created before any case is computed (an unusable
@@ -76,6 +81,7 @@ from .errors import EvaluationInputError
 from .labels import find_dataset_json, label_info, read_dataset_json, reader_writer
 from .output import OutputFolder, default_out_dir, plot_plan, write_outputs
 from .pool import run_jobs
+from .scores import risk_coverage_summary
 from .segmentation import SDC_CODE_CLASS
 
 PathLike = Union[str, os.PathLike]
@@ -229,6 +235,7 @@ def _summary(setup: dict, results: List[tuple], options: MetricOptions, missing:
         "cases": cases_out,
         "mean": dataset_means(cases_out, seg_names),
         "pooled": pooled_acc.compute(),
+        "risk_coverage": risk_coverage_summary(cases_out),
         "missing": missing,
         "plots": setup["plots"],
     }
@@ -257,7 +264,8 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
 
     Summary schema: ``{"config", "classes", "cases": [{"case", "folder", "metrics": {"DSC": {cls: v},
     "HD95": {cls: v}, "DSC_mean", "HD95_mean", "ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE",
-    "mL1-MCE", "NLL", "Brier"}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
+    "mL1-MCE", "NLL", "Brier"}, "scores": {score: v}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
+    "risk_coverage": {score: {risk: {"AURC", "e-AURC", "AUGRC", "n_cases", "n_excluded", "excluded_cases"}}},
     "missing": {"predictions": [...], "references": [...]}, "plots": {"drawn", "classes", "note", ...}}``.
     """
     pred_folders, options = _check_arguments(pred_folders, num_processes, options, metric_options)

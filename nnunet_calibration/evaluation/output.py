@@ -21,8 +21,9 @@ Nothing of the user's is ever removed, and nothing appears half-written:
   into place at the end (:class:`OutputFolder`).
 
 Plots: at most :data:`MAX_PLOTTED_CLASSES` classes get a reliability diagram and a panel of the
-dataset reliability histogram (the first ones); ``plots=False`` draws none. What was drawn is
-recorded in ``summary.json["plots"]``.
+dataset reliability histogram (the first ones); ``risk_coverage.png`` is drawn with them (one curve
+per confidence score, :mod:`.scores`); ``plots=False`` draws none. What was drawn is recorded in
+``summary.json["plots"]``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from nnunet_calibration.output_location import StagedOutput
 from nnunet_calibration.utils import staging_dir
 
 from .errors import EvaluationInputError
+from .scores import PLOTTED_RISK, SCORES, plot_curves
 
 PathLike = Union[str, os.PathLike]
 
@@ -179,12 +181,12 @@ def plot_plan(class_names: Sequence[str], plots: bool, why_not: str = "--no-plot
     else:
         note = f"plots of all {len(drawn)} classes"
     return {"drawn": bool(drawn), "classes": drawn, "n_classes": len(class_names),
-            "max_classes": MAX_PLOTTED_CLASSES, "note": note}
+            "max_classes": MAX_PLOTTED_CLASSES, "risk_coverage": bool(drawn), "note": note}
 
 
 def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) -> None:
     cols = (["case", "folder"] + [f"DSC_{n}" for n in class_names] + [f"HD95_{n}" for n in class_names]
-            + ["DSC_mean", "HD95_mean"] + list(METRIC_KEYS) + ["flags"])
+            + ["DSC_mean", "HD95_mean"] + list(METRIC_KEYS) + list(SCORES) + ["flags"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -192,14 +194,14 @@ def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) ->
             m = c["metrics"]
             row = [c["case"], c["folder"]] + [m["DSC"][n] for n in class_names] + \
                   [m["HD95"][n] for n in class_names] + [m["DSC_mean"], m["HD95_mean"]] + \
-                  [m[k] for k in METRIC_KEYS] + ["; ".join(c["flags"])]
-            w.writerow(["" if isinstance(v, float) and math.isnan(v) else
+                  [m[k] for k in METRIC_KEYS] + [c["scores"][k] for k in SCORES] + ["; ".join(c["flags"])]
+            w.writerow(["" if v is None or isinstance(v, float) and math.isnan(v) else
                         (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for v in row])
 
 
 def write_outputs(folder: OutputFolder, summary: dict, class_names, pooled_acc, case_accs) -> None:
     """Write every output file into the staging folder, then move it into place (:meth:`OutputFolder.commit`)."""
-    from .plots import plot_dataset_reliability_histogram, plot_reliability_diagram
+    from .plots import plot_dataset_reliability_histogram, plot_reliability_diagram, plot_risk_coverage
 
     tmp = folder.staging
     summary["config"]["out_dir"] = str(folder.out_dir)
@@ -214,4 +216,6 @@ def write_outputs(folder: OutputFolder, summary: dict, class_names, pooled_acc, 
                                      title=f"Pooled reliability: {name} ({summary['config']['n_cases']} cases)")
         per_case_freq = np.stack([a.reliability()[3][:len(drawn)] for a in case_accs])  # (cases, K, bins)
         plot_dataset_reliability_histogram(tmp / "dataset_reliability_histogram.png", edges, per_case_freq, drawn)
+    if summary["plots"]["risk_coverage"]:
+        plot_risk_coverage(tmp / "risk_coverage.png", plot_curves(summary["cases"]), PLOTTED_RISK)
     folder.commit()

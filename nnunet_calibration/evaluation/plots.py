@@ -1,5 +1,5 @@
-"""Figures of calib-evaluate (and the experiment report): reliability diagrams and dataset
-reliability histograms. Matplotlib's object API only (``matplotlib.figure.Figure`` saved directly,
+"""Figures of calib-evaluate (and the experiment report): reliability diagrams, dataset
+reliability histograms and the risk-coverage curves of the case-level confidence scores. Matplotlib's object API only (``matplotlib.figure.Figure`` saved directly,
 no pyplot, no global backend switch), so importing this module changes nothing for the caller.
 
 Reliability diagram convention (:func:`draw_reliability`, used by :func:`reliability_figure` here
@@ -114,3 +114,30 @@ def plot_dataset_reliability_histogram(path: Path, edges: np.ndarray, per_case_f
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="cases", shrink=0.8)
     fig.savefig(path, dpi=100)
+
+
+def risk_coverage_figure(curves: dict, risk: str) -> Figure:
+    """Selective risk against coverage: one curve per score, the optimal ranking (dashed) and the
+    random one (dotted: the mean risk at every coverage). ``curves``: :func:`.scores.plot_curves`."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    for name, c in curves["scores"].items():
+        ax.plot(c.coverage, c.selective_risk, lw=1.5, label=name)
+    opt = curves["optimal"]
+    if opt is not None:
+        ax.plot(opt.coverage, opt.selective_risk, "k--", lw=1, label="optimal")
+        ax.axhline(curves["random"], color="gray", ls=":", lw=1, label="random")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (cases accepted, most confident first)")
+    ax.set_ylabel(f"selective risk ({risk})")
+    ax.set_title(f"Risk-coverage ({curves['n_cases']} cases)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_risk_coverage(path: Path, curves: dict, risk: str) -> None:
+    """:func:`risk_coverage_figure` saved as PNG."""
+    risk_coverage_figure(curves, risk).savefig(path, dpi=100)

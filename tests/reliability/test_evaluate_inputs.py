@@ -39,7 +39,8 @@ def one_error_line(err: str) -> str:
 
 def expected_outputs(n_plots: int, names) -> set:
     pngs = {f"reliability_{n}.png" for n in names[:n_plots]}
-    return {"summary.json", "per_case.csv", MANIFEST} | (pngs | {"dataset_reliability_histogram.png"} if n_plots else set())
+    plots = pngs | {"dataset_reliability_histogram.png", "risk_coverage.png"}
+    return {"summary.json", "per_case.csv", MANIFEST} | (plots if n_plots else set())
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -271,6 +272,7 @@ def test_many_classes_plots_at_most_the_limit(tmp_path, capsys, monkeypatch, fla
     n_plots = 0 if flag else limit
     plots = json.loads((out / "summary.json").read_text())["plots"]
     assert plots["classes"] == names[:n_plots] and plots["n_classes"] == 299 and plots["drawn"] is bool(n_plots)
+    assert plots["risk_coverage"] is bool(n_plots)
     expected_note = "no plots (--no-plots)" if flag else \
         f"plots of the first {limit} of 299 classes only (at most {limit}; --no-plots: none)"
     assert plots["note"] == expected_note and expected_note in stdout, stdout
