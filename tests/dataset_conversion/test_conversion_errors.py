@@ -129,6 +129,15 @@ def test_acdc_spacing_mismatch(tmp_path, out):
     expect_error(convert_acdc, out, "geometry mismatch", gt, "spacing", source=src, dataset_id=10)
 
 
+def test_acdc_4d_frame_says_the_dimension_it_found(tmp_path, out):
+    """Issue 21: a 4D image where a 3D frame belongs names the file and the dimension and size found."""
+    src = b.make_acdc(tmp_path / "src")
+    frame = src / "database/training/patient001/patient001_frame01.nii.gz"
+    b.write_acdc_nifti(frame, np.zeros((20, 24, 4, 3), np.float32))
+    expect_error(convert_acdc, out, frame, "is not a 3D scalar image: found a 4D image of size (20, 24, 4, 3)",
+                 source=src, dataset_id=10)
+
+
 def test_brats_origin_mismatch_between_modalities(tmp_path, out):
     src = b.make_brats(tmp_path / "src", 2021)
     f = src / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz"

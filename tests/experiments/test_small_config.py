@@ -128,6 +128,14 @@ def test_existing_configuration_needs_overwrite_and_writes_are_atomic(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["nnUNetPlans.json"]  # no temporary file left
 
 
+def test_plans_without_2d_spacing_is_a_named_error():
+    """Issue 21: a '2d' entry without ``spacing`` is a SmallConfigError naming the key, not a KeyError."""
+    plans = _plans_2d()
+    del plans["configurations"]["2d"]["spacing"]
+    with pytest.raises(sc.SmallConfigError, match=r"'2d' configuration lacks \['spacing'\]"):
+        sc.small_configuration(plans)
+
+
 def test_too_few_stages_are_refused():
     # a 24x24 2d patch at half resolution leaves 12x12: one pooling, 2 stages, no deep-supervision weight left
     plans = _plans_2d(spacing=(1.0, 1.0), patch=(24, 24), median=(24.0, 24.0))
