@@ -93,6 +93,11 @@ def find_plans_file(dataset: str | int, preprocessed: str | os.PathLike, plans: 
     return plans_file
 
 
+def data_identifier(plans: str, name: str) -> str:
+    """The preprocessed data folder of the small configuration ``name``: ``<plans>_<name>``."""
+    return f"{plans}_{name}"
+
+
 def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str = "nnUNetPlans",
                         spacing_factor: float = DEFAULTS["spacing_factor"],
                         base_features: int = DEFAULTS["base_features"],
@@ -141,7 +146,7 @@ def small_configuration(plans: dict, name: str = DEFAULT_NAME, plans_name: str =
     kw["n_conv_per_stage_decoder"] = [2] * (n_stages - 1)
     return {
         "inherits_from": "2d",
-        "data_identifier": f"{plans_name}_{name}",
+        "data_identifier": data_identifier(plans_name, name),
         "spacing": spacing,
         "median_image_size_in_voxels": median,
         "patch_size": [int(p) for p in patch],
@@ -160,7 +165,7 @@ def check_replaceable_configuration(plans_file: Path, content: dict, name: str, 
     by calib-plan-small (its ``calib_small_config`` record), no other configuration may use that data
     folder, and an existing data folder needs the configuration (else it is someone else's)."""
     configs = content.get("configurations", {})
-    data = f"{plans}_{name}"
+    data = data_identifier(plans, name)
     if name in configs and "calib_small_config" not in configs[name]:
         raise SmallConfigError(f"{plans_file}: configuration {name!r} was not made by calib-plan-small and is "
                                f"not replaced; choose another name with -c")
