@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from dataset_conversion_testlib import check_split
+from official_layouts import check_split
 from dataset_conversion import convert_acdc
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
 

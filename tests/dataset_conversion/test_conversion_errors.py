@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import dataset_conversion_testlib as b
+import official_layouts as b
 from dataset_conversion import ConversionError, convert_acdc, convert_brats, convert_flare, convert_prostate
 from dataset_conversion.cli import main
 from testlib import sigterm_when_staging_appears

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import dataset_conversion_testlib as b
+import official_layouts as b
 from dataset_conversion import ConversionError, convert_acdc, convert_brats, convert_flare
 
 

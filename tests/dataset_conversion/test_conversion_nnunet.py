@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import dataset_conversion_testlib as b
-from dataset_conversion_testlib import check_split
+import official_layouts as b
+from official_layouts import check_split
 from dataset_conversion import convert_acdc, convert_brats, convert_flare, convert_prostate
 from nnunet_calibration.nnunet_utils import nnunet_env, run_nnunet
 

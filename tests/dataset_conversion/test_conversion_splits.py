@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dataset_conversion import ConversionError, patient_wise_splits
-from dataset_conversion_testlib import check_split
+from official_layouts import check_split
 
 
 def acdc_like(n_patients):

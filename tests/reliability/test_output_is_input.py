@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from official_layouts import make_acdc
 from reliability_testlib import fingerprint, run_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataset_conversion"))
-from dataset_conversion_testlib import make_acdc  # noqa: E402
 
 
 def refused(capsys, main, args, root: Path, *words: str, quiet: str | None = "--no-progress") -> str:
