@@ -37,7 +37,6 @@ import SimpleITK as sitk
 from nnunet_calibration.errors import UserError
 from nnunet_calibration.io import CorruptFileError, read_sitk_image
 from nnunet_calibration.output_location import StagedOutput, check_not_an_input, check_writable
-from nnunet_calibration.utils import staging_dir
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL = 1e-3
@@ -256,7 +255,6 @@ class StagedDataset:
         self.target = self.raw_root / self.name
         self.splits_file = self.preprocessed_root / self.name / "splits_final.json"
         self.with_test = with_test
-        self._tmp: Path | None = None
         self._staged: StagedOutput | None = None
         self.committed = False
 
@@ -288,11 +286,10 @@ class StagedDataset:
         # checks the dataset folder's location, creates its parents and the staging folder (a killed
         # converter's staging folder is removed), tries renaming an existing target aside and back
         self._staged = StagedOutput(self.target)
-        self._tmp = self._staged.prepare()
-        self.root = self._tmp
-        self.imagesTr = self._tmp / "imagesTr"
-        self.labelsTr = self._tmp / "labelsTr"
-        self.imagesTs = self._tmp / "imagesTs"
+        self.root = self._staged.prepare()
+        self.imagesTr = self.root / "imagesTr"
+        self.labelsTr = self.root / "labelsTr"
+        self.imagesTs = self.root / "imagesTs"
         self.imagesTr.mkdir()
         self.labelsTr.mkdir()
         if self.with_test:
@@ -300,7 +297,7 @@ class StagedDataset:
         return self
 
     def commit(self, splits: list[dict]) -> None:
-        assert self._tmp is not None, "use StagedDataset as a context manager"
+        assert self._staged is not None, "use StagedDataset as a context manager"
         self._check_target()  # something may have appeared meanwhile
         if self.with_test and not any(self.imagesTs.iterdir()):
             self.imagesTs.rmdir()  # no test images in this download
@@ -309,35 +306,22 @@ class StagedDataset:
         pre_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_split = tempfile.mkstemp(prefix=".splits_final.json.tmp-", dir=pre_dir)
         os.close(fd)
-        old = None
         try:
             write_json(splits, Path(tmp_split))
-            if self.target.exists():
-                old = staging_dir(self.target, "old")
-                old.rmdir()
-                os.replace(self.target, old)
-            os.replace(self._tmp, self.target)
-            self._tmp = None
-            os.replace(tmp_split, self.splits_file)
+            # the dataset folder and its splits move into place together: if the splits cannot, the
+            # old dataset folder is put back
+            self._staged.commit(replace=self.overwrite, then=lambda: os.replace(tmp_split, self.splits_file))
         except BaseException:
             if os.path.exists(tmp_split):
                 os.remove(tmp_split)
             if created_pre and pre_dir.exists() and not any(pre_dir.iterdir()):
                 pre_dir.rmdir()
-            if self._tmp is None and old is not None:  # new folder was moved in: put the old one back
-                shutil.rmtree(self.target, ignore_errors=True)
-                os.replace(old, self.target)
-                old = None
             raise
-        finally:
-            if old is not None and old.exists():
-                shutil.rmtree(old, ignore_errors=True)
         self.committed = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._staged is not None and not self.committed:
             self._staged.discard()  # the staging folder and the parent folders prepare() created
-        self._tmp = None
 
 
 # ---------------------------------------------------------------------------------------- splits

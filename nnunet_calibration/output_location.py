@@ -11,7 +11,8 @@ starts, shared by ``calib-evaluate`` (:mod:`nnunet_calibration.evaluation.output
   staging folder ``.OUT.tmp-<pid>-*`` next to the output now (an unwritable location fails here,
   before the work), tries renaming an existing output folder aside and back (it is replaced by
   renaming at the end), :meth:`~StagedOutput.discard` removes the staging folder and the parents
-  it created, :meth:`~StagedOutput.commit` renames the staging folder into place (a new output).
+  it created, :meth:`~StagedOutput.commit` renames the staging folder into place (a new output, or
+  with ``replace=True`` in place of the existing one).
 
 Every problem is an :class:`OutputLocationError` (a :class:`~nnunet_calibration.errors.UserError`:
 one line, exit status 2) naming the path.
@@ -22,10 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from nnunet_calibration.errors import UserError
-from nnunet_calibration.utils import remove_stale_staging, staging_dir
+from nnunet_calibration.utils import remove_stale_staging, replace_dir, staging_dir
 
 PathLike = Union[str, os.PathLike]
 
@@ -153,14 +154,16 @@ class StagedOutput:
                 break
         self.created = []
 
-    def commit(self) -> Path:
-        """Rename the staging folder to the (new) output folder."""
+    def commit(self, replace: bool = False, then: Optional[Callable[[], None]] = None) -> Path:
+        """Rename the staging folder to the output folder. An existing output folder is an error
+        unless ``replace`` (then :func:`~nnunet_calibration.utils.replace_dir` swaps it, and puts it
+        back if ``then()``, the rest of the caller's commit, fails)."""
         out = self.out_dir
-        if out.exists():
+        if out.exists() and not replace:
             raise OutputLocationError(f"{out}: appeared while this run was writing; the output was not moved "
                                       "into place")
         try:
-            os.rename(self.staging, out)
+            replace_dir(self.staging, out, then=then)
         except OSError as e:
             raise OutputLocationError(f"{out}: cannot move the output into place ({e.strerror or e})") from e
         self.staging = None

@@ -32,7 +32,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -175,26 +175,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike,
+                then: Optional[Callable[[], None]] = None) -> Path:
     """Move the finished folder ``new`` to ``target`` (same file system), replacing an existing ``target``.
 
     The old ``target`` is first renamed into a hidden temporary sibling and deleted only after
-    ``new`` is in place; if moving ``new`` fails, the old folder is put back.
+    ``new`` is in place and ``then()`` (optional: the rest of a commit, e.g. moving a file that
+    belongs with the folder into place) has returned. If moving ``new`` or ``then()`` fails, the
+    old folder is put back, ``new`` is back at its own path, and the exception propagates.
     """
     new, target = Path(new), Path(target)
-    if not target.exists():
-        os.replace(new, target)
-        return target
-    old_parent = staging_dir(target, "old")
-    old = old_parent / "old"
-    os.replace(target, old)
+    old_parent = staging_dir(target, "old") if target.exists() else None
+    if old_parent is not None:
+        os.replace(target, old_parent / "old")
     try:
         os.replace(new, target)
+        try:
+            if then is not None:
+                then()
+        except BaseException:
+            os.replace(target, new)
+            raise
     except BaseException:
-        os.replace(old, target)
-        shutil.rmtree(old_parent, ignore_errors=True)
+        if old_parent is not None:
+            os.replace(old_parent / "old", target)
+            shutil.rmtree(old_parent, ignore_errors=True)
         raise
-    shutil.rmtree(old_parent, ignore_errors=True)
+    if old_parent is not None:
+        shutil.rmtree(old_parent, ignore_errors=True)
     return target
 
 

@@ -45,6 +45,34 @@ def test_atomic_dir_replaces_or_leaves_untouched(tmp_path):
     assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
 
 
+def test_replace_dir_puts_everything_back_when_the_rest_of_the_commit_fails(tmp_path):
+    """``then`` runs with the new folder in place; if it raises, the old folder is back at the target,
+    the new one back at its own path, and no hidden folder is left."""
+    target, new = tmp_path / "rep", tmp_path / "new"
+    for folder, text in ((target, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "a.txt").write_text(text)
+    seen = []
+
+    def fail():
+        seen.append((target / "a.txt").read_text())
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_dir(new, target, then=fail)
+    assert seen == ["new"]
+    assert (target / "a.txt").read_text() == "old" and (new / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "rep"]
+    # the same without an old folder: the target disappears again
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError):
+        replace_dir(new, fresh, then=fail)
+    assert not fresh.exists() and (new / "a.txt").read_text() == "new"
+    replace_dir(new, target, then=lambda: seen.append("done"))
+    assert (target / "a.txt").read_text() == "new" and seen[-1] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
 def test_staging_names_and_stale_removal(tmp_path):
     import subprocess
     import sys
