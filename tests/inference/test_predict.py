@@ -116,3 +116,97 @@ def test_two_folds_no_calibration_ensemble_is_nnunets(synthetic_prediction, tmp_
         assert np.array_equal(_read(out / f"{case}.nii.gz")[0], _read(ref / f"{case}.nii.gz")[0])
         assert np.array_equal(np.load(out / f"{case}.npz")["probabilities"],
                               np.load(ref / f"{case}.npz")["probabilities"])
+
+
+def _floor_free(p: np.ndarray) -> np.ndarray:
+    """Voxels where apply's 1e-7 floor changes nothing (every probability >= 1e-7)."""
+    return np.all(p >= 1e-7, axis=0)
+
+
+@pytest.mark.parametrize("method,params", [("temperature", 2.5), ("vector", [1.5, 0.8, 2.0, 3.0])])
+def test_calibrated_equals_apply(synthetic_prediction, tmp_path, method, params):
+    sp = synthetic_prediction
+    model = _model_copy(sp, tmp_path / "model")
+    _write_calibration(model, method, params, sp.gt_folder_train)
+    out = tmp_path / "out"
+    assert _predict(model, sp, out, "-f", "0", "--save_probabilities") == 0
+    applied = tmp_path / "applied"
+    apply_calibration(sp.pred_folder, model, applied, progress=False)
+    n_checked = 0
+    for case in _cases(sp.pred_folder):
+        p = np.load(out / f"{case}.npz")["probabilities"]
+        q = np.load(applied / f"{case}.npz")["probabilities"]
+        raw = np.load(sp.pred_folder / f"{case}.npz")["probabilities"]
+        ok = _floor_free(raw)
+        assert p.shape == q.shape and ok.mean() > 0.5
+        np.testing.assert_allclose(p[:, ok], q[:, ok], rtol=0, atol=2e-5)
+        assert not np.array_equal(p, raw)  # the calibration was applied
+        np.testing.assert_allclose(p.sum(0), 1, atol=1e-5)
+        seg = _read(out / f"{case}.nii.gz")[0]
+        assert np.array_equal(seg, _read(applied / f"{case}.nii.gz")[0])
+        n_checked += int(ok.sum())
+        with open(out / f"{case}.pkl", "rb") as f:
+            assert posthoc_model.PKL_MARK in pickle.load(f)
+    assert n_checked > 0
+    rec = json.loads((out / "calibration.json").read_text())
+    assert rec["method"] == method and "applied_to" in rec
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """Normalised softmax entropy written out: -sum p log p / log C (0 log 0 = 0)."""
+    p = p.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(p > 0, p * np.log(p), 0.0)
+    return -t.sum(0) / math.log(p.shape[0])
+
+
+def test_uncertainty_maps_match_numpy(synthetic_prediction, tmp_path):
+    sp = synthetic_prediction
+    model = _model_copy(sp, tmp_path / "model", perturbed_fold_1=True)
+    _write_calibration(model, "vector", [1.5, 0.8, 2.0, 3.0], sp.gt_folder_train)
+    out = tmp_path / "out"
+    assert _predict(model, sp, out, "-f", "0", "1", "--save_probabilities", "--uncertainty",
+                    "--save_fold_probabilities") == 0
+    any_mi = False
+    for case in _cases(out):
+        seg, geo = _read(out / f"{case}.nii.gz")
+        p = np.load(out / f"{case}.npz")["probabilities"]
+        folds = [np.load(out / "fold_probabilities" / f"fold_{k}" / f"{case}.npz")["probabilities"] for k in (0, 1)]
+        maps = {}
+        for name in ("entropy", "mutual_information", "fold_disagreement"):
+            arr, g = _read(out / "uncertainty" / f"{case}_{name}.nii.gz")
+            assert arr.dtype == np.float32 and arr.shape == seg.shape and g == geo
+            maps[name] = arr.astype(np.float64)
+        np.testing.assert_allclose(maps["entropy"], _entropy(p).reshape(seg.shape), atol=1e-6)
+        mi = _entropy((folds[0] + folds[1]) / 2) - (_entropy(folds[0]) + _entropy(folds[1])) / 2
+        np.testing.assert_allclose(maps["mutual_information"], np.clip(mi, 0, 1).reshape(seg.shape), atol=1e-6)
+        # argmax with the first channel winning ties, as nnU-Net decides
+        dis = sum((f.argmax(0).reshape(seg.shape) != seg).astype(float) for f in folds) / 2
+        np.testing.assert_array_equal(maps["fold_disagreement"], dis)
+        any_mi |= bool(maps["mutual_information"].max() > 1e-3)
+        assert 0 <= maps["entropy"].min() and maps["entropy"].max() <= 1
+    assert any_mi, "the perturbed fold never disagrees with fold 0: the maps are not exercised"
+
+
+def test_missing_or_mismatched_calibration_is_a_named_error(synthetic_prediction, tmp_path, capsys):
+    sp = synthetic_prediction
+    model = _model_copy(sp, tmp_path / "model")
+    out = tmp_path / "out"
+    assert _predict(model, sp, out, "-f", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(model / "calibration.json") in err[0] and "not found" in err[0], err
+    rec = _write_calibration(model, "temperature", 2.0, sp.gt_folder_train)
+    rec["channels"] = rec["channels"][:3]
+    rec["labels"] = {k: v for k, v in rec["labels"].items() if v != 3}
+    write_json_atomic(model / "calibration.json", rec)
+    assert _predict(model, sp, out, "-f", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json" in err[0] and "differ" in err[0], err
+    rec = _write_calibration(model, "vector", [1.0, 1.0, 1.0, 1.0], sp.gt_folder_train)
+    rec["channels"] = rec["channels"] + ["extra"]
+    rec["parameters"] = {"temperatures": [1.0] * 5, "channels": rec["channels"]}
+    write_json_atomic(model / "calibration.json", rec)
+    assert _predict(model, sp, out, "-f", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json" in err[0] and "5 channels" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
