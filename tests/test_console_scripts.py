@@ -23,7 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ACDC_SUBSET = REPO.parent / "shared" / "data" / "acdc-subset"
-SCRIPTS = ("calib-evaluate", "calib-convert", "calib-experiment", "calib-demo", "calib-plan-small", "calib-calibrate")
+SCRIPTS = ("calib-evaluate", "calib-convert", "calib-experiment", "calib-demo", "calib-plan-small", "calib-calibrate",
+           "calib-predict")
 
 
 def script(name: str) -> str:
@@ -51,6 +52,8 @@ BAD_ARGUMENTS = {
     "calib-demo": (["--iterations", "x"], "argument --iterations: invalid int value: 'x'"),
     "calib-plan-small": (["27", "--batch-size", "four"], "argument --batch-size: invalid int value: 'four'"),
     "calib-calibrate": (["apply", "pred"], "the following arguments are required: -m/--model, -o/--output"),
+    "calib-predict": (["-i", "in", "-o", "out", "-m", "model", "-step_size", "half"],
+                      "argument -step_size: invalid float value: 'half'"),
 }
 
 
