@@ -94,8 +94,10 @@ def boundary_band(labels, spacing=None, k_mm: Optional[float] = None) -> np.ndar
     return band
 
 
-def _band_values(probs, labels, regions, spacing, k_mm) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
-    """``(task, confidence, correct)`` of the band voxels, in blocks of ``CHUNK_VOXELS``."""
+def _band_values(probs, labels, regions, spacing, k_mm, ignore_index=None
+                 ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """``(task, confidence, correct)`` of the band voxels, in blocks of ``CHUNK_VOXELS``. ``ignore_index``:
+    voxels with that reference label are left out (after the band is formed)."""
     flat_p = probs.reshape(probs.shape[0], -1)
     flat_l = labels.reshape(-1)
     cast = _work_dtype(probs)
@@ -106,6 +108,8 @@ def _band_values(probs, labels, regions, spacing, k_mm) -> Iterator[Tuple[int, n
         for r, region in enumerate(regions):
             target = np.isin(labels, region)
             tasks.append((r, target.reshape(-1), np.flatnonzero(boundary_band(target, spacing, k_mm))))
+    if ignore_index is not None:
+        tasks = [(t, target, idx[flat_l.take(idx) != ignore_index]) for t, target, idx in tasks]
     for t, target, idx in tasks:
         for s in range(0, idx.size, CHUNK_VOXELS):
             blk = idx[s:s + CHUNK_VOXELS]
@@ -130,9 +134,10 @@ def _boundary_ece_arg_validation(probs, labels, spacing, k_mm, n_bins, regions, 
 
 
 def _boundary_ece_update(probs, labels, spacing=None, k_mm: Optional[float] = None, n_bins: int = 15,
-                         regions: Regions = None, binning: str = "uniform") -> Union[BinStats, ValueStats]:
+                         regions: Regions = None, binning: str = "uniform", ignore_index: Optional[int] = None
+                         ) -> Union[BinStats, ValueStats]:
     probs, labels, regions = _check_types_and_shapes(probs, labels, regions)
-    triples = _band_values(probs, labels, regions, spacing, k_mm)
+    triples = _band_values(probs, labels, regions, spacing, k_mm, ignore_index)
     return _collect(triples, _ece_tasks(probs.shape[0], regions), n_bins, check_binning(binning), _work_dtype(probs))
 
 
