@@ -300,6 +300,18 @@ def test_cross_fitted_rows_equal_hand_computation(tmp_path):
         aurcs.append(area)
         assert rep["fold_means"]["hand"]["nnUNetTrainerDiceCE"][str(k)]["AURC"] == pytest.approx(aurcs[-1])
     assert float(table["nnUNetTrainerDiceCE"]["hand/AURC"]) == pytest.approx(np.mean(aurcs))
+    # SCE column (and its per-class column SCE_fg): per case mean probability of class 1 minus its frequency
+    # over the voxels with p_1 > 1e-3, mean over the fold's cases, then over folds
+    fold_sce = []
+    for k in FOLD_SCALES:
+        per_case = []
+        for f, p, y in cases.values():
+            keep = p[1] > np.float32(1e-3)
+            if f == k:
+                per_case.append(p[1][keep].astype(np.float64).mean() - (y[keep] == 1).mean())
+        fold_sce.append(np.mean(per_case))
+    for col in ("hand/SCE", "hand/SCE_fg"):
+        assert float(table["nnUNetTrainerDiceCE"][col]) == pytest.approx(np.mean(fold_sce), rel=1e-6)
 
 
 def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):
