@@ -14,10 +14,14 @@ Conventions
   their rounding, so a distance of exactly ``k_mm`` is in the band.
 * ``k_mm=None`` (default): **2 voxels of the largest spacing**, ``k_mm = 2 * max(spacing)``.
 * No foreground, or one label everywhere: no boundary, an empty band.
-* Speed: every boundary voxel lies within one voxel of the foreground (``label != 0``), so the EDT
-  runs on the foreground's bounding box grown by ``ceil(k_mm / spacing_i) + 1`` voxels per axis
+* Speed: every boundary voxel lies within one voxel of the foreground (``label != 0``), so the band
+  is formed on the foreground's bounding box grown by ``ceil(k_mm / spacing_i) + 1`` voxels per axis
   (clipped to the image), not on the whole volume; voxels outside that box are farther than
-  ``k_mm`` from every boundary voxel. One EDT per call (softmax), one per region (regions).
+  ``k_mm`` from every boundary voxel. On that box the band is the dilation of the boundary voxels by
+  the discrete ball of radius ``k_mm`` (:func:`_within`: 1-D maximum filters along the last axis,
+  shifted and ORed over the ball's other offsets), the same set as thresholding the EDT, about ten
+  times faster for the default width; for a ball of more than ``_MAX_OFFSETS`` offsets, the EDT.
+  One band per call (softmax), one per region (regions).
 """
 from __future__ import annotations
 
@@ -89,9 +93,55 @@ def boundary_band(labels, spacing=None, k_mm: Optional[float] = None) -> np.ndar
     edge = _boundary(labels[sl])
     if not edge.any():
         return band
-    dist = ndimage.distance_transform_edt(~edge, sampling=sp)
-    band[sl] = dist <= k * (1 + _EDT_TOLERANCE)
+    band[sl] = _within(edge, sp, k)
     return band
+
+
+def _ball_offsets(sp: np.ndarray, k: float):
+    """The offsets ``d`` (all axes but the last) of the discrete ball ``sqrt(sum (d_i sp_i)^2) <= k (1 +
+    tolerance)``, each with the half-width (voxels) of the ball along the last axis there."""
+    kk = (k * (1 + _EDT_TOLERANCE)) ** 2
+    radii = [int(np.floor(k * (1 + _EDT_TOLERANCE) / s)) for s in sp[:-1]]
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in radii], indexing="ij")
+    lead = np.stack([g.reshape(-1) for g in grids], 1) if radii else np.zeros((1, 0), int)
+    rest = kk - ((lead * sp[:-1]) ** 2).sum(1)
+    keep = rest >= 0
+    lead, rest = lead[keep], rest[keep]
+    half = np.floor(np.sqrt(rest) / sp[-1]).astype(int)
+    half += ((half + 1) * sp[-1]) ** 2 <= rest  # floor's rounding, both ways, against the exact rule
+    half -= (half * sp[-1]) ** 2 > rest
+    return lead, half
+
+
+#: above this many offsets of the ball (large k_mm in voxels) the EDT is cheaper than shifted ORs
+_MAX_OFFSETS = 400
+
+
+def _within(edge: np.ndarray, sp: np.ndarray, k: float) -> np.ndarray:
+    """Voxels whose distance in mm to a True voxel of ``edge`` is at most ``k`` (relative tolerance
+    :data:`_EDT_TOLERANCE`): the dilation of ``edge`` by the discrete ball of radius ``k``, which is
+    exactly ``distance_transform_edt(~edge, sampling=sp) <= k (1 + tol)`` (the EDT is the exact
+    distance to the nearest True voxel). Computed as the OR, over the ball's offsets in the leading
+    axes, of ``edge`` dilated along the last axis by the ball's half-width there (a 1-D maximum filter,
+    one per distinct half-width), shifted by the offset; with more than :data:`_MAX_OFFSETS` offsets,
+    by the EDT itself."""
+    lead, half = _ball_offsets(sp, k)
+    if len(lead) > _MAX_OFFSETS:
+        return ndimage.distance_transform_edt(~edge, sampling=sp) <= k * (1 + _EDT_TOLERANCE)
+    src = edge.view(np.uint8)
+    along = {w: (ndimage.maximum_filter1d(src, 2 * w + 1, axis=-1, mode="constant") if w else src).view(bool)
+             for w in np.unique(half).tolist()}
+    out = np.zeros(edge.shape, bool)
+    for d, w in zip(lead.tolist(), half.tolist()):
+        dst, srs = [], []
+        for di, n in zip(d, edge.shape[:-1]):
+            if abs(di) >= n:
+                break
+            dst.append(slice(max(di, 0), n + min(di, 0)))  # out[v] |= along[v - d]
+            srs.append(slice(max(-di, 0), n - max(di, 0)))
+        else:
+            out[tuple(dst)] |= along[w][tuple(srs)]
+    return out
 
 
 def _band_values(probs, labels, regions, spacing, k_mm, ignore_index=None

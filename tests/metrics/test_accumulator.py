@@ -195,3 +195,29 @@ def test_ignore_index_removes_voxels():
     acc = CalibrationAccumulator(ignore_index=7).update(probs, labels, validate_args=True).compute()
     direct = CalibrationAccumulator().update(probs[:, keep], labels[keep]).compute()
     _assert_same(acc, direct, rel=1e-12)
+
+
+def test_boundary_ece_with_ignore_label():
+    """The band is that of the reference with the ignore label as one more label (EDT of the whole volume
+    here); ignored voxels are then left out: the ECE of the remaining band voxels, computed here."""
+    from scipy import ndimage
+
+    probs, labels = softmax_case((6, 9, 10), 3, 8)
+    labels = labels.copy()
+    labels[:, :3, :] = 7
+    sp = (2.0, 1.0, 0.7)
+    got = CalibrationAccumulator(ignore_index=7).update(probs, labels, spacing=sp).compute()["boundary-ECE"]
+    edge = np.zeros(labels.shape, bool)
+    for ax in range(3):
+        d = np.diff(labels, axis=ax) != 0
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= d
+        edge[tuple(hi)] |= d
+    band = (ndimage.distance_transform_edt(~edge, sampling=sp) <= 4.0 * (1 + 1e-9)) & (labels != 7)
+    conf = probs.max(0)[band].astype(np.float64)
+    correct = (probs.argmax(0) == labels)[band]
+    b = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    want = sum((b == i).sum() / conf.size * abs(conf[b == i].mean() - correct[b == i].mean())
+               for i in range(15) if (b == i).any())
+    assert got == pytest.approx(want, rel=1e-6)

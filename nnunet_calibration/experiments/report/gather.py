@@ -41,7 +41,7 @@ from nnunet_calibration.experiments.report.postprocessing import PP_COLUMNS, cro
 from nnunet_calibration.experiments.report.data import (CASE_KEYS, FOLD_ONLY, METRICS, SCE_CLASS_PREFIX, SUFFIX,
                                                         ExperimentResult, MethodResult, PosthocFit, ReportData)
 from nnunet_calibration.experiments.status import fold_statuses, training_history, training_progress
-from nnunet_calibration.metrics import CalibrationAccumulator
+from nnunet_calibration.metrics import BinStats, CalibrationAccumulator
 from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, SettingsError, TrainerEntry
 
@@ -185,8 +185,10 @@ def _accumulator(summary: dict, info: DatasetInfo) -> CalibrationAccumulator:
 
 
 def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
+    """The row's pooled metrics and reliability statistics (the ECE column's equal-width bins; with
+    ``binning: adaptive`` none, so no reliability diagram: equal-mass bins have no common edges)."""
     if acc.stats is not None:
-        rec.reliability = acc.stats["ece"]
+        rec.reliability = acc.stats["ece"] if isinstance(acc.stats["ece"], BinStats) else None
         rec.pooled = acc.compute()
 
 
