@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from ._adaptive import ValueStats, check_binning
 from ._binning import BinStats, CHUNK_VOXELS, bin_edges
-from ._checks import Regions, _check_types_and_shapes, _validate, resolve_region_labels
+from ._checks import Regions, _check_types_and_shapes, _validate, in_region, resolve_region_labels
 from ._chunk import _work_dtype
 from ._kernels import _collect, _ece_tasks, _max_argmax
 from .calibration import _ece_compute
@@ -156,7 +156,7 @@ def _band_values(probs, labels, regions, spacing, k_mm, ignore_index=None
     else:
         tasks = []
         for r, region in enumerate(regions):
-            target = np.isin(labels, region)
+            target = in_region(labels, region)
             tasks.append((r, target.reshape(-1), np.flatnonzero(boundary_band(target, spacing, k_mm))))
     if ignore_index is not None:
         tasks = [(t, target, idx[flat_l.take(idx) != ignore_index]) for t, target, idx in tasks]
