@@ -165,6 +165,17 @@ def test_cli_options_and_their_errors(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+def test_bootstrap_default_depends_on_the_binning():
+    """1000 resamples with equal-width bins; none with equal-mass bins unless given (their cost)."""
+    from nnunet_calibration.settings import MetricOptions
+
+    assert MetricOptions.from_mapping({}).bootstrap == 1000
+    assert MetricOptions.from_mapping({"binning": "adaptive"}).bootstrap == 0
+    assert MetricOptions.from_mapping({"binning": "adaptive", "bootstrap": 50}).bootstrap == 50
+    args = build_parser().parse_args(["p", "--gt", "g", "--binning", "adaptive"])
+    assert MetricOptions.from_cli(args).bootstrap == 0
+
+
 def test_help_lists_the_new_options_and_metrics():
     text = build_parser().format_help()
     for word in ("--binning", "{uniform,adaptive}", "--boundary-k-mm", "--bootstrap", "SCE", "debiased-L2-ECE",
