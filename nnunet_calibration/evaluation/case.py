@@ -1,6 +1,7 @@
 """One case (runs in a worker process, or in the caller's with one process): read it, check it
 (geometry, shapes, channels, probabilities, label values), compute DSC, HD95, the calibration
-metrics (one :class:`~nnunet_calibration.metrics.CalibrationAccumulator` per case) and the case-level
+metrics (one :class:`~nnunet_calibration.metrics.CalibrationAccumulator` per case, given the case's
+spacing for the boundary-band ECE; the signed calibration error per class in ``SCE_classes``) and the case-level
 confidence scores (:mod:`.scores`), all from the one read of the probabilities."""
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
     reader = SimpleITKIO() if reader is None else reader
     probs, ref, spacing, flags = read_checked(job, lm, regions, reader)
     acc = CalibrationAccumulator(options, regions=regions is not None, region_labels=regions,
-                                 ignore_index=lm.ignore_label).update(probs, ref)
+                                 ignore_index=lm.ignore_label).update(probs, ref, spacing=spacing)
     seg = probabilities_to_segmentation(probs, lm, sum_tolerance=SOFTMAX_SUM_TOLERANCE)  # sums checked before
     scores = case_scores(probs, seg, spacing, regions)
     del probs
@@ -89,6 +90,7 @@ def evaluate_case(job: dict, lm, class_names: List[str], regions, options, reade
     metrics = {"DSC": dsc, "HD95": hd, "DSC_mean": float(np.mean(list(dsc.values()))),
                "HD95_mean": float(np.mean(list(hd.values())))}
     metrics.update(acc.compute())
+    metrics["SCE_classes"] = dict(zip(class_names, acc.signed_per_class().tolist()))
     entry = {"case": job["case"], "folder": job["folder"], "prediction": str(job["npz"]),
              "reference": str(job["reference"]), "spacing": list(spacing), "metrics": metrics, "scores": scores, "flags": flags}
     return entry, acc

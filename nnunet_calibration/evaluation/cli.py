@@ -16,8 +16,17 @@ DESCRIPTION = """\
 Evaluate nnU-Net v2 predictions saved with probabilities (nnUNetv2_predict --save_probabilities,
 or the fold_X/validation folders of nnUNetv2_train --npz): per case DSC and HD95 per class/region
 and the calibration metrics ECE (foreground, SDC paper Eq. 6), CECE (class-wise), pECE (SDC paper
-Algorithm 1), mL1-ACE/mL1-ECE/mL1-MCE (ACE paper), NLL and Brier (DSC++ paper); per data set the
-mean over cases and the exact pooled values.
+Algorithm 1), mL1-ACE/mL1-ECE/mL1-MCE (ACE paper), NLL and Brier (DSC++ paper), and
+  SCE              signed class-wise calibration error: mean probability - observed frequency on
+                   CECE's voxels, mean over classes (> 0 over-, < 0 under-confident; per class:
+                   SCE_<class>), always computed
+  debiased-L2-ECE  debiased L2 calibration error (Kumar et al. 2019) on ECE's voxels and bins
+  boundary-ECE     ECE within --boundary-k-mm mm of the reference boundary (default 2 voxels of
+                   the case's largest spacing)
+ECE, CECE, debiased-L2-ECE and boundary-ECE use equal-width bins, or equal-mass bins with
+--binning adaptive. Per data set the mean over cases, the exact pooled values, and percentile
+bootstrap intervals (--bootstrap N resamples of the cases, 0: none) of the pooled ECE and
+debiased-L2-ECE (summary.json "bootstrap").
 
 Which cases to distrust: per case the confidence scores (no reference needed; columns of per_case.csv)
   foreground_entropy  mean normalised entropy over the predicted foreground (higher = less sure)
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnunet_calibration.metrics import METRIC_KEYS
     from nnunet_calibration.utils import keep_freed_memory
 
     from .folders import evaluate_folders
@@ -114,11 +124,16 @@ def run(args: argparse.Namespace) -> int:
         return "nan" if v is None else f"{v:.4f}"
 
     print(f"{summary['config']['n_cases']} cases -> {summary['config']['out_dir']}")
-    print("metric      mean    pooled")
+    print("metric              mean   pooled")
     for k in ("DSC", "HD95"):
-        print(f"{k:<9} {fmt(m[k]):>8}")
-    for k in ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier"):
-        print(f"{k:<9} {fmt(m[k]):>8} {fmt(pooled[k]):>8}")
+        print(f"{k:<15} {fmt(m[k]):>8}")
+    for k in METRIC_KEYS:
+        print(f"{k:<15} {fmt(m[k]):>8} {fmt(pooled[k]):>8}")
+    boot = summary["bootstrap"]
+    for k in ("ECE", "debiased-L2-ECE"):
+        if k in boot:
+            print(f"pooled {k} {boot['confidence']:.0%} bootstrap interval ({boot['n_resamples']} resamples of the "
+                  f"cases): [{fmt(boot[k]['low'])}, {fmt(boot[k]['high'])}]")
     rc = summary["risk_coverage"]
     print("AURC (1-DSC): " + ", ".join(f"{k} {fmt(v['1-DSC']['AURC'])}" for k, v in rc.items()))
     n_flagged = sum(1 for c in summary["cases"] if c["flags"])

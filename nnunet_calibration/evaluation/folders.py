@@ -33,7 +33,11 @@ Per case (:mod:`.case`)
   :mod:`nnunet_calibration.metrics.segmentation` (both empty: DSC 1, HD95 0; one empty: DSC 0, HD95
   = image diagonal in mm, and the case gets a flag); ``DSC_mean``/``HD95_mean`` = mean over classes.
 * calibration metrics of :mod:`nnunet_calibration.metrics`, from one
-  :class:`CalibrationAccumulator` per case.
+  :class:`CalibrationAccumulator` per case: ECE, CECE (``binning`` uniform or adaptive), pECE, the
+  marginal errors, NLL, Brier, ``SCE`` (signed class-wise calibration error, mean over classes; > 0
+  over-confident; per class ``SCE_classes``), ``debiased-L2-ECE`` (Kumar et al. 2019, on ECE's voxels
+  and bins) and ``boundary-ECE`` (ECE within ``boundary_k_mm`` mm of the reference boundary, default 2
+  voxels of the case's largest spacing; NaN without a band).
 * case-level confidence scores (``case["scores"]``, :mod:`.scores`): foreground / boundary entropy,
   expected Dice, uncertain fraction.
 
@@ -41,7 +45,11 @@ Data set level
 --------------
 * ``mean``: mean over cases of the per-case values (NaN values, e.g. the ECE of a case without
   foreground, are left out of the mean; ``null`` in JSON if every case is NaN).
-* ``pooled``: exact data-set-wide values from the summed per-bin statistics of all cases.
+* ``pooled``: exact data-set-wide values from the summed per-bin statistics of all cases (equal-mass
+  bins with ``binning="adaptive"``: from the cases' distinct values, :class:`~nnunet_calibration.metrics.ValueStats`,
+  as exact and mergeable); ``SCE_<class>``: the signed calibration error per calibration class.
+* ``bootstrap``: percentile intervals of the pooled ECE and debiased L2 ECE over resampled cases
+  (:func:`bootstrap_summary`; ``--bootstrap N``, 0: none).
 * ``risk_coverage``: per score and risk (1 - DSC, HD95) the AURC, e-AURC and AUGRC over the cases
   (NaN convention: :mod:`.scores`).
 
@@ -87,8 +95,10 @@ from .segmentation import SDC_CODE_CLASS
 PathLike = Union[str, os.PathLike]
 
 
-def dataset_means(cases: List[dict], class_names: List[str]) -> Dict[str, float]:
-    """Mean over cases of every per-case value (NaN values left out)."""
+def dataset_means(cases: List[dict], class_names: List[str],
+                  calibration_names: Optional[List[str]] = None) -> Dict[str, float]:
+    """Mean over cases of every per-case value (NaN values left out); ``SCE_<class>`` for the
+    ``calibration_names`` (the signed calibration error per class)."""
     out = {"DSC": nanmean([c["metrics"]["DSC_mean"] for c in cases]),
            "HD95": nanmean([c["metrics"]["HD95_mean"] for c in cases])}
     for k in METRIC_KEYS:
@@ -96,6 +106,31 @@ def dataset_means(cases: List[dict], class_names: List[str]) -> Dict[str, float]
     for name in class_names:
         out[f"DSC_{name}"] = nanmean([c["metrics"]["DSC"][name] for c in cases])
         out[f"HD95_{name}"] = nanmean([c["metrics"]["HD95"][name] for c in cases])
+    for name in calibration_names or []:
+        out[f"SCE_{name}"] = nanmean([c["metrics"]["SCE_classes"][name] for c in cases])
+    return out
+
+
+def bootstrap_summary(case_accs: List[CalibrationAccumulator], options: MetricOptions) -> dict:
+    """``summary["bootstrap"]``: percentile intervals of the pooled ``ECE`` and ``debiased-L2-ECE``,
+    resampling cases (:func:`nnunet_calibration.metrics.bootstrap_ci`: ``options.bootstrap`` resamples,
+    confidence :data:`~nnunet_calibration.settings.metrics.BOOTSTRAP_CONFIDENCE`, seed
+    :data:`~nnunet_calibration.settings.metrics.BOOTSTRAP_SEED`); ``{"n_resamples": 0}`` when off."""
+    from nnunet_calibration.metrics import bootstrap_ci
+    from nnunet_calibration.metrics._kernels import _sdc_ece_compute
+    from nnunet_calibration.metrics.calibration import _ece_compute
+    from nnunet_calibration.metrics.ece_variants import _debiased_compute
+    from nnunet_calibration.settings.metrics import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_SEED
+
+    out = {"n_resamples": options.bootstrap, "confidence": BOOTSTRAP_CONFIDENCE, "seed": BOOTSTRAP_SEED,
+           "unit": "case"}
+    if options.bootstrap == 0:
+        return out
+    stats = [a.stats["ece"] for a in case_accs]
+    ece_compute = _sdc_ece_compute if options.convention == "sdc-code" else _ece_compute
+    for key, compute in (("ECE", ece_compute), ("debiased-L2-ECE", _debiased_compute)):
+        ci = bootstrap_ci(stats, compute, options.bootstrap, BOOTSTRAP_CONFIDENCE, BOOTSTRAP_SEED)
+        out[key] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "n_valid": ci.n_valid}
     return out
 
 
@@ -233,8 +268,10 @@ def _summary(setup: dict, results: List[tuple], options: MetricOptions, missing:
         "classes": seg_names,
         "calibration_classes": class_names,
         "cases": cases_out,
-        "mean": dataset_means(cases_out, seg_names),
-        "pooled": pooled_acc.compute(),
+        "mean": dataset_means(cases_out, seg_names, class_names),
+        "pooled": {**pooled_acc.compute(),
+                   **{f"SCE_{n}": v for n, v in zip(class_names, pooled_acc.signed_per_class().tolist())}},
+        "bootstrap": bootstrap_summary([r[1] for r in results], options),
         "risk_coverage": risk_coverage_summary(cases_out),
         "missing": missing,
         "plots": setup["plots"],
@@ -264,7 +301,10 @@ def evaluate_folders(pred_folders: Sequence[PathLike], gt_folder: PathLike, data
 
     Summary schema: ``{"config", "classes", "cases": [{"case", "folder", "metrics": {"DSC": {cls: v},
     "HD95": {cls: v}, "DSC_mean", "HD95_mean", "ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE",
-    "mL1-MCE", "NLL", "Brier"}, "scores": {score: v}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
+    "mL1-MCE", "NLL", "Brier", "SCE", "debiased-L2-ECE", "boundary-ECE", "SCE_classes": {cls: v}},
+    "scores": {score: v}, "flags": [...], ...}], "mean": {...}, "pooled": {...},
+    "bootstrap": {"n_resamples", "confidence", "seed", "unit", "ECE": {"estimate", "low", "high", "n_valid"},
+    "debiased-L2-ECE": {...}},
     "risk_coverage": {score: {risk: {"AURC", "e-AURC", "AUGRC", "n_cases", "n_excluded", "excluded_cases"}}},
     "missing": {"predictions": [...], "references": [...]}, "plots": {"drawn", "classes", "note", ...}}``.
     """

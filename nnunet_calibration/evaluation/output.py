@@ -184,9 +184,14 @@ def plot_plan(class_names: Sequence[str], plots: bool, why_not: str = "--no-plot
             "max_classes": MAX_PLOTTED_CLASSES, "risk_coverage": bool(drawn), "note": note}
 
 
-def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) -> None:
+def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str],
+                       calibration_names: Optional[List[str]] = None) -> None:
+    """One row per case: DSC / HD95 per class (``class_names``), the metrics, the scores and the signed
+    calibration error per calibration class (``calibration_names``, default ``class_names``)."""
+    calibration_names = class_names if calibration_names is None else calibration_names
     cols = (["case", "folder"] + [f"DSC_{n}" for n in class_names] + [f"HD95_{n}" for n in class_names]
-            + ["DSC_mean", "HD95_mean"] + list(METRIC_KEYS) + list(SCORES) + ["flags"])
+            + ["DSC_mean", "HD95_mean"] + list(METRIC_KEYS) + list(SCORES)
+            + [f"SCE_{n}" for n in calibration_names] + ["flags"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -194,7 +199,8 @@ def write_per_case_csv(path: Path, cases: List[dict], class_names: List[str]) ->
             m = c["metrics"]
             row = [c["case"], c["folder"]] + [m["DSC"][n] for n in class_names] + \
                   [m["HD95"][n] for n in class_names] + [m["DSC_mean"], m["HD95_mean"]] + \
-                  [m[k] for k in METRIC_KEYS] + [c["scores"][k] for k in SCORES] + ["; ".join(c["flags"])]
+                  [m[k] for k in METRIC_KEYS] + [c["scores"][k] for k in SCORES] + \
+                  [m["SCE_classes"][n] for n in calibration_names] + ["; ".join(c["flags"])]
             w.writerow(["" if v is None or isinstance(v, float) and math.isnan(v) else
                         (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for v in row])
 
@@ -207,7 +213,7 @@ def write_outputs(folder: OutputFolder, summary: dict, class_names, pooled_acc, 
     summary["config"]["out_dir"] = str(folder.out_dir)
     with open(tmp / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
-    write_per_case_csv(tmp / "per_case.csv", summary["cases"], summary["classes"])
+    write_per_case_csv(tmp / "per_case.csv", summary["cases"], summary["classes"], summary["calibration_classes"])
     drawn = summary["plots"]["classes"]
     if drawn:
         edges, n, conf, freq = pooled_acc.reliability()

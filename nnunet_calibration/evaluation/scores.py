@@ -47,6 +47,9 @@ _FUNCTIONS = {"foreground_entropy": foreground_entropy, "boundary_entropy": boun
 RISKS: Dict[str, str] = {"1-DSC": "1 - DSC_mean", "HD95": "HD95_mean"}
 #: the risk of ``risk_coverage.png``
 PLOTTED_RISK = "1-DSC"
+#: the score whose AURC against :data:`PLOTTED_RISK` the experiment report shows (its ``AURC`` column):
+#: the expected Dice is the model's own estimate of the case's DSC, i.e. of 1 - the risk
+DEFAULT_SCORE = "expected_dice"
 AREAS = ("AURC", "e-AURC", "AUGRC")
 
 
@@ -60,6 +63,13 @@ def case_scores(probs: np.ndarray, seg: np.ndarray, spacing, regions) -> Dict[st
         extra = {"spacing": spacing} if fn is boundary_entropy else {}
         out[name] = float(fn(probs, seg, validate_args=False, **extra, **kw))
     return out
+
+
+def default_aurc(summary: dict) -> float:
+    """AURC of :data:`DEFAULT_SCORE` against :data:`PLOTTED_RISK` from an evaluator summary; NaN when the
+    summary has none (written before ``risk_coverage`` existed, or no case left)."""
+    v = ((summary.get("risk_coverage") or {}).get(DEFAULT_SCORE) or {}).get(PLOTTED_RISK) or {}
+    return _number(v.get("AURC"))
 
 
 def _number(v) -> float:

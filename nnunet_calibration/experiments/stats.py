@@ -4,7 +4,8 @@ Friedman average rank (the SDC paper, appendix "Friedman Ranking")
 ------------------------------------------------------------------
 A *block* is one (dataset, metric) column of the table. In every block the methods are ranked from
 best (1) to worst by their mean over folds, in the metric's direction (DSC: higher is better; HD95,
-ECE, CECE, pECE, mL1-ACE, NLL, Brier: lower is better); ties get the average of the tied ranks
+ECE, CECE, pECE, mL1-ACE, NLL, Brier, AURC: lower is better; the signed calibration error SCE: closer
+to 0 is better, i.e. lower absolute value); ties get the average of the tied ranks
 (``scipy.stats.rankdata``). A method's Friedman rank is the mean of its ranks over all blocks;
 its position (in brackets in the table) ranks those means (ties share the lower position, "min").
 Methods without a value in some block (no finished fold) are left out of the ranking.
@@ -21,11 +22,26 @@ import numpy as np
 from scipy import stats as _st
 
 HIGHER_IS_BETTER = {"DSC"}
+#: signed metrics (``SCE``, ``SCE_<class>``): closer to 0 is better, the sign says over- (+) or under-confident (-)
+SIGNED_PREFIX = "SCE"
 
 
 def direction(metric: str) -> int:
-    """+1 if higher is better, -1 if lower is better (only the DSC columns: DSC, DSC_<class>, DSC+PP)."""
+    """+1 if higher is better, -1 if lower is better (only the DSC columns: DSC, DSC_<class>, DSC+PP).
+    Signed metrics (:func:`is_signed`) are compared by their absolute value, lower is better (-1)."""
     return 1 if metric.startswith("DSC") else -1
+
+
+def is_signed(metric: str) -> bool:
+    """Whether ``metric`` is signed (the signed calibration error ``SCE`` / ``SCE_<class>``)."""
+    return metric.startswith(SIGNED_PREFIX)
+
+
+def goodness(metric: str, v):
+    """The value as "higher is better": ``v`` (DSC), ``-|v|`` (signed metrics), ``-v`` (the others)."""
+    if is_signed(metric):
+        return -abs(v) if not isinstance(v, np.ndarray) else -np.abs(v)
+    return direction(metric) * v
 
 
 def friedman_ranks(values: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, int], dict]:
@@ -41,7 +57,7 @@ def friedman_ranks(values: dict[str, dict[str, float]]) -> tuple[dict[str, float
     for b in blocks:
         metric = b.rsplit("/", 1)[-1]
         v = np.array([values[m][b] for m in methods], dtype=float)
-        r = _st.rankdata(-direction(metric) * v, method="average")
+        r = _st.rankdata(-goodness(metric, v), method="average")
         per_block[b] = dict(zip(methods, r.tolist()))
     avg = {m: float(np.mean([per_block[b][m] for b in blocks])) if blocks else float("nan") for m in methods}
     pos_arr = _st.rankdata([avg[m] for m in methods], method="min") if methods else []
@@ -74,7 +90,7 @@ def friedman_test(values: dict[str, dict[str, float]]) -> dict:
     if len(blocks) < 2:
         out["note"] = "Friedman test not computed: it needs at least 2 metric columns"
         return out
-    samples = [[-direction(b.rsplit('/', 1)[-1]) * values[m][b] for b in blocks] for m in methods]
+    samples = [[-goodness(b.rsplit('/', 1)[-1], values[m][b]) for b in blocks] for m in methods]
     try:
         res = _st.friedmanchisquare(*samples)
         out["statistic"], out["pvalue"] = float(res.statistic), float(res.pvalue)
@@ -119,8 +135,7 @@ def best_two(values: dict[str, float], metric: str) -> tuple[set, set]:
     vals = {m: v for m, v in values.items() if _finite(v)}
     if not vals:
         return set(), set()
-    d = direction(metric)
-    distinct = sorted({d * v for v in vals.values()}, reverse=True)
-    best = {m for m, v in vals.items() if d * v == distinct[0]}
-    second = {m for m, v in vals.items() if len(distinct) > 1 and d * v == distinct[1]}
+    distinct = sorted({goodness(metric, v) for v in vals.values()}, reverse=True)
+    best = {m for m, v in vals.items() if goodness(metric, v) == distinct[0]}
+    second = {m for m, v in vals.items() if len(distinct) > 1 and goodness(metric, v) == distinct[1]}
     return best, second

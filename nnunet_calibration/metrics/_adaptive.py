@@ -36,12 +36,12 @@ from typing import List, Sequence
 
 import numpy as np
 
+from nnunet_calibration.settings.metrics import BINNINGS
+
 from ._binning import BinStats
 
 __all__ = ["ValueStats", "BINNINGS", "check_binning"]
 
-#: the binning schemes of the binned metrics
-BINNINGS = ("uniform", "adaptive")
 
 
 def check_binning(binning: str) -> str:

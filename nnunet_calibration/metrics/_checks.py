@@ -53,6 +53,16 @@ def resolve_region_labels(regions: bool, region_labels: Regions) -> Optional[Lis
     return None
 
 
+def in_region(labels: np.ndarray, region: Sequence[int]) -> np.ndarray:
+    """``labels in region`` as a bool array: the same values as ``np.isin(labels, region)``, by ORs of
+    equalities (a region holds a few labels; ``np.isin`` is 20-30x slower on a volume)."""
+    region = list(region)
+    out = labels == region[0]
+    for v in region[1:]:
+        out |= labels == v
+    return out
+
+
 def _check_types_and_shapes(probs, labels, regions) -> Tuple[np.ndarray, np.ndarray, Optional[list]]:
     probs = np.asarray(probs)
     labels = np.asarray(labels)

@@ -10,17 +10,21 @@ import numpy as np
 
 from nnunet_calibration.settings.metrics import MetricOptions
 
+from ._adaptive import ValueStats, sort_keys
 from ._binning import BinStats, SumStats, bin_edges
 from ._checks import Regions, _check_types_and_shapes, _validate, resolve_region_labels
 from ._chunk import _Chunk, _chunks, _work_dtype
-from ._kernels import (_brier_kernel, _cece_kernel, _class_channels, _ece_kernel, _ece_tasks, _marginal_kernel,
-                       _nll_kernel, _pece_kernel, _sdc_cece_compute, _sdc_ece_compute)
+from ._kernels import (_brier_kernel, _cece_kernel, _cece_values, _class_channels, _ece_kernel, _ece_tasks,
+                       _ece_values, _marginal_kernel, _nll_kernel, _pece_kernel, _sdc_cece_compute, _sdc_ece_compute)
+from .boundary import _boundary_ece_update
 from .calibration import (_brier_compute, _cece_compute, _ece_compute, _marginal_compute, _marginal_per_class,
                           _nll_compute, _pece_compute)
+from .ece_variants import _debiased_compute, _signed_compute
 
 __all__ = ["CalibrationAccumulator", "METRIC_KEYS"]
 
-METRIC_KEYS = ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier")
+METRIC_KEYS = ("ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier", "SCE", "debiased-L2-ECE",
+               "boundary-ECE")
 
 
 class CalibrationAccumulator:
@@ -40,7 +44,17 @@ class CalibrationAccumulator:
 
     Conventions (``options.convention``):
 
-    * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`.
+    * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`;
+      ``options.binning`` ``"adaptive"``: ECE and CECE (and the two below) with equal-mass bins, their
+      statistics :class:`~._adaptive.ValueStats` (exact and mergeable, larger).
+    * ``"SCE"``: mean over the classes of :func:`.ece_variants.signed_calibration_error` (CECE's voxels,
+      threshold ``cece_threshold``; > 0 over-confident), per class :meth:`signed_per_class`;
+      ``"debiased-L2-ECE"``: :func:`.ece_variants.debiased_l2_ece` from ECE's statistics (same voxels and
+      bins as the ECE); ``"boundary-ECE"``: :func:`.boundary.boundary_ece` with half-width
+      ``options.boundary_k_mm`` (default 2 x the case's largest spacing) and ECE's bins, only when every
+      case was given its ``spacing`` in :meth:`update` (else NaN: a band needs millimetres). Ignore label:
+      the band is that of the reference with the ignore label as one more label; ignored voxels are then
+      left out like everywhere else.
     * ``"sdc-code"``: ECE and CECE as the SDC authors' published evaluation code computes them
       (EagleAdelaide/SDC-Loss ``src/sdc/metrics.py``, so that numbers can be put next to the paper's
       tables): ECE = binary ECE of the foreground probability ``1 - p_background`` (regions: the
@@ -71,8 +85,10 @@ class CalibrationAccumulator:
         self.layout = dict(regions=bool(regions), region_labels=resolve_region_labels(regions, region_labels),
                            ignore_index=None if ignore_index is None else int(ignore_index))
         self.n_cases = 0
+        #: cases whose ``update`` had a spacing (the boundary-band ECE is defined when all had)
+        self.n_boundary_cases = 0
         self.n_channels: Optional[int] = None
-        self.stats: Optional[Dict[str, Union[BinStats, SumStats]]] = None
+        self.stats: Optional[Dict[str, Union[BinStats, SumStats, ValueStats]]] = None
 
     # -- filling ---------------------------------------------------------------------------------
     def _init_stats(self, n_channels: int):
@@ -80,9 +96,11 @@ class CalibrationAccumulator:
         regions = self.layout["region_labels"]
         self.n_channels = n_channels
         sdc = o.convention == "sdc-code"
+        stats = ValueStats.zeros if o.binning == "adaptive" else BinStats.zeros
         self.stats = {
-            "ece": BinStats.zeros(1 if sdc else _ece_tasks(n_channels, regions), o.n_bins_ece),
-            "cece": BinStats.zeros(len(_class_channels(n_channels, regions, sdc)), o.n_bins_cece),
+            "ece": stats(1 if sdc else _ece_tasks(n_channels, regions), o.n_bins_ece),
+            "cece": stats(len(_class_channels(n_channels, regions, sdc)), o.n_bins_cece),
+            "boundary": stats(_ece_tasks(n_channels, regions), o.n_bins_ece),
             "pece": BinStats.zeros(1, o.n_bins_pece),
             "marginal": BinStats.zeros(len(_class_channels(n_channels, regions, o.include_background)),
                                        o.n_bins_ace),
@@ -90,8 +108,10 @@ class CalibrationAccumulator:
             "brier": SumStats(),
         }
 
-    def update(self, probs, labels, validate_args: bool = False) -> "CalibrationAccumulator":
-        """Add one case. ``validate_args=True`` also checks the values (see :func:`validate_inputs`)."""
+    def update(self, probs, labels, validate_args: bool = False, spacing=None) -> "CalibrationAccumulator":
+        """Add one case. ``validate_args=True`` also checks the values (see :func:`validate_inputs`).
+        ``spacing``: voxel size in mm in the array's axis order, for the boundary-band ECE (without it
+        that metric is NaN)."""
         o = self.options
         probs, labels, regions = _check_types_and_shapes(probs, labels, self.layout["region_labels"])
         ignore = self.layout["ignore_index"]
@@ -110,6 +130,9 @@ class CalibrationAccumulator:
         e_pece, e_ace = bin_edges(o.n_bins_pece, dt), bin_edges(o.n_bins_ace, dt)
         s = self.stats
         sdc = o.convention == "sdc-code"
+        adaptive = o.binning == "adaptive"
+        keys = {"ece": [[] for _ in s["ece"].total], "cece": [[] for _ in s["cece"].total]}  # adaptive: sort keys
+        offered = {k: np.zeros(len(v), np.int64) for k, v in keys.items()}
         # CECE and the marginal errors both need, per channel, the voxels above a threshold: gathered
         # once above the smaller one (see _Chunk.above)
         base = min(dt.type(o.cece_threshold), e_ace[1])
@@ -123,13 +146,29 @@ class CalibrationAccumulator:
             ch = _Chunk(pc, lc, regions, base)
             if sdc:
                 _pece_kernel(ch, s["ece"], e_ece)  # same statistics: foreground probability, y = fg, 0 in no bin
+            elif adaptive:
+                _gather_keys(_ece_values(ch), keys["ece"], offered["ece"])
             else:
                 _ece_kernel(ch, s["ece"], e_ece)
             _marginal_kernel(ch, s["marginal"], e_ace, o.include_background)
-            _cece_kernel(ch, s["cece"], e_cece, o.cece_threshold, sdc)  # after: may fold the ACE bins
+            if adaptive:
+                _gather_keys(_cece_values(ch, o.cece_threshold, sdc), keys["cece"], offered["cece"])
+            else:
+                _cece_kernel(ch, s["cece"], e_cece, o.cece_threshold, sdc)  # after: may fold the ACE bins
             _pece_kernel(ch, s["pece"], e_pece)
             _nll_kernel(ch, s["nll"], o.nll_eps)
             _brier_kernel(ch, s["brier"])
+        if adaptive:
+            for k in keys:
+                case = ValueStats.zeros(len(keys[k]), s[k].n_bins)
+                for t, kt in enumerate(keys[k]):
+                    case.set_from_keys_(t, kt, int(offered[k][t]))
+                s[k] = case if self.n_cases == 0 else s[k] + case
+        if spacing is not None:
+            band = _boundary_ece_update(probs, labels, spacing, o.boundary_k_mm, o.n_bins_ece, regions, o.binning,
+                                        ignore_index=ignore)
+            s["boundary"] = band if self.n_boundary_cases == 0 else s["boundary"] + band
+            self.n_boundary_cases += 1
         self.n_cases += 1
         return self
 
@@ -143,6 +182,7 @@ class CalibrationAccumulator:
                              f"{self.options}, {self.layout} vs {other.options}, {other.layout}")
         out = CalibrationAccumulator(self.options, **self.layout)
         out.n_cases = self.n_cases + other.n_cases
+        out.n_boundary_cases = self.n_boundary_cases + other.n_boundary_cases
         if self.stats is None or other.stats is None:
             src = self if other.stats is None else other
             out.n_channels = src.n_channels
@@ -158,7 +198,8 @@ class CalibrationAccumulator:
 
     # -- results ---------------------------------------------------------------------------------
     def compute(self) -> Dict[str, float]:
-        """``{"ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier"}`` (NaN if empty)."""
+        """``{"ECE", "CECE", "pECE", "mL1-ACE", "mL1-ECE", "mL1-MCE", "NLL", "Brier", "SCE", "debiased-L2-ECE",
+        "boundary-ECE"}`` (:data:`METRIC_KEYS`; NaN if empty)."""
         if self.stats is None:
             return {k: float("nan") for k in METRIC_KEYS}
         s = self.stats
@@ -170,7 +211,22 @@ class CalibrationAccumulator:
         out.update(_marginal_compute(s["marginal"]))
         out["NLL"] = _nll_compute(s["nll"])
         out["Brier"] = _brier_compute(s["brier"])
+        sce = self.signed_per_class()
+        out["SCE"] = float(np.nanmean(sce)) if np.isfinite(sce).any() else float("nan")
+        out["debiased-L2-ECE"] = _debiased_compute(s["ece"])
+        out["boundary-ECE"] = (_ece_compute(s["boundary"]) if self.n_boundary_cases == self.n_cases
+                               else float("nan"))
         return out
+
+    def signed_per_class(self) -> np.ndarray:
+        """Signed calibration error of every foreground class (softmax channels 1..C-1, or every region;
+        :func:`.ece_variants.signed_calibration_error`, from CECE's statistics), NaN for a class without
+        voxels above ``cece_threshold``."""
+        if self.stats is None:
+            raise ValueError("accumulator is empty")
+        per = _signed_compute(self.stats["cece"])
+        sdc_background = self.options.convention == "sdc-code" and self.layout["region_labels"] is None
+        return per[1:] if sdc_background else per  # sdc-code's CECE statistics hold the background first
 
     def marginal_per_class(self) -> Dict[str, np.ndarray]:
         """Per-class mL1-ACE/ECE/MCE arrays (class order as in the marginal statistics)."""
@@ -191,7 +247,16 @@ class CalibrationAccumulator:
         return bin_edges(self.options.n_bins_ace, np.float64), n, conf, freq
 
 
+def _gather_keys(triples, keys: list, offered: np.ndarray) -> None:
+    """Append the :func:`~._adaptive.sort_keys` of ``(task, value, outcome)`` triples per task."""
+    for t, v, y in triples:
+        keys[t].append(sort_keys(v, y))
+        offered[t] += v.size
+
+
 def _copy_stats(s):
+    if isinstance(s, ValueStats):
+        return ValueStats(list(s.values), list(s.count), s.total.copy(), s.n_bins)
     if isinstance(s, BinStats):
         return BinStats(s.count.copy(), s.conf_sum.copy(), s.total.copy())
     return SumStats(s.total, s.count)

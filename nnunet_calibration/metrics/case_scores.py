@@ -16,7 +16,8 @@ import numpy as np
 from scipy.special import entr
 
 from ._binning import CHUNK_VOXELS, sum64
-from ._checks import Regions, _check_types_and_shapes, normalize_regions, resolve_region_labels, validate_labels
+from ._checks import (Regions, _check_types_and_shapes, in_region, normalize_regions, resolve_region_labels,
+                      validate_labels)
 from ._chunk import _chunks, _work_dtype
 from .boundary import boundary_band
 
@@ -96,7 +97,7 @@ def expected_dice(probs, pred, regions: bool = False, region_labels: Regions = N
     n_pred = np.zeros(probs.shape[0], np.int64)
     for pc, lc in _chunks(probs, pred):
         for t in tasks:
-            mask = lc == t if regions is None else np.isin(lc, regions[t])
+            mask = lc == t if regions is None else in_region(lc, regions[t])
             s_p[t] += sum64(pc[t])
             s_pp[t] += sum64(pc[t][mask])
             n_pred[t] += int(np.count_nonzero(mask))

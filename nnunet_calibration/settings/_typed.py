@@ -70,7 +70,8 @@ def setting(default, rule: Rule | None, help: str = "", **meta):
     """A settings field: its default, its :class:`Rule` and its help text (shown by CLIs and docs).
 
     ``meta``: ``cli=False`` keeps the field out of :func:`add_arguments`; ``file=False`` makes it an
-    attribute that is not a key of the file (set by code, e.g. the file's own path)."""
+    attribute that is not a key of the file (set by code, e.g. the file's own path); ``type=float``: the
+    command-line type of a field whose default is ``None``."""
     factory = default in (dict, list) or (callable(default) and not isinstance(default, type))
     kw = {"default_factory": default} if factory else {"default": default}
     return field(metadata={"rule": rule, "help": help, **meta}, **kw)
@@ -188,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings], prefix: 
             continue
         d = _default(f)
         flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if d is not None and not isinstance(d, (Settings, bool)):
             helptext += f" (default {d})"
         dest = prefix + f.name
@@ -197,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings], prefix: 
         elif isinstance(d, Settings):
             continue
         else:
-            typ = type(d) if d is not None else str
+            typ = f.metadata.get("type") or (type(d) if d is not None else str)
             rule = f.metadata.get("rule")
             if rule is not None and rule.choices:
                 parser.add_argument(flag, dest=dest, choices=rule.choices, default=None, help=helptext)

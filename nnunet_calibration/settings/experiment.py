@@ -47,8 +47,11 @@ from .metrics import MetricOptions
 from .training import Training
 
 #: the report's table columns, in order: the evaluator's summary keys (DSC/HD95: mean over foreground
-#: classes), then DSC and HD95 after nnU-Net's own postprocessing, cross-fitted ("+PP", report.postprocessing)
-REPORT_METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier", "DSC+PP", "HD95+PP")
+#: classes), then DSC and HD95 after nnU-Net's own postprocessing, cross-fitted ("+PP", report.postprocessing),
+#: the signed class-wise calibration error (SCE, mean over classes; + over-, - under-confident) and the AURC
+#: of the default case score against the risk 1 - DSC (summary.json "risk_coverage")
+REPORT_METRICS = ("DSC", "HD95", "ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier", "DSC+PP", "HD95+PP", "SCE",
+                  "AURC")
 #: the columns the Friedman ranks use unless report.rank_metrics says otherwise (no column counted twice)
 DEFAULT_RANK_METRICS = REPORT_METRICS[:8]
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)

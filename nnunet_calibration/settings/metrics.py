@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._typed import (BOOL, HALF_OPEN_UNIT_INTERVAL, OPEN_UNIT_INTERVAL, POSITIVE, POSITIVE_INT, Settings, one_of,
-                     setting)
+from ._typed import (BOOL, HALF_OPEN_UNIT_INTERVAL, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE,
+                     POSITIVE_INT, Settings, SettingsError, one_of, setting)
 
 #: ``"default"``: the metrics as documented; ``"sdc-code"``: as the SDC authors' evaluation code
 CONVENTIONS = ("default", "sdc-code")
 #: ``convention="sdc-code"``: the SDC authors' code uses 10 ECE bins (unless ``n_bins_ece`` is given)
 SDC_CODE_N_BINS_ECE = 10
+#: the binning schemes of ECE and CECE (:mod:`nnunet_calibration.metrics._adaptive`)
+BINNINGS = ("uniform", "adaptive")
+#: the bootstrap intervals' confidence level and random seed (:mod:`nnunet_calibration.metrics.bootstrap`)
+BOOTSTRAP_CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,31 @@ class MetricOptions(Settings):
         "label!=0 over all voxels (10 bins), CECE over all classes incl. background, DSC/HD95 of the foreground "
         "union (HD95 in voxels)")
 
+    binning: str = setting(
+        "uniform", one_of(BINNINGS),
+        "bins of ECE, CECE, the debiased L2 ECE and the boundary-band ECE: 'uniform' (equal width) or 'adaptive' "
+        "(equal mass: n bins of equally many voxels, Nixon et al. 2019; default convention only)")
+    boundary_k_mm: float = setting(
+        None, NON_NEGATIVE,
+        "half-width in mm of the reference boundary band of the boundary-band ECE ('boundary-ECE') "
+        "(default: 2 voxels of the case's largest spacing)", type=float)
+    bootstrap: int = setting(
+        1000, NON_NEGATIVE_INT,
+        f"bootstrap resamples of the cases for the {BOOTSTRAP_CONFIDENCE:.0%} intervals of the pooled ECE and "
+        "debiased L2 ECE (summary.json 'bootstrap'; 0: none; with --binning adaptive 0 unless given: every "
+        "resample re-forms the equal-mass bins from all distinct values, ~2 us per value and resample)")
+
+    def check(self) -> None:
+        if self.binning == "adaptive" and self.convention == "sdc-code":
+            raise SettingsError("binning 'adaptive' is for the default convention only (the SDC code's ECE and "
+                                "CECE use equal-width bins)")
+
     @classmethod
     def prepare(cls, data: dict) -> dict:
         if data.get("convention") == "sdc-code" and "n_bins_ece" not in data:
             data["n_bins_ece"] = SDC_CODE_N_BINS_ECE
+        if data.get("binning") == "adaptive" and "bootstrap" not in data:
+            # equal-mass bins are re-formed from every distinct value in every resample: measured about
+            # 2 microseconds per value and resample, i.e. hours for 1000 resamples of 40 volumes
+            data["bootstrap"] = 0
         return data

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_calibration.metrics import (brier, cece, dice, ece, hd95, marginal_calibration_errors, nll, pece)
+from nnunet_calibration.evaluation import evaluate_folders
+from nnunet_calibration.metrics import (brier, cece, debiased_l2_ece, dice, ece, hd95, marginal_calibration_errors, nll,
+                                        pece, signed_calibration_error)
+from test_evaluate_options import boundary_ece_here
 
 pytestmark = pytest.mark.nnunet
 
@@ -64,6 +67,18 @@ def check_against_direct(out: Path, folder: Path, gt: Path, dataset_json: Path):
               "NLL": nll(cat_p, cat_l), "Brier": brier(cat_p, cat_l), **marginal_calibration_errors(cat_p, cat_l)}
     for k in CAL_KEYS:
         assert summary["pooled"][k] == pytest.approx(pooled[k], rel=1e-9), k
+    # issue 23: signed error per class, debiased L2 ECE, boundary-band ECE (band made here, data set pooled)
+    sce = signed_calibration_error(cat_p, cat_l)
+    for name, v in zip(names, sce):
+        assert summary["pooled"][f"SCE_{name}"] == pytest.approx(v, rel=1e-9, abs=1e-15)
+    assert summary["pooled"]["SCE"] == pytest.approx(np.nanmean(sce), rel=1e-9, abs=1e-15)
+    assert summary["pooled"]["debiased-L2-ECE"] == pytest.approx(debiased_l2_ece(cat_p, cat_l), rel=1e-9)
+    data = {e["case"]: load_case(npz, gt / f"{e['case']}{dj['file_ending']}")
+            for e, npz in zip(summary["cases"], npzs)}
+    assert summary["pooled"]["boundary-ECE"] == pytest.approx(boundary_ece_here(data, None, 15, "uniform"), rel=1e-9)
+    assert summary["bootstrap"]["n_resamples"] == 1000
+    b = summary["bootstrap"]["debiased-L2-ECE"]
+    assert b["low"] <= b["estimate"] <= b["high"] and b["estimate"] == pytest.approx(summary["pooled"]["debiased-L2-ECE"])
     for k in CAL_KEYS:
         vals = [c["metrics"][k] for c in summary["cases"] if c["metrics"][k] is not None]
         assert summary["mean"][k] == pytest.approx(np.mean(vals))
@@ -85,6 +100,15 @@ def test_calib_evaluate_on_real_prediction_folder(synthetic_prediction, tmp_path
     r = run_cli([pred, "--gt", sp.gt_folder, "-o", out, "--no-progress"])
     assert "pooled" in r.stdout
     check_against_direct(out, pred, Path(sp.gt_folder), Path(sp.dataset_json))
+    # equal-mass bins: the pooled ECE / CECE / debiased L2 ECE are the functions' on the concatenated cases
+    adaptive = evaluate_folders([pred], sp.gt_folder, write=False, progress=False, binning="adaptive", bootstrap=0)
+    dj = json.loads(Path(sp.dataset_json).read_text())
+    cases = [load_case(pred / f"{c['case']}.npz", Path(sp.gt_folder) / f"{c['case']}{dj['file_ending']}")
+             for c in adaptive["cases"]]
+    cat_p = np.concatenate([p.reshape(p.shape[0], -1) for p, _, _ in cases], 1)
+    cat_l = np.concatenate([lab.reshape(-1) for _, lab, _ in cases])
+    for key, fn in (("ECE", ece), ("CECE", cece), ("debiased-L2-ECE", debiased_l2_ece)):
+        assert adaptive["pooled"][key] == pytest.approx(fn(cat_p, cat_l, binning="adaptive"), rel=1e-9), key
 
 
 def test_calib_evaluate_on_real_validation_folder(synthetic_prediction, tmp_path):

@@ -59,6 +59,58 @@ def test_compute_tables_hand_computed():
     assert set(tab.wilcoxon["e"]) == {"B", "C"}  # against the baseline A
 
 
+def test_signed_error_and_aurc_columns():
+    """SCE: closest to 0 is best (A over-confident +0.10, B under-confident -0.05: B best); its per-class
+    columns are in table.csv; AURC: lower is better, mean over folds like every column."""
+    d = _data()
+    a, b, c = d.experiments[0].methods
+    d.experiments[0].classes = ["lv", "rv"]
+    for f in (0, 1):
+        a.fold_means[f].update(SCE=0.10, AURC=[0.20, 0.30][f], SCE_rv=0.3, SCE_lv=-0.1)
+        b.fold_means[f].update(SCE=-0.05, AURC=0.10, SCE_rv=-0.2, SCE_lv=0.0)
+    c.fold_means[0].update(SCE=-0.2, AURC=0.4)
+    tab = tables.compute_tables(d)
+    assert tab.mark("B", "e/SCE") == "best" and tab.mark("A", "e/SCE") == "second"
+    assert tab.mean["A"]["e/AURC"] == pytest.approx(0.25) and tab.mark("B", "e/AURC") == "best"
+    assert tab.class_columns == {"e": ["SCE_lv", "SCE_rv"]}  # the classes' order
+    assert tab.mark("B", "e/SCE_lv") == "best" and tab.mark("B", "e/SCE_rv") == "best"
+    assert math.isnan(tab.mean["C"]["e/SCE_lv"])  # C's folds have no per-class values
+
+
+def test_signed_error_and_aurc_in_the_report_files(tmp_path):
+    d = _data()
+    a = d.experiments[0].methods[0]
+    d.experiments[0].classes = ["lv"]
+    for f in (0, 1):
+        a.fold_means[f].update(SCE=[0.1, 0.3][f], SCE_lv=[0.1, 0.3][f], AURC=0.2)
+    build_report(d, tmp_path)
+    with open(tmp_path / "table.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert float(rows["A"]["e/SCE"]) == pytest.approx(0.2) and float(rows["A"]["e/SCE_lv"]) == pytest.approx(0.2)
+    assert float(rows["A"]["e/AURC"]) == pytest.approx(0.2) and rows["C"]["e/SCE_lv"] == ""
+    md = (tmp_path / "README.md").read_text()
+    assert "| SCE | AURC |" in md and "**> 0 over-confident, < 0 under-confident**" in md
+    assert "expected_dice" in md
+
+
+def test_gather_reads_summaries_written_before_new_keys():
+    """A summary of an older evaluator (no binning / SCE / risk_coverage keys) is read with defaults and NaN."""
+    from nnunet_calibration.settings import MetricOptions
+
+    old = {"config": {"n_bins_ece": 10, "n_bins_cece": 10, "convention": "default"},
+           "mean": {"DSC": 0.8, "HD95": 3.0, "ECE": 0.1}, "cases": []}
+    opts = gather.metric_options(old)
+    assert opts == MetricOptions(n_bins_ece=10)  # missing keys: defaults; given keys kept
+    fm = gather.fold_means(old)
+    assert fm["DSC"] == 0.8 and math.isnan(fm["SCE"]) and math.isnan(fm["AURC"])
+    with pytest.raises(ExperimentError, match=r"summary.json: config.n_bins_ece must be a positive integer"):
+        gather.metric_options({"config": {"n_bins_ece": 0}})
+    new = dict(old, risk_coverage={"expected_dice": {"1-DSC": {"AURC": 0.125}}}, mean=dict(old["mean"], SCE=-0.1,
+                                                                                             SCE_lv=-0.2))
+    fm = gather.fold_means(new)
+    assert fm["AURC"] == 0.125 and fm["SCE"] == -0.1 and fm["SCE_lv"] == -0.2
+
+
 def test_unknown_rank_metric_is_an_error():
     d = _data()
     d.rank_metrics = ("DSC", "ECCE")
@@ -230,6 +282,36 @@ def test_cross_fitted_rows_equal_hand_computation(tmp_path):
             assert _nll_softmax(p, y, (tk * np.exp(0.02 * np.array(d)))[None, :]) >= base - 1e-9
     md = (out / "README.md").read_text()
     assert "cross-fitted" in md and "(reliability.png)" in md and (out / "reliability.png").is_file()
+    # AURC column: per fold the AURC of expected_dice against 1 - DSC, by hand from the evaluator's per-case
+    # values: most confident first, G(k/N) = sum of the first k risks / N, linear between the points,
+    # AURC = integral of G(c)/c (constant R on the first segment; a ln(c1/c0) + b (c1 - c0) on the others)
+    aurcs = []
+    for k in FOLD_SCALES:
+        summ = json.loads((out / "evaluation" / "hand" / "nnUNetTrainerDiceCE" / f"fold_{k}" / "summary.json").read_text())
+        order = sorted(summ["cases"], key=lambda c: -c["scores"]["expected_dice"])
+        risk = [1 - c["metrics"]["DSC_mean"] for c in order]
+        n = len(risk)
+        g = np.cumsum(risk) / n
+        area = risk[0] / n
+        for i in range(1, n):
+            c0, c1 = i / n, (i + 1) / n
+            b = (g[i] - g[i - 1]) / (c1 - c0)
+            area += (g[i - 1] - b * c0) * np.log(c1 / c0) + b * (c1 - c0)
+        aurcs.append(area)
+        assert rep["fold_means"]["hand"]["nnUNetTrainerDiceCE"][str(k)]["AURC"] == pytest.approx(aurcs[-1])
+    assert float(table["nnUNetTrainerDiceCE"]["hand/AURC"]) == pytest.approx(np.mean(aurcs))
+    # SCE column (and its per-class column SCE_fg): per case mean probability of class 1 minus its frequency
+    # over the voxels with p_1 > 1e-3, mean over the fold's cases, then over folds
+    fold_sce = []
+    for k in FOLD_SCALES:
+        per_case = []
+        for f, p, y in cases.values():
+            keep = p[1] > np.float32(1e-3)
+            if f == k:
+                per_case.append(p[1][keep].astype(np.float64).mean() - (y[keep] == 1).mean())
+        fold_sce.append(np.mean(per_case))
+    for col in ("hand/SCE", "hand/SCE_fg"):
+        assert float(table["nnUNetTrainerDiceCE"][col]) == pytest.approx(np.mean(fold_sce), rel=1e-6)
 
 
 def test_report_reliability_is_the_accumulators_ece_binning(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 
 from metrics_testlib import (BRATS_REGIONS, CASES, ref_bins, ref_brier, ref_cece, ref_ece, ref_marginal, ref_nll,
                              ref_pece, region_case, rk, softmax_case)
-from nnunet_calibration.metrics import (CalibrationAccumulator, brier, cece, ece, marginal_calibration_errors, nll,
-                                        pece)
+from nnunet_calibration.metrics import (CalibrationAccumulator, boundary_ece, brier, cece, debiased_l2_ece, ece,
+                                        marginal_calibration_errors, nll, pece, signed_calibration_error)
 from nnunet_calibration.settings import MetricOptions
 
 
@@ -28,7 +28,34 @@ def test_accumulator_single_case_equals_functions(regions):
               "pECE": pece(probs, labels, **rk(regions)), "NLL": nll(probs, labels, **rk(regions)),
               "Brier": brier(probs, labels, **rk(regions))}
     direct.update(marginal_calibration_errors(probs, labels, **rk(regions)))
+    sce = signed_calibration_error(probs, labels, **rk(regions))
+    direct.update({"SCE": float(np.nanmean(sce)), "debiased-L2-ECE": debiased_l2_ece(probs, labels, **rk(regions)),
+                   "boundary-ECE": float("nan")})  # no spacing given: no band
     _assert_same(acc.compute(), direct)
+    np.testing.assert_allclose(acc.signed_per_class(), sce, rtol=1e-10)
+    spacing = (2.0, 1.0, 0.5)
+    with_band = CalibrationAccumulator(**rk(regions)).update(probs, labels, spacing=spacing).compute()
+    assert with_band["boundary-ECE"] == pytest.approx(boundary_ece(probs, labels, spacing, **rk(regions)), rel=1e-10)
+
+
+@pytest.mark.parametrize("regions", [None, BRATS_REGIONS])
+def test_accumulator_adaptive_binning_pools_exactly(regions):
+    """binning="adaptive": ECE, CECE, debiased L2 ECE and boundary ECE of merged accumulators equal the
+    functions on the concatenated cases (the equal-mass edges depend on all values)."""
+    make = softmax_case if regions is None else (lambda shape, c, seed: region_case(shape, seed))
+    cases = [make((6, 7, 8), 4, 21), make((5, 7, 8), 4, 22)]
+    opts = MetricOptions(binning="adaptive")
+    accs = [CalibrationAccumulator(opts, **rk(regions)).update(p, y) for p, y in cases]
+    got = (accs[0] + accs[1]).compute()
+    p = np.concatenate([c[0].reshape(c[0].shape[0], -1) for c in cases], 1)
+    y = np.concatenate([c[1].reshape(-1) for c in cases])
+    assert got["ECE"] == pytest.approx(ece(p, y, binning="adaptive", **rk(regions)), rel=1e-10)
+    assert got["CECE"] == pytest.approx(cece(p, y, binning="adaptive", **rk(regions)), rel=1e-10)
+    assert got["debiased-L2-ECE"] == pytest.approx(debiased_l2_ece(p, y, binning="adaptive", **rk(regions)),
+                                                   rel=1e-10)
+    assert got["ECE"] != pytest.approx(CalibrationAccumulator(**rk(regions)).update(p, y).compute()["ECE"])
+    roundtrip = pickle.loads(pickle.dumps(accs[0] + accs[1])).compute()
+    _assert_same(roundtrip, got, rel=0)
 
 
 @pytest.mark.parametrize("case", ["confident3d", "confident2d", "regions_sharp"])
@@ -168,3 +195,29 @@ def test_ignore_index_removes_voxels():
     acc = CalibrationAccumulator(ignore_index=7).update(probs, labels, validate_args=True).compute()
     direct = CalibrationAccumulator().update(probs[:, keep], labels[keep]).compute()
     _assert_same(acc, direct, rel=1e-12)
+
+
+def test_boundary_ece_with_ignore_label():
+    """The band is that of the reference with the ignore label as one more label (EDT of the whole volume
+    here); ignored voxels are then left out: the ECE of the remaining band voxels, computed here."""
+    from scipy import ndimage
+
+    probs, labels = softmax_case((6, 9, 10), 3, 8)
+    labels = labels.copy()
+    labels[:, :3, :] = 7
+    sp = (2.0, 1.0, 0.7)
+    got = CalibrationAccumulator(ignore_index=7).update(probs, labels, spacing=sp).compute()["boundary-ECE"]
+    edge = np.zeros(labels.shape, bool)
+    for ax in range(3):
+        d = np.diff(labels, axis=ax) != 0
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= d
+        edge[tuple(hi)] |= d
+    band = (ndimage.distance_transform_edt(~edge, sampling=sp) <= 4.0 * (1 + 1e-9)) & (labels != 7)
+    conf = probs.max(0)[band].astype(np.float64)
+    correct = (probs.argmax(0) == labels)[band]
+    b = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    want = sum((b == i).sum() / conf.size * abs(conf[b == i].mean() - correct[b == i].mean())
+               for i in range(15) if (b == i).any())
+    assert got == pytest.approx(want, rel=1e-6)

@@ -103,3 +103,46 @@ def test_boundary_ece_without_boundary_is_nan_and_checks_arguments():
         boundary_ece(probs, np.zeros((5, 6), np.int64), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="k_mm"):
         boundary_ece(probs, np.zeros((5, 6), np.int64), (1.0, 1.0), k_mm=float("nan"))
+
+
+def test_band_dilation_equals_edt_threshold_on_random_inputs():
+    """The band is formed by dilating the boundary with the discrete ball (1-D maximum filters, shifted
+    ORs); on random label maps, spacings (isotropic, anisotropic, 2D and 3D) and widths (0, on a voxel
+    distance exactly, the default, wide enough for the EDT path) it equals the EDT threshold of the whole
+    volume."""
+    from nnunet_calibration.metrics.boundary import _MAX_OFFSETS, _ball_offsets
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for trial in range(120):
+        nd = int(rng.integers(2, 4))
+        shape = tuple(int(s) for s in rng.integers(2, 13, nd))
+        sp = rng.choice([0.5, 0.8, 1.0, 1.56, 3.0, 10.0], nd)
+        lab = (ndimage.gaussian_filter(rng.random(shape), 1) > 0.5) * rng.integers(1, 3, shape)
+        k = float(rng.choice([0.0, sp[0], 2 * sp.max(), 3.3, 5.0, 2 * sp[-1] + sp[0]]))
+        edge = np.zeros(shape, bool)
+        for ax in range(nd):
+            d = np.diff(lab, axis=ax) != 0
+            lo, hi = [slice(None)] * nd, [slice(None)] * nd
+            lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+            edge[tuple(lo)] |= d
+            edge[tuple(hi)] |= d
+        if not edge.any():
+            continue
+        ref = ndimage.distance_transform_edt(~edge, sampling=sp) <= k * (1 + 1e-9)
+        np.testing.assert_array_equal(boundary_band(lab, sp, k), ref, err_msg=f"{shape} {sp} {k}")
+        checked += 1
+    assert checked > 80
+    lab = np.zeros((30, 30, 30), int)
+    lab[10:20, 8:22, 12:15] = 1
+    assert len(_ball_offsets(np.ones(3), 12.0)[0]) > _MAX_OFFSETS  # the EDT path
+    sp = np.ones(3)
+    edge = np.zeros(lab.shape, bool)
+    for ax in range(3):
+        d = np.diff(lab, axis=ax) != 0
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= d
+        edge[tuple(hi)] |= d
+    np.testing.assert_array_equal(boundary_band(lab, sp, 12.0),
+                                  ndimage.distance_transform_edt(~edge, sampling=sp) <= 12.0 * (1 + 1e-9))

@@ -17,6 +17,11 @@ from nnunet_calibration.settings import DEFAULT_RANK_METRICS, REPORT_METRICS
 METRICS = REPORT_METRICS
 #: per-case key in the evaluator's summary for each table metric (others: the metric's own name)
 CASE_KEYS = {"DSC": "DSC_mean", "HD95": "HD95_mean"}
+#: table metrics that are not a key of the evaluator's ``summary["mean"]``: the AURC (of the default case
+#: score against 1 - DSC, from ``summary["risk_coverage"]``; one value per fold, none per case)
+FOLD_ONLY = ("AURC",)
+#: prefix of the per-class columns of the signed calibration error (``SCE_<class>``, table.csv and report.json)
+SCE_CLASS_PREFIX = "SCE_"
 #: row-name suffix of each post-hoc kind
 SUFFIX = {"trainer": "", "TS": " + TS", "VS": " + VS"}
 
@@ -43,7 +48,8 @@ class PosthocFit:
 class MethodResult:
     """One row of the table (one trainer, or one trainer after post-hoc scaling).
 
-    ``fold_means[fold][metric]``: the evaluator's mean over that fold's cases; ``cases[case]``:
+    ``fold_means[fold][metric]``: the evaluator's mean over that fold's cases (``AURC``: the fold's
+    risk-coverage area; also ``SCE_<class>`` per calibration class); ``cases[case]``:
     per-case values (``{metric: value, "fold": fold}``); ``train_seconds[fold]``: training time of
     that fold, the sum of nnU-Net's logged epoch times (validation and export not included; empty
     for post-hoc rows); ``reliability``: the metrics
@@ -98,6 +104,8 @@ class ExperimentResult:
     regions: bool = False
     #: report.learned_dsc: the validation DSC every baseline fold should reach (None: not checked)
     learned_dsc: Optional[float] = None
+    #: the calibration classes (foreground classes or regions): the per-class ``SCE_<class>`` columns
+    classes: list = field(default_factory=list)
 
 
 @dataclass

@@ -32,17 +32,18 @@ from tqdm import tqdm
 from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
                                            load_reference, reader_writer, validation_cases)
+from nnunet_calibration.evaluation.scores import default_aurc
 from nnunet_calibration.experiments import posthoc
 from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, model_folder,
                                                   results_root)
 from nnunet_calibration.experiments.report import tables
 from nnunet_calibration.experiments.report.postprocessing import PP_COLUMNS, crossfit_postprocessing
-from nnunet_calibration.experiments.report.data import (CASE_KEYS, METRICS, SUFFIX, ExperimentResult, MethodResult,
-                                                        PosthocFit, ReportData)
+from nnunet_calibration.experiments.report.data import (CASE_KEYS, FOLD_ONLY, METRICS, SCE_CLASS_PREFIX, SUFFIX,
+                                                        ExperimentResult, MethodResult, PosthocFit, ReportData)
 from nnunet_calibration.experiments.status import fold_statuses, training_history, training_progress
-from nnunet_calibration.metrics import CalibrationAccumulator
+from nnunet_calibration.metrics import BinStats, CalibrationAccumulator
 from nnunet_calibration.posthoc import scaling
-from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, TrainerEntry
+from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, SettingsError, TrainerEntry
 
 
 # -- machine -------------------------------------------------------------------------------------
@@ -149,25 +150,45 @@ def _float(v) -> float:
 
 
 def fold_means(summary: dict) -> dict:
-    return {m: _float(summary["mean"].get(m)) for m in METRICS if m not in PP_COLUMNS}
+    """The fold's table values: the evaluator's means over its cases (a key the summary lacks, e.g. ``SCE``
+    in a summary written before it existed: NaN), the ``AURC`` (:func:`~nnunet_calibration.evaluation.scores.default_aurc`)
+    and the per-class ``SCE_<class>`` means."""
+    mean = summary["mean"]
+    out = {m: _float(mean.get(m)) for m in METRICS if m not in PP_COLUMNS and m not in FOLD_ONLY}
+    out["AURC"] = default_aurc(summary)
+    out.update({k: _float(v) for k, v in mean.items() if k.startswith(SCE_CLASS_PREFIX)})
+    return out
 
 
 def case_values(summary: dict, fold: int) -> dict:
-    return {c["case"]: dict({m: _float(c["metrics"].get(CASE_KEYS.get(m, m))) for m in METRICS if m not in PP_COLUMNS},
-                            fold=fold)
+    return {c["case"]: dict({m: _float(c["metrics"].get(CASE_KEYS.get(m, m))) for m in METRICS
+                             if m not in PP_COLUMNS and m not in FOLD_ONLY}, fold=fold)
             for c in summary["cases"]}
 
 
+def metric_options(summary: dict, where: str = "summary.json") -> MetricOptions:
+    """The options the evaluator used, read back from its summary's ``config`` (never re-defaulted). A key
+    the summary lacks (written before that option existed) takes its default, which is what the evaluator
+    of that time computed; a value out of range is an error naming ``where``."""
+    config = summary.get("config") or {}
+    try:
+        return MetricOptions.from_mapping({k: config[k] for k in MetricOptions.keys() if k in config},
+                                          f"{where}: config")
+    except SettingsError as e:
+        raise ExperimentError(str(e)) from None
+
+
 def _accumulator(summary: dict, info: DatasetInfo) -> CalibrationAccumulator:
-    """An accumulator with the options the evaluator used (read back from its summary, never re-defaulted)."""
-    options = MetricOptions(**{k: summary["config"][k] for k in MetricOptions.keys()})
-    return CalibrationAccumulator(options, regions=info.has_regions, region_labels=info.regions,
+    """An accumulator with the options the evaluator used (:func:`metric_options`)."""
+    return CalibrationAccumulator(metric_options(summary), regions=info.has_regions, region_labels=info.regions,
                                   ignore_index=info.ignore_label)
 
 
 def _finish(rec: MethodResult, acc: CalibrationAccumulator) -> None:
+    """The row's pooled metrics and reliability statistics (the ECE column's equal-width bins; with
+    ``binning: adaptive`` none, so no reliability diagram: equal-mass bins have no common edges)."""
     if acc.stats is not None:
-        rec.reliability = acc.stats["ece"]
+        rec.reliability = acc.stats["ece"] if isinstance(acc.stats["ece"], BinStats) else None
         rec.pooled = acc.compute()
 
 
@@ -327,7 +348,7 @@ def gather(experiments: list[Experiment], work: Path, name: str, command: str | 
             name=exp.name, dataset=exp.dataset_name, configuration=exp.configuration, plans=exp.plans,
             folds=list(exp.folds), baseline=exp.baseline_label, methods=methods, path=str(exp.path),
             training=exp.training.overrides(), note=exp.report.note, regions=info.has_regions,
-            learned_dsc=exp.report.learned_dsc,
+            learned_dsc=exp.report.learned_dsc, classes=list(info.class_names),
             trainers=[{"label": t.label, "trainer": t.name, "hparams": exp.hparams_for(t),
                        "nnUNet_results": str(results_root(exp, t))} for t in exp.trainers]))
     return ReportData(name=name, experiments=results, rank_metrics=rank_metrics, command=command,

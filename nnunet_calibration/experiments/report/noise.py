@@ -22,7 +22,7 @@ Verdict (:func:`differences`): a method is called *better* or *worse* than the b
 only where both hold: the paired per-case Wilcoxon test (:func:`..stats.wilcoxon_vs_baseline`, all
 validation cases of the folds both have) gives p < 0.05, and the difference of the means exceeds the
 noise floor; otherwise *not distinguishable*. Direction: DSC higher is better, every other metric
-lower (:func:`..stats.direction`). Without repeats there is no noise floor and no verdict.
+lower (:func:`..stats.direction`), the signed calibration error SCE closer to 0 (its mean's absolute value). Without repeats there is no noise floor and no verdict.
 
 Convergence (:func:`convergence`)
 ---------------------------------
@@ -94,21 +94,25 @@ def differences(e: ExperimentResult, mean: dict, wilcoxon: dict, noise: dict) ->
         per = {}
         for metric in METRICS:
             b = f"{e.name}/{metric}"
-            diff = mean.get(m.method, {}).get(b, math.nan) - mean.get(base.method, {}).get(b, math.nan)
+            mv, bv = mean.get(m.method, {}).get(b, math.nan), mean.get(base.method, {}).get(b, math.nan)
+            diff = mv - bv
             sd = noise.get(metric, {}).get("sd_run")
             floor = NOISE_SIGMAS * sd * math.sqrt(2.0 / n) if sd is not None else None
             p = (wilcoxon.get(m.method, {}).get(metric) or {}).get("pvalue")
-            per[metric] = {"diff": diff, "noise_floor": floor, "p": p, "verdict": _verdict(metric, diff, floor, p)}
+            per[metric] = {"diff": diff, "noise_floor": floor, "p": p, "verdict": _verdict(metric, diff, floor, p, abs(mv) - abs(bv))}
         out[m.method] = per
     return out
 
 
-def _verdict(metric: str, diff: float, floor, p) -> str:
+def _verdict(metric: str, diff: float, floor, p, abs_diff: float = math.nan) -> str:
+    """``abs_diff``: |method| - |baseline|, which decides better / worse for a signed metric (closer to 0)."""
     if floor is None:
         return "no noise floor"
     if p is None or not math.isfinite(diff) or not (isinstance(p, float) and math.isfinite(p)):
         return "not tested"
     if p < ALPHA and abs(diff) > floor:
+        if stats.is_signed(metric):
+            return "better" if abs_diff < 0 else "worse"
         return "better" if diff * stats.direction(metric) > 0 else "worse"
     return "not distinguishable"
 

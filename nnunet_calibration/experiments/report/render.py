@@ -19,6 +19,7 @@ import numpy as np
 from nnunet_calibration.experiments.report.data import METRICS, ExperimentResult, ReportData
 from nnunet_calibration.experiments.report import noise
 from nnunet_calibration.experiments.report.tables import Tables
+from nnunet_calibration.evaluation.scores import DEFAULT_SCORE
 from nnunet_calibration.utils import json_clean
 
 DECIMALS = {"HD95": 2}
@@ -81,7 +82,7 @@ def write_csvs(data: ReportData, tab: Tables, folder: Path) -> None:
         header = ["method"]
         for e in data.experiments:
             header += [f"{e.name}/folds", f"{e.name}/missing_folds"]
-            for metric in METRICS:
+            for metric in list(METRICS) + tab.class_columns.get(e.name, []):
                 header += [f"{e.name}/{metric}", f"{e.name}/{metric}_std", f"{e.name}/{metric}_mark"]
         w.writerow(header + ["friedman_rank", "friedman_position"])
         for meth in tab.method_order:
@@ -89,7 +90,7 @@ def write_csvs(data: ReportData, tab: Tables, folder: Path) -> None:
             for e in data.experiments:
                 present, missing = tab.folds[meth].get(e.name, ([], list(e.folds)))
                 row += [" ".join(map(str, present)), " ".join(map(str, missing))]
-                for metric in METRICS:
+                for metric in list(METRICS) + tab.class_columns.get(e.name, []):
                     b = f"{e.name}/{metric}"
                     row += [csvnum(tab.mean[meth].get(b)), csvnum(tab.std[meth].get(b)), tab.mark(meth, b)]
             w.writerow(row + [csvnum(tab.avg_rank.get(meth)), tab.position.get(meth, "")])
@@ -135,7 +136,7 @@ def posthoc_json(e: ExperimentResult) -> dict:
 def report_json(data: ReportData, tab: Tables) -> dict:
     return json_clean({
         "name": data.name, "command": data.command, "machine": data.machine, "metrics": list(METRICS),
-        "rank_metrics": list(tab.rank_metrics),
+        "rank_metrics": list(tab.rank_metrics), "class_columns": tab.class_columns,
         "experiments": [{"name": e.name, "file": e.path, "copy": e.copy, "dataset": e.dataset, "configuration": e.configuration,
                          "plans": e.plans, "folds": e.folds, "baseline": e.baseline, "training": e.training,
                          "trainers": e.trainers} for e in data.experiments],
@@ -182,14 +183,18 @@ def _md_results(data: ReportData, tab: Tables) -> list:
     multi = data.multi
     L = ["## Results (validation folds)", "",
          "Mean over folds ± standard deviation over folds (each fold: the evaluator's mean over its cases). "
-         "DSC ↑, all other metrics ↓. **Bold**: best, <u>underlined</u>: second best per column. "
+         "DSC ↑, SCE → 0, all other metrics ↓. **Bold**: best, <u>underlined</u>: second best per column. "
          f"Rank: Friedman average rank over {', '.join(tab.rank_metrics)}" + (" and experiments" if multi else "")
          + " (position in brackets). Rows `+ TS` / `+ VS`: the trainer above after temperature / vector "
          "(per-channel temperature) scaling, **cross-fitted**: fold k is scored with the parameters fitted on "
          "the other folds' validation cases (see \"Post-hoc scaling\"). Columns `DSC+PP` / `HD95+PP`: the "
          "same segmentations after nnU-Net's own postprocessing (keep the largest connected component where "
          "`nnUNetv2_determine_postprocessing` finds that it raises the Dice), **cross-fitted** likewise (see "
-         "\"Postprocessing\"); every other column is without postprocessing.", ""]
+         "\"Postprocessing\"); every other column is without postprocessing. `SCE`: signed class-wise "
+         "calibration error, mean over classes of (mean probability − observed frequency) on CECE's voxels: "
+         "**> 0 over-confident, < 0 under-confident**, closest to 0 marked best (per class: `table.csv`). "
+         f"`AURC`: area under the risk-coverage curve of the case score `{DEFAULT_SCORE}` against the risk "
+         "1 − DSC (lower: the score ranks the bad cases last; summary.json `risk_coverage`).", ""]
     header = ["Method"] if multi else ["Method", "Folds"]
     for e in data.experiments:
         if multi:

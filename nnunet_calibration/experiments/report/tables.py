@@ -6,7 +6,12 @@ Table (:func:`compute_tables`)
   (the evaluator's mean over that fold's cases); its spread = the sample standard deviation over
   folds (``ddof=1``; none with one fold); undefined (NaN) fold values are left out
   (:func:`nnunet_calibration.utils.mean_std`). Columns: :data:`~.data.METRICS`.
-- Best and second best per column (``best`` / ``second`` marks; ties share the mark):
+- ``SCE`` (signed class-wise calibration error, mean over classes; > 0 over-confident, < 0
+  under-confident) and, in table.csv / report.json, one ``SCE_<class>`` column per class
+  (:func:`class_columns`); ``AURC``: per fold the evaluator's AURC of the default case score against
+  1 - DSC (:func:`nnunet_calibration.evaluation.scores.default_aurc`), mean/std over folds as above.
+- Best and second best per column (``best`` / ``second`` marks; ties share the mark; SCE: the value
+  closest to 0):
   :func:`nnunet_calibration.experiments.stats.best_two`.
 - Friedman average rank and test over the blocks "(experiment, metric)" of ``rank_metrics``:
   :mod:`nnunet_calibration.experiments.stats` (post-hoc rows are ranked as methods of their own).
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 
 from nnunet_calibration.experiments import posthoc, stats
 from nnunet_calibration.experiments.report import noise
-from nnunet_calibration.experiments.report.data import METRICS, ReportData
+from nnunet_calibration.experiments.report.data import METRICS, SCE_CLASS_PREFIX, ExperimentResult, ReportData
 from nnunet_calibration.utils import mean_std
 
 # -- post-hoc scaling: the one place where the rows' fits are chosen ------------------------------
@@ -90,6 +95,8 @@ class Tables:
     noise: dict = field(default_factory=dict)
     differences: dict = field(default_factory=dict)
     convergence: dict = field(default_factory=dict)
+    #: per experiment: the per-class columns (``SCE_<class>``, :func:`class_columns`), in table.csv and report.json
+    class_columns: dict = field(default_factory=dict)
 
     def mark(self, method: str, block: str) -> str:
         best, second = self.marks.get(block, (set(), set()))
@@ -106,6 +113,17 @@ def method_order(data: ReportData) -> list:
     return order
 
 
+def class_columns(e: ExperimentResult) -> list:
+    """The per-class signed calibration error columns ``SCE_<class>`` of an experiment: its classes' order,
+    then any other such key its rows' fold means hold (only those some row has)."""
+    present = []
+    for m in noise.base_rows(e):
+        for fm in m.fold_means.values():
+            present += [k for k in fm if k.startswith(SCE_CLASS_PREFIX) and k not in present]
+    ordered = [SCE_CLASS_PREFIX + c for c in e.classes if SCE_CLASS_PREFIX + c in present]
+    return ordered + [k for k in present if k not in ordered]
+
+
 def fold_aggregate(fold_means: dict, metric: str) -> tuple[float, float]:
     """Mean and sample std over folds of one metric (NaN folds left out)."""
     return mean_std([fm.get(metric, float("nan")) for fm in fold_means.values()])
@@ -118,15 +136,16 @@ def compute_tables(data: ReportData) -> Tables:
         raise ValueError(f"rank metrics {bad} unknown; metrics: {list(METRICS)}")
     order = method_order(data)
     mean, std, folds = {m: {} for m in order}, {m: {} for m in order}, {m: {} for m in order}
+    per_class = {e.name: class_columns(e) for e in data.experiments}
     for e in data.experiments:
         for m in noise.base_rows(e):
-            for metric in METRICS:
+            for metric in list(METRICS) + per_class[e.name]:
                 mean[m.method][f"{e.name}/{metric}"], std[m.method][f"{e.name}/{metric}"] = \
                     fold_aggregate(m.fold_means, metric)
             folds[m.method][e.name] = (list(m.folds), list(m.missing_folds))
     marks = {}
     for e in data.experiments:
-        for metric in METRICS:
+        for metric in list(METRICS) + per_class[e.name]:
             b = f"{e.name}/{metric}"
             marks[b] = stats.best_two({k: mean[k].get(b) for k in order}, metric)
     rank_values = {m: {b: v for b, v in mean[m].items() if b.rsplit("/", 1)[-1] in data.rank_metrics}
@@ -148,7 +167,7 @@ def compute_tables(data: ReportData) -> Tables:
     diffs = {e.name: noise.differences(e, mean, wilcoxon.get(e.name, {}), floors[e.name]) for e in data.experiments}
     conv = {e.name: noise.convergence(e) for e in data.experiments}
     return Tables(order, mean, std, folds, marks, avg_rank, position, ftest, tuple(data.rank_metrics),
-                  wilcoxon, sweeps, floors, diffs, conv)
+                  wilcoxon, sweeps, floors, diffs, conv, per_class)
 
 
 def has_results(data: ReportData) -> bool:
