@@ -90,8 +90,8 @@ def test_apply_lowers_held_out_nll_and_keeps_nnunet_layout(fitted, synthetic_pre
         p = np.load(npz)["probabilities"]
         q = np.load(out / npz.name)["probabilities"]
         assert q.dtype == np.float32 and q.shape == p.shape
-        # direct formula: softmax(log(max(p, 1e-7)) / T)
-        z = np.log(np.maximum(p.astype(np.float64), 1e-7)) / t
+        # direct formula: softmax(log(max(p, 2**-149)) / T) (an exact zero taken as the smallest float32)
+        z = np.log(np.maximum(p.astype(np.float64), 2.0 ** -149)) / t
         e = np.exp(z - z.max(0))
         np.testing.assert_allclose(q, e / e.sum(0), atol=1e-6)
         # one temperature keeps the decision: segmentation copied byte for byte, pkl as nnU-Net wrote
