@@ -10,12 +10,14 @@ have its ``CASE.npz``; the references ``CASE{file_ending}`` are read with the ev
 from, in this order, the ``gt_folder`` argument, ``$nnUNet_preprocessed/DatasetXXX_Name/
 gt_segmentations`` (what nnU-Net's own validation compares against) or
 ``$nnUNet_raw/DatasetXXX_Name/labelsTr``. Labels / regions come from ``dataset.json`` through the
-evaluator's :func:`~nnunet_calibration.evaluation.core.label_info` (so datasets with an ``ignore``
-label are not supported, as in ``calib-evaluate``).
+evaluator's :func:`~nnunet_calibration.evaluation.core.label_info`. An ``ignore`` label of
+``dataset.json`` (nnU-Net's sparse annotation) is honoured: its voxels are left out of the fit (not
+counted in ``voxels.available``), for softmax labels and for sigmoid regions alike (a region never
+contains the ignore label, so counting its voxels would make them negatives of every region).
 
 Fit (:func:`fit_model`)
 -----------------------
-All voxels of the used validation cases form the pool; at most ``max_voxels`` of them (default
+All voxels of the used validation cases (minus ignored ones) form the pool; at most ``max_voxels`` of them (default
 2,000,000) are drawn uniformly without replacement with seed ``seed``
 (:class:`~nnunet_calibration.posthoc.scaling.VoxelReservoir`). On that sample, one temperature
 (``temperature``) or one per channel (``vector``) is fitted by NLL
@@ -26,7 +28,8 @@ All voxels of the used validation cases form the pool; at most ``max_voxels`` of
 ``voxels`` (``available``, ``used``, ``max_voxels``, ``seed``); ``nll`` on the sample before and
 after (in-sample); with two or more folds ``crossfit`` (for fold k the parameters fitted on the
 other folds' sampled voxels, and the NLL of fold k's voxels before and after: an honest held-out
-estimate); ``prob_floor``, ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
+estimate); ``prob_floor`` (the value an exact zero probability is taken as: the smallest positive
+float32, :data:`~.scaling.PROB_FLOOR`; version 1 files say 1e-7), ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
 ``caveat`` (:data:`ENSEMBLE_CAVEAT`).
 
 Apply: :mod:`nnunet_calibration.posthoc.apply`.
@@ -59,7 +62,8 @@ PathLike = Union[str, os.PathLike]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "nnunet-calibration/calibration"
-VERSION = 1
+#: 2: fitted without the 1e-7 probability floor; ignore label honoured
+VERSION = 2
 DEFAULT_MAX_VOXELS = 2_000_000
 COPIED_JSON = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
 #: the key that marks a calibrated case in its ``CASE.pkl`` (a list: one entry per calibration applied)
@@ -245,16 +249,20 @@ def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, met
     cases = validation_cases(folder, folds, file_ending)
     gt = reference_folder(folder, gt_folder)
     reader = reader_writer(dj)
+    ignore_label = info["label_manager"].ignore_label
     res = scaling.VoxelReservoir(max_voxels, seed)
     jobs = [(f, npz) for f, npzs in cases.items() for npz in npzs]
     for f, npz in tqdm(jobs, desc="calibration: reading validation cases", unit="case", disable=not progress):
         p, y = _read_case(npz, gt, file_ending, info["label_manager"], regions, reader)
         try:
-            res.add_case(p, y, regions, group=f)
+            res.add_case(p, y, regions, ignore_label=ignore_label, group=f)
         except ValueError as e:
             raise CalibrationError(f"{npz}: {e}") from e
     is_regions = regions is not None
     lp, y, groups = res.result()
+    if len(lp) == 0:
+        raise CalibrationError(f"{gt}: every reference voxel of the {len(jobs)} validation cases is the ignore label "
+                               f"{ignore_label}; nothing to fit on")
     params = scaling.fit(lp, y, is_regions, method)
     rec = {
         "format": FORMAT, "version": VERSION, "method": method,
@@ -262,7 +270,7 @@ def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, met
         "parameters": _params_json(params, method, channels),
         "channels": channels, "labels": dj["labels"], "regions_class_order": dj.get("regions_class_order"),
         "model_folder": str(folder.resolve()), "folds": sorted(cases),
-        "cases": len(jobs), "reference_folder": str(gt.resolve()),
+        "cases": len(jobs), "reference_folder": str(gt.resolve()), "ignore_label": ignore_label,
         "voxels": {"available": int(res.seen), "used": int(len(lp)), "max_voxels": max_voxels, "seed": seed},
         "nll": {"before": scaling.nll(lp, y, is_regions), "after": scaling.nll(lp, y, is_regions, params),
                 "note": "in-sample: mean NLL of the fitted voxels"},
