@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nnunet_calibration.posthoc.apply import _checked_calibration
+from nnunet_calibration.posthoc.apply import _checked_calibration, _warn
 from nnunet_calibration.posthoc.model import CALIBRATION_FILE, CalibrationError, PathLike, model_folds, model_identity
 from nnunet_calibration.utils import remove_stale_staging, staging_dir
 
@@ -81,4 +81,7 @@ def export_model(model_folder: PathLike, zip_path: PathLike, folds: Optional[Seq
         os.replace(tmp_zip, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    if not isinstance(cal.get("model"), dict):
+        _warn(f"{cal_path}: written by an older version (no 'model' field): exported as is; fit again so that "
+              "apply can check it belongs to the installed model")
     return out

@@ -30,7 +30,14 @@ after (in-sample); with two or more folds ``crossfit`` (for fold k the parameter
 other folds' sampled voxels, and the NLL of fold k's voxels before and after: an honest held-out
 estimate); ``prob_floor`` (the value an exact zero probability is taken as: the smallest positive
 float32, :data:`~.scaling.PROB_FLOOR`; version 1 files say 1e-7), ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
-``caveat`` (:data:`ENSEMBLE_CAVEAT`).
+``caveat`` (:data:`ENSEMBLE_CAVEAT`); since version 2 ``ignore_label``, ``model`` (which model:
+``dataset``, ``plans``, ``configuration``, ``trainer`` of :func:`model_identity`, and ``folds``),
+``scope`` (:func:`per_fold_scope` / :func:`ensemble_scope`) and ``prediction_folder``.
+
+Ensemble fit (``predictions``): the same fit on a prediction folder of the fold ensemble
+(``nnUNetv2_predict -f 0 1 2 3 4 --save_probabilities`` on held-out labelled cases, references in
+``gt_folder``); its plans.json / dataset.json must be the model's; ``folds`` names the ensemble's
+folds (nnU-Net does not record them); no cross-fit; caveat :data:`ENSEMBLE_FIT_CAVEAT`.
 
 Apply: :mod:`nnunet_calibration.posthoc.apply`.
 

@@ -35,10 +35,12 @@ def write_model_folder(root: Path, dataset_json: dict, cases: list, name: str = 
 
 
 def direct_temperature(nll_of_t) -> float:
-    """The minimiser of a directly written NLL(T): a grid on log T, then scipy's bounded search around it."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
+    """The minimiser of a directly written NLL(T) within the fit's bounds [0.05, 20]: a grid on log T, then
+    scipy's bounded search around it (a barely trained model may put it on the upper bound)."""
+    lo, hi = scaling.T_BOUNDS
+    grid = np.exp(np.linspace(np.log(lo), np.log(hi), 400))
     t0 = grid[np.argmin([nll_of_t(t) for t in grid])]
-    return float(minimize_scalar(nll_of_t, bounds=(t0 / 1.02, t0 * 1.02), method="bounded",
+    return float(minimize_scalar(nll_of_t, bounds=(max(lo, t0 / 1.02), min(hi, t0 * 1.02)), method="bounded",
                                  options={"xatol": 1e-7}).x)
 
 
@@ -150,3 +152,47 @@ def test_fit_regions_ignore_label(tmp_path):
     t_wrong = direct_temperature(bce(x_all, y_neg))
     print(f"regions with ignore label: fitted T {t:.4f}; ignored voxels counted as negatives: {t_wrong:.4f}")
     assert abs(t_wrong - 1.0) > 0.15
+
+
+def test_fit_on_ensemble_predictions(synthetic_prediction, tmp_path, capsys):
+    """``fit MODEL --predictions PRED --gt GT -f 0``: fitted on an nnUNetv2_predict --save_probabilities folder
+    of held-out labelled cases (here the session's test predictions, fold 0: the 'ensemble' of one fold)
+    and named so (scope, prediction_folder, caveat); its T is the direct NLL minimiser of every voxel of
+    those cases. Predictions of another model (their plans.json) are refused."""
+    sp = synthetic_prediction
+    folder = tmp_path / sp.dataset.name / sp.model_folder.name
+    folder.mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy2(sp.model_folder / name, folder / name)
+    (folder / "fold_0").mkdir()
+    logp, ys = [], []
+    for npz in sorted(sp.pred_folder.glob("*.npz")):
+        p = np.load(npz)["probabilities"].astype(np.float64)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(sp.gt_folder / f"{npz.name[:-4]}.nii.gz")))
+        logp.append(np.log(np.maximum(p.reshape(p.shape[0], -1).T, 2.0 ** -149)))
+        ys.append(lab.reshape(-1).astype(int))
+    logp, y = np.concatenate(logp), np.concatenate(ys)
+
+    def nll(t):
+        z = logp / t
+        return float(np.mean(np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(len(y)), y]))
+
+    args = ["fit", str(folder), "--predictions", str(sp.pred_folder), "--gt", str(sp.gt_folder), "-f", "0",
+            "--max-voxels", "0", "--no-progress"]
+    assert cli.main(args) == 0
+    assert "scope: ensemble of folds 0" in capsys.readouterr().out
+    cal = json.loads((folder / model.CALIBRATION_FILE).read_text())
+    assert cal["scope"] == "ensemble of folds 0" and cal["model"]["folds"] == [0]
+    assert cal["prediction_folder"] == str(sp.pred_folder.resolve()) and cal["crossfit"] is None
+    assert cal["caveat"] == model.ENSEMBLE_FIT_CAVEAT and cal["cases"] == 2 and cal["voxels"]["used"] == len(y)
+    assert cal["parameters"]["temperature"] == pytest.approx(direct_temperature(nll), rel=1e-4)
+    # predictions of another dataset
+    pred = tmp_path / "pred_other"
+    shutil.copytree(sp.pred_folder, pred)
+    plans = json.loads((pred / "plans.json").read_text())
+    (pred / "plans.json").write_text(json.dumps(dict(plans, dataset_name="Dataset555_Other")))
+    before = (folder / model.CALIBRATION_FILE).read_bytes()
+    assert cli.main([*args[:3], str(pred), *args[4:]]) == 2
+    err = capsys.readouterr().err
+    assert f"{pred / 'plans.json'}: dataset_name 'Dataset555_Other' differs from {folder / 'plans.json'}" in err
+    assert (folder / model.CALIBRATION_FILE).read_bytes() == before
