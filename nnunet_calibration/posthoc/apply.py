@@ -1,8 +1,10 @@
 """Apply a fitted post-hoc calibration (``calibration.json`` of :mod:`nnunet_calibration.posthoc.model`)
 to a prediction folder: :func:`apply_calibration`.
 
-``PRED_FOLDER`` (``nnUNetv2_predict --save_probabilities`` output, or a ``fold_X/validation``)
-is rewritten into a *new* folder ``OUT`` in nnU-Net's own layout: ``CASE.npz`` (key
+``PRED_FOLDER`` (``nnUNetv2_predict --save_probabilities`` output, or a ``MODEL/fold_X/validation``
+folder of ``nnUNetv2_train --npz``, which has CASE.npz, CASE.pkl, segmentations and summary.json but
+no dataset.json / plans.json: those are then taken, and copied to ``OUT``, from ``MODEL``; its
+summary.json is not copied, it scores the uncalibrated probabilities) is rewritten into a *new* folder ``OUT`` in nnU-Net's own layout: ``CASE.npz`` (key
 ``probabilities``, float32, same shape), ``CASE.pkl`` copied, and the segmentation
 ``CASE{file_ending}``: copied unchanged when the calibration cannot change the decision (one
 temperature; any sigmoid scaling), otherwise recomputed from the calibrated probabilities
@@ -21,12 +23,25 @@ the fit's bounds :data:`~.scaling.T_BOUNDS`, not one per channel); a label set o
 differs from the calibration's; no npz files; probabilities failing the evaluator's check (NaN,
 outside [0, 1], softmax sums off); an existing ``OUT``, or one that is, contains or lies inside
 ``PRED_FOLDER`` (or is or contains the model folder).
+
+Which model (calibration.json version 2, field ``model``: dataset, plans, configuration, trainer,
+folds; :func:`~.model.model_identity`): the calibration must belong to the model folder ``-m``
+(its folder name ``Trainer__Plans__Configuration``, its plans.json's ``dataset_name`` /
+``plans_name``, and a ``fold_X`` folder for every fold of ``model.folds``), and the predictions to
+the same model: a validation folder's model folder by the same fields, an ``nnUNetv2_predict``
+folder by its plans.json's ``dataset_name`` / ``plans_name`` (nnU-Net records neither trainer,
+configuration nor folds there; its ``predict_from_raw_data_args.json`` holds only the input/output
+arguments). A mismatch is a :class:`CalibrationError` naming both files and the field. A version 1
+file (no ``model``) is accepted with a one-line warning on stderr (after the output is written):
+its parameters and label set are still checked, refusing it would break every existing calibration;
+fit again to get the check (and the unbiased fit).
 """
 from __future__ import annotations
 
 import json
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,8 +55,8 @@ from nnunet_calibration.evaluation.core import probabilities_to_segmentation
 from nnunet_calibration.output_location import StagedOutput, check_not_an_input, check_output_path
 from nnunet_calibration.posthoc import scaling
 from nnunet_calibration.posthoc.model import (CALIBRATION_FILE, COPIED_JSON, PKL_MARK, CalibrationError, PathLike,
-                                              _labels, _load_json, _load_probs, params_from_calibration,
-                                              read_calibration)
+                                              _labels, _load_json, _load_probs, check_identity, model_identity,
+                                              params_from_calibration, read_calibration)
 from nnunet_calibration.utils import write_json_atomic
 
 
@@ -93,14 +108,61 @@ class _Plan:
     file_ending: str
     recompute: bool  # the calibration can change the argmax: segmentations are recomputed
     rw: Any  # nnU-Net's reader/writer (only when recomputing)
+    json_files: dict  # name -> path of dataset.json / plans.json / predict_from_raw_data_args.json to copy
+
+
+def _warn(message: str) -> None:
+    print(f"calib-calibrate: warning: {message}", file=sys.stderr)
 
 
 def _checked_calibration(model_folder: Path) -> tuple[dict, Path]:
+    """The model folder's calibration, checked against the model folder: label set, and (files of
+    version 2 and later) the identity of :func:`~.model.model_identity` and the folds (each of
+    ``model.folds`` must be a ``fold_X`` folder of it). A file without ``model`` (version 1) is accepted
+    with a warning on stderr (module docstring)."""
     cal = read_calibration(model_folder)
     cal_path = model_folder / CALIBRATION_FILE
     if not _same_label_set(_load_json(model_folder / "dataset.json"), cal):
         raise CalibrationError(f"{cal_path}: its label set differs from {model_folder / 'dataset.json'}; fit again")
+    if not isinstance(cal.get("model"), dict):
+        return cal, cal_path  # warned by apply_calibration once the output is written
+    plans_file = model_folder / "plans.json"
+    check_identity(cal, cal_path, model_identity(model_folder), f"the model folder {model_folder} (its name and "
+                   f"{plans_file.name})")
+    folds = cal["model"].get("folds") or []
+    missing = [f for f in folds if not (model_folder / f"fold_{f}").is_dir()]
+    if missing:
+        raise CalibrationError(f"{cal_path}: field 'model.folds' is {folds} but the model folder {model_folder} has no "
+                               f"{', '.join(f'fold_{f}' for f in missing)}; this calibration belongs to another "
+                               "export of the model (fit it for this one)")
     return cal, cal_path
+
+
+def validation_model_folder(pred: Path) -> Optional[Path]:
+    """The model folder of a ``MODEL/fold_X/validation`` folder (``nnUNetv2_train --npz`` output: CASE.npz,
+    CASE.pkl, segmentations, summary.json, but no dataset.json / plans.json), or None for any other folder."""
+    pred = pred.resolve()
+    if pred.name == "validation" and pred.parent.name.startswith("fold_") and \
+            (pred.parent.parent / "dataset.json").is_file() and not (pred / "dataset.json").is_file():
+        return pred.parent.parent
+    return None
+
+
+def _check_prediction_source(pred: Path, cal: dict, cal_path: Path) -> dict:
+    """``{name: path}`` of the json files that describe ``pred`` (its own, or for a validation folder its
+    model folder's), after checking that the model that made ``pred`` is the calibration's."""
+    source = validation_model_folder(pred)
+    if source is not None:
+        check_identity(cal, cal_path, model_identity(source), f"the model folder {source} of the validation "
+                       f"folder {pred}")
+        return {n: source / n for n in ("dataset.json", "plans.json") if (source / n).is_file()}
+    files = {n: pred / n for n in COPIED_JSON if (pred / n).is_file()}
+    if "plans.json" in files:
+        # nnU-Net's prediction folders record dataset and plans (plans.json), not trainer, configuration or folds
+        other = model_identity(pred, _load_json(files["plans.json"]))
+        check_identity(cal, cal_path, {"dataset": other["dataset"], "plans": other["plans"]},
+                       f"{files['plans.json']} (dataset_name / plans_name)", fields=("dataset", "plans"))
+    return files
 
 
 def _plan(pred: Path, model_folder: Path, out: Path, force: bool) -> _Plan:
@@ -112,7 +174,8 @@ def _plan(pred: Path, model_folder: Path, out: Path, force: bool) -> _Plan:
     check_output_path(out)
     if out.exists():
         raise CalibrationError(f"{out}: output folder exists; choose a new one")
-    dj_path = pred / "dataset.json"
+    json_files = _check_prediction_source(pred, cal, cal_path)
+    dj_path = json_files.get("dataset.json", pred / "dataset.json")
     dj = _load_json(dj_path)
     if not _same_label_set(dj, cal):
         raise CalibrationError(f"{dj_path}: label set {dj.get('labels')} (regions_class_order "
@@ -128,20 +191,19 @@ def _plan(pred: Path, model_folder: Path, out: Path, force: bool) -> _Plan:
     if not npzs:
         raise CalibrationError(f"{pred}: no CASE.npz files (predict with --save_probabilities)")
     recompute = scaling.changes_decision(params, regions is not None)
-    rw = _reader_writer(pred, npzs) if recompute else None
+    rw = _reader_writer(json_files.get("plans.json", pred / "plans.json"), npzs) if recompute else None
     mark = calibrated_mark(pred, [p for p in (n.with_suffix(".pkl") for n in npzs) if p.is_file()])
     if mark is not None and not force:
         raise CalibrationError(f"{pred}: already calibrated ({mark}); applying again would scale twice; "
                                "pass --force to do it anyway")
     return _Plan(pred, cal, cal_path, params, lm, regions is not None, n_channels, npzs,
-                 dj.get("file_ending", ".nii.gz"), recompute, rw)
+                 dj.get("file_ending", ".nii.gz"), recompute, rw, json_files)
 
 
-def _reader_writer(pred: Path, npzs: Sequence[Path]):
+def _reader_writer(plans_path: Path, npzs: Sequence[Path]):
     """nnU-Net's image reader/writer of the plans, to write recomputed segmentations (every pkl needed)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # only needed to write segmentations
 
-    plans_path = pred / "plans.json"
     if not plans_path.is_file():
         raise CalibrationError(f"{plans_path}: needed to write the recomputed segmentations (vector scaling "
                                "can change the argmax) but not found")
@@ -184,9 +246,8 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
     staged = StagedOutput(out)  # checks the location (writable) and creates the staging folder now
     tmp = staged.prepare()  # a killed run's staging folder (its pid is gone) is removed here
     try:
-        for name in COPIED_JSON:
-            if (pred / name).is_file():
-                shutil.copy2(pred / name, tmp / name)
+        for name, src in plan.json_files.items():
+            shutil.copy2(src, tmp / name)
         for npz in tqdm(plan.npzs, desc="calibration: applying", unit="case", disable=not progress):
             _write_case(plan, npz, tmp, applied)
         rec = dict(plan.cal, applied_to={"prediction_folder": str(pred.resolve()), "cases": len(plan.npzs),
@@ -197,4 +258,7 @@ def apply_calibration(pred_folder: PathLike, model_folder: PathLike, out_folder:
     except BaseException:
         staged.discard()
         raise
+    if not isinstance(plan.cal.get("model"), dict):  # said once the output is written (a failed run: its error only)
+        _warn(f"{plan.cal_path}: written by an older version (no 'model' field): not checked that it belongs to "
+              "this model, and fitted with the biased 1e-7 probability floor; fit again to get both")
     return rec

@@ -10,12 +10,14 @@ have its ``CASE.npz``; the references ``CASE{file_ending}`` are read with the ev
 from, in this order, the ``gt_folder`` argument, ``$nnUNet_preprocessed/DatasetXXX_Name/
 gt_segmentations`` (what nnU-Net's own validation compares against) or
 ``$nnUNet_raw/DatasetXXX_Name/labelsTr``. Labels / regions come from ``dataset.json`` through the
-evaluator's :func:`~nnunet_calibration.evaluation.core.label_info` (so datasets with an ``ignore``
-label are not supported, as in ``calib-evaluate``).
+evaluator's :func:`~nnunet_calibration.evaluation.core.label_info`. An ``ignore`` label of
+``dataset.json`` (nnU-Net's sparse annotation) is honoured: its voxels are left out of the fit (not
+counted in ``voxels.available``), for softmax labels and for sigmoid regions alike (a region never
+contains the ignore label, so counting its voxels would make them negatives of every region).
 
 Fit (:func:`fit_model`)
 -----------------------
-All voxels of the used validation cases form the pool; at most ``max_voxels`` of them (default
+All voxels of the used validation cases (minus ignored ones) form the pool; at most ``max_voxels`` of them (default
 2,000,000) are drawn uniformly without replacement with seed ``seed``
 (:class:`~nnunet_calibration.posthoc.scaling.VoxelReservoir`). On that sample, one temperature
 (``temperature``) or one per channel (``vector``) is fitted by NLL
@@ -26,8 +28,16 @@ All voxels of the used validation cases form the pool; at most ``max_voxels`` of
 ``voxels`` (``available``, ``used``, ``max_voxels``, ``seed``); ``nll`` on the sample before and
 after (in-sample); with two or more folds ``crossfit`` (for fold k the parameters fitted on the
 other folds' sampled voxels, and the NLL of fold k's voxels before and after: an honest held-out
-estimate); ``prob_floor``, ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
-``caveat`` (:data:`ENSEMBLE_CAVEAT`).
+estimate); ``prob_floor`` (the value an exact zero probability is taken as: the smallest positive
+float32, :data:`~.scaling.PROB_FLOOR`; version 1 files say 1e-7), ``t_bounds``; ``command``, ``date`` (UTC), ``package_version``;
+``caveat`` (:data:`ENSEMBLE_CAVEAT`); since version 2 ``ignore_label``, ``model`` (which model:
+``dataset``, ``plans``, ``configuration``, ``trainer`` of :func:`model_identity`, and ``folds``),
+``scope`` (:func:`per_fold_scope` / :func:`ensemble_scope`) and ``prediction_folder``.
+
+Ensemble fit (``predictions``): the same fit on a prediction folder of the fold ensemble
+(``nnUNetv2_predict -f 0 1 2 3 4 --save_probabilities`` on held-out labelled cases, references in
+``gt_folder``); its plans.json / dataset.json must be the model's; ``folds`` names the ensemble's
+folds (nnU-Net does not record them); no cross-fit; caveat :data:`ENSEMBLE_FIT_CAVEAT`.
 
 Apply: :mod:`nnunet_calibration.posthoc.apply`.
 
@@ -59,7 +69,8 @@ PathLike = Union[str, os.PathLike]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "nnunet-calibration/calibration"
-VERSION = 1
+#: 2: fitted without the 1e-7 probability floor; ignore label honoured
+VERSION = 2
 DEFAULT_MAX_VOXELS = 2_000_000
 COPIED_JSON = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
 #: the key that marks a calibrated case in its ``CASE.pkl`` (a list: one entry per calibration applied)
@@ -70,6 +81,10 @@ ENSEMBLE_CAVEAT = (
     "already softens over-confidence where the folds disagree; applied to such an ensemble the fitted "
     "temperature can over-correct (probabilities too soft). Applied to single-fold predictions it is "
     "what was fitted.")
+ENSEMBLE_FIT_CAVEAT = (
+    "The parameters were fitted on predictions of the fold ensemble (nnU-Net's averaged logits of the folds in "
+    "'model.folds') on held-out labelled cases. Apply them to predictions of that same ensemble; single-fold "
+    "predictions are more over-confident and would be under-corrected.")
 
 
 class CalibrationError(UserError):
@@ -182,6 +197,59 @@ def _load_probs(path: Path, n_channels: int) -> np.ndarray:
     return p
 
 
+# -- which model -----------------------------------------------------------------------------------
+#: the fields of ``calibration.json``'s ``model`` that name the model a calibration belongs to
+IDENTITY_FIELDS = ("dataset", "plans", "configuration", "trainer")
+
+
+def model_identity(model_folder: PathLike, plans: Optional[dict] = None) -> dict:
+    """``{"dataset", "plans", "configuration", "trainer"}`` of ``.../DatasetXXX_Name/Trainer__Plans__Configuration``.
+
+    ``dataset`` / ``plans``: nnU-Net's ``dataset_name`` / ``plans_name`` of the folder's ``plans.json``
+    (``plans``: that dict if already read), else the parent folder's name / the folder name's middle
+    part; ``trainer`` / ``configuration``: the folder name, split by nnU-Net's own
+    ``convert_identifier_to_trainer_plans_config``. A field that cannot be known (a folder name not of
+    that form) is ``None``, and is then not compared by :func:`check_identity`."""
+    folder = Path(model_folder).resolve()
+    if plans is None:
+        plans = _load_json(folder / "plans.json") if (folder / "plans.json").is_file() else {}
+    parts = folder.name.split("__")
+    trainer = plans_name = configuration = None
+    if len(parts) == 3 and all(parts):
+        from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
+        trainer, plans_name, configuration = convert_identifier_to_trainer_plans_config(folder.name)
+    dataset = plans.get("dataset_name") if isinstance(plans, dict) else None
+    plans_name = (plans.get("plans_name") if isinstance(plans, dict) else None) or plans_name
+    if dataset is None and folder.parent.name.startswith("Dataset"):
+        dataset = folder.parent.name
+    return {"dataset": dataset, "plans": plans_name, "configuration": configuration, "trainer": trainer}
+
+
+def check_identity(cal: dict, cal_path: PathLike, other: dict, other_source: str,
+                   fields: Sequence[str] = IDENTITY_FIELDS) -> None:
+    """A :class:`CalibrationError` naming both files and the first differing field when ``other`` (an
+    identity, :func:`model_identity`) disagrees with ``cal["model"]``; fields unknown on either side
+    are not compared. ``cal`` without ``model`` (a version 1 file): nothing to compare (the caller warns)."""
+    mine = cal.get("model")
+    if not isinstance(mine, dict):
+        return
+    for field in fields:
+        a, b = mine.get(field), other.get(field)
+        if a is not None and b is not None and a != b:
+            raise CalibrationError(f"{cal_path}: field 'model.{field}' is {a!r} but {other_source} says {b!r}; "
+                                   "this calibration belongs to another model (fit it for this one)")
+
+
+def per_fold_scope(folds: Sequence[int]) -> str:
+    """``scope`` of a calibration fitted on the models' own validation predictions (``fold_X/validation``)."""
+    return f"folds {' '.join(map(str, folds))} validation (per fold: each case predicted by the fold that did not train on it)"
+
+
+def ensemble_scope(folds: Sequence[int]) -> str:
+    """``scope`` of a calibration fitted on predictions of the fold ensemble (averaged logits)."""
+    return f"ensemble of folds {' '.join(map(str, folds))}"
+
+
 # -- fit -------------------------------------------------------------------------------------------
 def _params_json(params, method: str, channels: list) -> dict:
     if method == "temperature":
@@ -232,37 +300,91 @@ def _package_version() -> str:
         return "unknown"
 
 
+def model_folds(model_folder: PathLike) -> list[int]:
+    """The ``fold_<int>`` folders of a model folder (``fold_all`` is never one of them)."""
+    folder = Path(model_folder)
+    return sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def _prediction_cases(model_folder: Path, identity: dict, dj: dict, pred: Path) -> list[Path]:
+    """The ``CASE.npz`` of a prediction folder of this model (``nnUNetv2_predict --save_probabilities``),
+    after checking its plans.json / dataset.json against the model folder's."""
+    if not pred.is_dir():
+        raise CalibrationError(f"{pred}: prediction folder does not exist")
+    if (pred / "plans.json").is_file():
+        other = model_identity(model_folder, _load_json(pred / "plans.json"))
+        mine = {k: identity[k] for k in ("dataset", "plans")}
+        for k, v in mine.items():
+            if v is not None and other[k] is not None and other[k] != v:
+                raise CalibrationError(f"{pred / 'plans.json'}: {'dataset_name' if k == 'dataset' else 'plans_name'} "
+                                       f"{other[k]!r} differs from {model_folder / 'plans.json'} ({v!r}); these "
+                                       "predictions were made by another model")
+    if (pred / "dataset.json").is_file():
+        pdj = _load_json(pred / "dataset.json")
+        if pdj.get("labels") != dj.get("labels") or pdj.get("regions_class_order") != dj.get("regions_class_order"):
+            raise CalibrationError(f"{pred / 'dataset.json'}: label set differs from {model_folder / 'dataset.json'}")
+    npzs = sorted(pred.glob("*.npz"))
+    if not npzs:
+        raise CalibrationError(f"{pred}: no CASE.npz files (predict with --save_probabilities)")
+    return npzs
+
+
 def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, method: str = "temperature",
               max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, seed: int = 0, gt_folder: Optional[PathLike] = None,
-              command: Optional[str] = None, progress: bool = True, write: bool = True) -> dict:
-    """Fit on the model's validation predictions; write and return the ``calibration.json`` dict."""
+              command: Optional[str] = None, progress: bool = True, write: bool = True,
+              predictions: Optional[PathLike] = None) -> dict:
+    """Fit and write (``write``) and return the ``calibration.json`` dict.
+
+    Without ``predictions``: on the model's own validation predictions ``fold_X/validation`` of
+    ``folds`` (per-fold scope, :func:`per_fold_scope`; cross-fitted estimate with two folds or more).
+    With ``predictions``: on a prediction folder made by the ensemble of ``folds`` (default: every
+    ``fold_<int>`` folder of the model; nnU-Net does not record the folds in the prediction folder, so
+    they are taken as stated) on held-out labelled cases whose references are in ``gt_folder``
+    (ensemble scope, :func:`ensemble_scope`; no cross-fit). Both record ``model`` (the identity of
+    :func:`model_identity` plus ``folds``) and ``scope``."""
     if method not in scaling.METHODS:
         raise CalibrationError(f"unknown method {method!r}; choose one of {scaling.METHODS}")
     info = read_model_folder(model_folder)
     folder = info["folder"]
     dj, regions, channels = info["dataset_json"], info["regions"], info["channels"]
     file_ending = dj.get("file_ending", ".nii.gz")
-    cases = validation_cases(folder, folds, file_ending)
+    identity = model_identity(folder, info["plans"])
+    if predictions is None:
+        cases = validation_cases(folder, folds, file_ending)
+        jobs = [(f, npz) for f, npzs in cases.items() for npz in npzs]
+        used_folds, scope, what = sorted(cases), per_fold_scope(sorted(cases)), "validation cases"
+    else:
+        npzs = _prediction_cases(folder, identity, dj, Path(predictions))
+        used_folds = sorted(int(f) for f in folds) if folds else model_folds(folder)
+        if not used_folds:
+            raise CalibrationError(f"{folder}: no fold_<number> folders; name the folds of the ensemble with -f")
+        jobs = [(0, npz) for npz in npzs]
+        scope, what = ensemble_scope(used_folds), "ensemble predictions"
     gt = reference_folder(folder, gt_folder)
     reader = reader_writer(dj)
+    ignore_label = info["label_manager"].ignore_label
     res = scaling.VoxelReservoir(max_voxels, seed)
-    jobs = [(f, npz) for f, npzs in cases.items() for npz in npzs]
-    for f, npz in tqdm(jobs, desc="calibration: reading validation cases", unit="case", disable=not progress):
+    for f, npz in tqdm(jobs, desc=f"calibration: reading {what}", unit="case", disable=not progress):
         p, y = _read_case(npz, gt, file_ending, info["label_manager"], regions, reader)
         try:
-            res.add_case(p, y, regions, group=f)
+            res.add_case(p, y, regions, ignore_label=ignore_label, group=f)
         except ValueError as e:
             raise CalibrationError(f"{npz}: {e}") from e
     is_regions = regions is not None
     lp, y, groups = res.result()
+    if len(lp) == 0:
+        raise CalibrationError(f"{gt}: every reference voxel of the {len(jobs)} {what} is the ignore label "
+                               f"{ignore_label}; nothing to fit on")
     params = scaling.fit(lp, y, is_regions, method)
     rec = {
         "format": FORMAT, "version": VERSION, "method": method,
         "nonlinearity": "sigmoid" if is_regions else "softmax",
         "parameters": _params_json(params, method, channels),
         "channels": channels, "labels": dj["labels"], "regions_class_order": dj.get("regions_class_order"),
-        "model_folder": str(folder.resolve()), "folds": sorted(cases),
-        "cases": len(jobs), "reference_folder": str(gt.resolve()),
+        "model": dict(identity, folds=used_folds), "scope": scope,
+        "prediction_folder": None if predictions is None else str(Path(predictions).resolve()),
+        "model_folder": str(folder.resolve()), "folds": used_folds,
+        "cases": len(jobs), "reference_folder": str(gt.resolve()), "ignore_label": ignore_label,
         "voxels": {"available": int(res.seen), "used": int(len(lp)), "max_voxels": max_voxels, "seed": seed},
         "nll": {"before": scaling.nll(lp, y, is_regions), "after": scaling.nll(lp, y, is_regions, params),
                 "note": "in-sample: mean NLL of the fitted voxels"},
@@ -271,10 +393,10 @@ def fit_model(model_folder: PathLike, folds: Optional[Sequence[int]] = None, met
         "command": command if command is not None else " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": _package_version(),
-        "caveat": ENSEMBLE_CAVEAT,
+        "caveat": ENSEMBLE_CAVEAT if predictions is None else ENSEMBLE_FIT_CAVEAT,
     }
     by_fold = res.by_group()
-    if len(by_fold) >= 2:
+    if predictions is None and len(by_fold) >= 2:
         cf, _ = scaling.crossfit(by_fold, is_regions, method)
         n = sum(len(v[0]) for v in by_fold.values())
         before = sum(scaling.nll(*by_fold[k], is_regions) * len(by_fold[k][0]) for k in by_fold) / n
@@ -312,6 +434,8 @@ def format_summary(rec: dict) -> Iterable[str]:
         yield f"method: temperature  T = {p['temperature']:.4f}"
     else:
         yield "method: vector  " + ", ".join(f"{c}: {t:.4f}" for c, t in zip(p["channels"], p["temperatures"]))
+    if rec.get("scope"):
+        yield f"scope: {rec['scope']}"
     yield (f"folds {rec['folds']}, {rec['cases']} cases, {rec['voxels']['used']} of {rec['voxels']['available']} "
            f"voxels; NLL {rec['nll']['before']:.4f} -> {rec['nll']['after']:.4f} (in-sample)")
     if rec.get("crossfit"):

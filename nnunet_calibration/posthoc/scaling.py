@@ -26,16 +26,23 @@ Sigmoid regions (``regions=True``): every channel is its own binary problem; cal
 probabilities are ``sigmoid(logit(p_c) / T_c)`` with ``logit(p) = log p - log(1 - p)``, which
 equals the logit nnU-Net applied the sigmoid to.
 
-Underflow floor: probabilities are clipped to ``[PROB_FLOOR, 1]`` (softmax) or
-``[PROB_FLOOR, 1 - PROB_FLOOR]`` (sigmoid) before the logarithm, ``PROB_FLOOR = 1e-7`` (the
-evaluator's ``nll_eps``, so the fitted objective is the NLL that ``calib-evaluate`` reports, and a
-float32 probability next to 1 has a resolution of 6e-8 anyway). Saturated float32 values (exactly
-0 or 1, nnU-Net's "extreme confidence") thereby stay finite. The identity above is exact for
-every voxel whose probabilities are all at least the floor; a probability below the floor is
-treated as if it were the floor: its logit distance is underestimated (``|log p| <= 16.1``) and,
-after scaling with ``T > 1``, it becomes about ``1e-7 ** (1 / T)`` (relative) instead of the
-smaller true value. The floor never moves a decision (the largest softmax probability is at least
-``1 / C``; a sigmoid probability never crosses 0.5).
+Underflow floor (the smallest one float32 can hold, so the fit is unbiased): ``log p`` is computed
+in float64 from the stored values; only an exact zero (an underflowed probability) is replaced by
+``PROB_FLOOR = 2**-149 ~ 1.4e-45``, the smallest positive float32 (subnormal), so ``log p >=
+-103.28``. Every stored positive float32 value, subnormals included, keeps its own logarithm:
+``log p - logsumexp`` is then nnU-Net's logit difference up to float32 rounding of ``p`` (relative
+error ~6e-8 for normal values, larger only for subnormals below 1.2e-38, i.e. logit gaps over 87).
+A zero stands for a true probability below ~7e-46; taken as the floor its logit distance is
+underestimated (>= 103.3 instead of more), which after scaling with ``T`` leaves a residual
+probability of at most ``exp(-103.3 / T)`` (T = 4: 6e-12), far below float32 resolution of the
+winner. (Until version 1 of ``calibration.json`` the floor was ``1e-7``, which capped every logit
+gap at 16.1 and biased the fitted temperature of very confident models low: logits of std 25 with a
+true T of 4.0 were fitted as 3.17.) Sigmoid regions also need ``log(1 - p)``: a stored ``1.0`` means
+``1 - p`` below half the float gap under 1 of the stored dtype, and is taken as that bound
+(:func:`upper_floor`: float32 ``2**-25``, so ``|logit| <= 17.3`` there; float64 ``2**-53``). The fit's
+NLL is therefore no longer the evaluator's (``calib-evaluate`` floors at its ``nll_eps``, 1e-7); it
+is the NLL of the stored probabilities themselves. The floor never moves a decision (the largest
+softmax probability is at least ``1 / C``; a sigmoid probability never crosses 0.5).
 
 Decisions: a single temperature never changes the softmax argmax (``log p / T`` is monotone in
 ``log p``), and no sigmoid scaling with ``T_c > 0`` changes the ``p > 0.5`` decision (the sign of
@@ -64,7 +71,8 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
 
-PROB_FLOOR = 1e-7
+#: the smallest positive float32 (subnormal, 2**-149): the value an exact zero is taken as (module docstring)
+PROB_FLOOR = float(np.finfo(np.float32).smallest_subnormal)
 T_BOUNDS = (0.05, 20.0)
 METHODS = ("temperature", "vector")
 #: rows processed at once by :func:`apply_scaling` (float64 temporaries of this many voxels x C)
@@ -72,15 +80,28 @@ _APPLY_CHUNK = 1 << 20
 
 
 # -- conversions ---------------------------------------------------------------------------------
+def upper_floor(dtype) -> float:
+    """The smallest ``1 - p`` a stored sigmoid probability of ``dtype`` is taken to have: half the float
+    gap below 1 (float16 ``2**-12``, float32 ``2**-25``), for float64 the gap itself (``2**-53``: half of it
+    would round to 1 in float64)."""
+    dt = np.dtype(dtype)
+    if dt.kind != "f" or dt.itemsize >= 8:
+        return float(np.finfo(np.float64).epsneg)
+    return float(np.finfo(dt).epsneg) / 2
+
+
 def log_probabilities(probs: np.ndarray, regions: bool, dtype=np.float64) -> np.ndarray:
-    """``log p`` of probabilities (any layout), clipped at the floor (module docstring)."""
-    hi = 1.0 - PROB_FLOOR if regions else 1.0
-    return np.log(np.clip(np.asarray(probs, dtype=dtype), PROB_FLOOR, hi))
+    """``log p`` in float64 of probabilities (any layout), exact zeros taken as :data:`PROB_FLOOR`;
+    regions: ``p`` at most ``1 - upper_floor(probs.dtype)`` (module docstring)."""
+    probs = np.asarray(probs)
+    hi = 1.0 - upper_floor(probs.dtype) if regions else 1.0
+    return np.log(np.clip(probs.astype(dtype), PROB_FLOOR, hi))
 
 
 def _logit_from_log(log_probs: np.ndarray) -> np.ndarray:
-    """``log p - log(1 - p)`` from floored ``log p`` (numerically stable next to 1)."""
-    lp = np.minimum(log_probs, np.log1p(-PROB_FLOOR))
+    """``log p - log(1 - p)`` from ``log p`` (numerically stable next to 1; ``log p = 0`` is taken as
+    ``p = 1 - 2**-53``, the float64 limit)."""
+    lp = np.minimum(log_probs, np.log1p(-upper_floor(np.float64)))
     return lp - np.log(-np.expm1(lp))
 
 
@@ -349,7 +370,8 @@ def apply_scaling(probs: np.ndarray, params, regions: bool) -> np.ndarray:
     """Calibrated probabilities, float32, same shape as ``probs`` ``(C, ...)`` (channel first).
 
     ``params``: one temperature (float) or ``C`` temperatures. Softmax: ``softmax_c(log p_c / T_c)``
-    over axis 0; regions: ``sigmoid(logit(p_c) / T_c)``; ``p`` floored first (module docstring).
+    over axis 0; regions: ``sigmoid(logit(p_c) / T_c)``; exact zeros / ones taken as the floors of
+    the module docstring (``PROB_FLOOR``, :func:`upper_floor` of ``probs.dtype``).
     Computed in float64 in chunks of voxels (bounded extra memory).
     """
     probs = np.asarray(probs)
@@ -365,7 +387,7 @@ def apply_scaling(probs: np.ndarray, params, regions: bool) -> np.ndarray:
     flat = probs.reshape(c, -1)
     out = np.empty(flat.shape, dtype=np.float32)
     for s in range(0, flat.shape[1], _APPLY_CHUNK):
-        lp = log_probabilities(flat[:, s:s + _APPLY_CHUNK], regions)
+        lp = log_probabilities(flat[:, s:s + _APPLY_CHUNK], regions)  # the dtype of probs decides the floor
         if regions:
             z = _logit_from_log(lp) * inv_t
             out[:, s:s + _APPLY_CHUNK] = expit(z)

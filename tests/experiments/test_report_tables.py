@@ -244,6 +244,9 @@ def test_cross_fitted_rows_equal_hand_computation(tmp_path):
     assert set(table) == {"nnUNetTrainerDiceCE", "nnUNetTrainerDiceCE + TS", "nnUNetTrainerDiceCE + VS"}
     ts = rep["temperature_scaling"]["hand"]["nnUNetTrainerDiceCE + TS"]
     assert ts["cross_fitted"] is True
+    # the + TS row says which calibration it is (issue 22): per fold, in calibration.json's words
+    assert ts["scope"] == "folds 0 1 2 validation (per fold: each case predicted by the fold that did not train on it)"
+    assert ts["scope"] in (out / "README.md").read_text()
     # by hand: fold k's temperature from the other folds' voxels (grid search), the fold's NLL the mean over
     # its cases, the table value the mean over folds
     fold_nll = []

@@ -67,6 +67,12 @@ def test_fit_writes_calibration_json(fitted, synthetic_prediction):
     assert cal["labels"] == json.loads((fitted / "dataset.json").read_text())["labels"]
     assert cal["channels"][0] == "background" and len(cal["channels"]) == 4
     assert cal["command"].startswith("calib-calibrate fit") and cal["date"].endswith("+00:00")
+    # which model (issue 22): nnU-Net's names of the model folder and its plans.json
+    plans = json.loads((fitted / "plans.json").read_text())
+    assert cal["model"] == {"dataset": plans["dataset_name"], "plans": plans["plans_name"], "configuration": "2d",
+                            "trainer": synthetic_prediction.trainer, "folds": [0]}
+    assert cal["model"]["dataset"] == synthetic_prediction.dataset.name and cal["model"]["plans"] == "nnUNetPlans"
+    assert cal["scope"].startswith("folds 0 validation (per fold") and cal["prediction_folder"] is None
     assert "ensemble" in cal["caveat"] and cal["crossfit"] is None  # one fold only
     # the reference folder is nnU-Net's gt_segmentations of the preprocessed dataset
     assert cal["reference_folder"].endswith("gt_segmentations")
@@ -90,8 +96,8 @@ def test_apply_lowers_held_out_nll_and_keeps_nnunet_layout(fitted, synthetic_pre
         p = np.load(npz)["probabilities"]
         q = np.load(out / npz.name)["probabilities"]
         assert q.dtype == np.float32 and q.shape == p.shape
-        # direct formula: softmax(log(max(p, 1e-7)) / T)
-        z = np.log(np.maximum(p.astype(np.float64), 1e-7)) / t
+        # direct formula: softmax(log(max(p, 2**-149)) / T) (an exact zero taken as the smallest float32)
+        z = np.log(np.maximum(p.astype(np.float64), 2.0 ** -149)) / t
         e = np.exp(z - z.max(0))
         np.testing.assert_allclose(q, e / e.sum(0), atol=1e-6)
         # one temperature keeps the decision: segmentation copied byte for byte, pkl as nnU-Net wrote
@@ -229,3 +235,66 @@ def test_fit_on_two_folds_writes_cross_fitted_estimate(synthetic_prediction, tmp
     assert cf["nll_before"] == pytest.approx(_direct_nll(folder / "fold_0" / "validation", gt), rel=1e-5)
     assert cf["nll_after"] < cf["nll_before"]
     assert json.loads((folder / "calibration.json").read_text())["crossfit"] == cf
+
+
+def test_apply_to_a_validation_folder(fitted, tmp_path):
+    """A fold_X/validation folder (nnUNetv2_train --npz: CASE.npz, CASE.pkl, segmentations, summary.json, no
+    dataset.json / plans.json): those two are taken from its model folder and copied to the output; its
+    summary.json (the uncalibrated scores) is not."""
+    val = fitted / "fold_0" / "validation"
+    src = {p.name for p in val.iterdir()}
+    assert "summary.json" in src and "dataset.json" not in src and "plans.json" not in src
+    out = tmp_path / "val_calibrated"
+    assert cli.main(["apply", str(val), "-m", str(fitted), "-o", str(out), "--no-progress"]) == 0
+    t = json.loads((fitted / "calibration.json").read_text())["parameters"]["temperature"]
+    for name in ("dataset.json", "plans.json"):
+        assert (out / name).read_bytes() == (fitted / name).read_bytes()
+    assert not (out / "summary.json").exists()
+    npzs = sorted(val.glob("*.npz"))
+    assert sorted(p.name for p in out.glob("*.npz")) == [p.name for p in npzs]
+    for npz in npzs:
+        p = np.load(npz)["probabilities"].astype(np.float64)
+        z = np.log(np.maximum(p, 2.0 ** -149)) / t
+        e = np.exp(z - z.max(0))
+        np.testing.assert_allclose(np.load(out / npz.name)["probabilities"], e / e.sum(0), atol=1e-6)
+        seg = npz.name[:-4] + ".nii.gz"
+        assert (out / seg).read_bytes() == (val / seg).read_bytes()
+
+
+def test_calibration_of_another_model_is_refused(fitted, synthetic_prediction, tmp_path, capsys):
+    """fit records the model (dataset, plans, configuration, trainer, folds); apply refuses a calibration
+    used with another model folder or with predictions of another model (exit 2, both files and the
+    field named, nothing written); a version 1 calibration.json (no 'model') is accepted with a warning."""
+    sp = synthetic_prediction
+    cal_path = fitted / "calibration.json"
+    out = tmp_path / "out"
+    # the calibration copied next to another trainer's model of the same dataset
+    other = _copy_model(fitted, fitted.parent.parent / "other" / "nnUNetTrainer__nnUNetPlans__2d")
+    shutil.copy2(cal_path, other / "calibration.json")
+    assert cli.main(["apply", str(sp.pred_folder), "-m", str(other), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{other / 'calibration.json'}: field 'model.trainer' is '{sp.trainer}'" in err
+    assert f"the model folder {other}" in err and "'nnUNetTrainer'" in err and not out.exists()
+    # predictions of another dataset (their plans.json says so)
+    pred = tmp_path / "pred_other_dataset"
+    shutil.copytree(sp.pred_folder, pred)
+    plans = json.loads((pred / "plans.json").read_text())
+    plans["dataset_name"] = "Dataset555_Other"
+    (pred / "plans.json").write_text(json.dumps(plans))
+    assert cli.main(["apply", str(pred), "-m", str(fitted), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cal_path}: field 'model.dataset' is '{sp.dataset.name}'" in err
+    assert f"{pred / 'plans.json'}" in err and "'Dataset555_Other'" in err and not out.exists()
+    # a calibration that names a fold the model folder does not have
+    rec = json.loads(cal_path.read_text())
+    twofold = _copy_model(fitted, tmp_path / "twofold" / sp.dataset.name / fitted.name)
+    (twofold / "calibration.json").write_text(json.dumps(dict(rec, model=dict(rec["model"], folds=[0, 1]))))
+    assert cli.main(["apply", str(sp.pred_folder), "-m", str(twofold), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "field 'model.folds' is [0, 1]" in err and "fold_1" in err and not out.exists()
+    # version 1 (no 'model'): accepted, with a one-line warning
+    old = {k: v for k, v in rec.items() if k not in ("model", "scope", "prediction_folder")}
+    (twofold / "calibration.json").write_text(json.dumps(dict(old, version=1)))
+    assert cli.main(["apply", str(sp.pred_folder), "-m", str(twofold), "-o", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "no 'model' field" in err and (out / "calibration.json").is_file()

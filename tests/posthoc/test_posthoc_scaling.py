@@ -132,16 +132,20 @@ def test_apply_scaling_equals_logit_scaling_and_handles_underflow():
     assert np.all(np.isfinite(soft))
     np.testing.assert_allclose(soft.sum(0), 1, rtol=1e-6)
     assert np.array_equal(soft.argmax(0), sat.argmax(0))
-    # a floored zero becomes floor**(1/T) relative to the winner: 1e-7 ** 0.25 = 0.0178
-    assert soft[1, 0] / soft[0, 0] == pytest.approx(scaling.PROB_FLOOR ** 0.25, rel=1e-5)
+    # an exact zero is taken as the smallest float32 (2**-149) and becomes floor**(1/T) relative to the
+    # winner: (2**-149) ** 0.25 = 1.09e-11 (with the old 1e-7 floor it was 0.0178)
+    assert scaling.PROB_FLOOR == 2.0 ** -149
+    assert soft[1, 0] / soft[0, 0] == pytest.approx(2.0 ** (-149 / 4), rel=1e-5)
     # sigmoid: sigmoid(logit(p) / T) per channel with its own T, 0.5 decision kept, saturation finite
     zr = rng.normal(0, 3, (2, 10))
     pr = (1 / (1 + np.exp(-zr))).astype(np.float32)
     pr[0, 0], pr[1, 0] = 0.0, 1.0
     outr = scaling.apply_scaling(pr, [2.0, 0.5], regions=True)
-    lo = np.log(scaling.PROB_FLOOR / (1 - scaling.PROB_FLOOR))
-    zc = np.clip(zr, lo, -lo)
-    zc[0, 0], zc[1, 0] = lo, -lo
+    # a stored float32 0 is 2**-149 (logit -149 ln 2), a stored 1 is 1 - 2**-25 (logit ln(2**25 - 1));
+    # every other value keeps its own logit
+    with np.errstate(divide="ignore"):  # the two saturated entries are set next
+        zc = np.log(pr.astype(np.float64)) - np.log1p(-pr.astype(np.float64))
+    zc[0, 0], zc[1, 0] = -149 * np.log(2), np.log(2.0 ** 25 - 1)
     expected = 1 / (1 + np.exp(-zc / np.array([[2.0], [0.5]])))
     np.testing.assert_allclose(outr, expected, atol=3e-6)
     assert np.array_equal(outr > 0.5, pr > 0.5)
@@ -150,6 +154,26 @@ def test_apply_scaling_equals_logit_scaling_and_handles_underflow():
     assert not scaling.changes_decision(2.0, False)
     assert not scaling.changes_decision([2.0, 0.5], True)
     assert scaling.changes_decision([2.0, 0.5, 1.0], False)
+
+
+def test_temperature_recovered_from_float32_probabilities_of_very_confident_logits():
+    """Issue 22: logits z of std 25 (a very confident model), labels drawn from softmax(z / 4) (the
+    true temperature is 4), probabilities softmax(z) stored as float32 as nnU-Net's npz do: many
+    probabilities are below 1e-7, some underflow to exactly 0. The fit recovers T = 4 to 2% (the old
+    1e-7 floor gave 3.17); the same fit on the exact float64 log-softmax agrees."""
+    rng = np.random.default_rng(8)
+    n, c = 200_000, 3
+    z = rng.normal(0, 25, (n, c))
+    y = _draw_labels(np.exp(_log_softmax(z / 4.0)), rng)
+    p32 = np.exp(_log_softmax(z)).astype(np.float32)
+    assert np.mean(p32 < 1e-7) > 0.3 and np.any(p32 == 0)
+    t = scaling.fit_temperature(scaling.log_probabilities(p32, False), y, regions=False)
+    assert t == pytest.approx(4.0, rel=0.02)
+    assert t == pytest.approx(scaling.fit_temperature(_log_softmax(z), y, regions=False), rel=1e-3)
+    # the old floor's bias, measured the same way (documents what the floor change fixed)
+    t_old = scaling.fit_temperature(np.log(np.clip(p32.astype(np.float64), 1e-7, 1)), y, regions=False)
+    print(f"T = 4: fitted {t:.4f} (float32 probabilities), {t_old:.4f} with the old 1e-7 floor")
+    assert t_old < 0.9 * 4.0
 
 
 def test_voxel_reservoir_is_a_uniform_sample_and_add_case_equals_add():

@@ -233,3 +233,57 @@ def test_apply_unusable_output_fails_before_any_case(tmp_path, capsys, setup, wh
     line = one_error_line(err)
     assert OUTPUT_ROWS[where] in line and str(out) in line and "case_001" not in line, line
     assert after == before
+
+
+# ------------------------------------------------------------------------- which model (issue 22)
+MODEL_ROWS = {  # the calibration of Dataset999_Tiny/Trainer__Plans__3d_fullres (fitted here) used with ... -> words
+    "another_configuration": ("field 'model.configuration' is '3d_fullres'", "'2d'"),
+    "another_trainer": ("field 'model.trainer' is 'Trainer'", "'OtherTrainer'"),
+    "another_plans": ("field 'model.plans' is 'Plans'", "'OtherPlans'"),
+    "predictions_of_another_dataset": ("field 'model.dataset' is 'Dataset999_Tiny'", "'Dataset998_Other'"),
+    "validation_folder_of_another_model": ("field 'model.trainer' is 'Trainer'", "of the validation folder"),
+}
+
+
+@pytest.mark.parametrize("row", list(MODEL_ROWS))
+def test_apply_refuses_a_calibration_of_another_model(tmp_path, capsys, row):
+    """The tiny model folder is fitted (so its calibration.json records the model); then it is applied
+    to another model's folder or predictions: exit 2, one line naming the calibration, the other file
+    and the differing field, nothing written."""
+    folder, gt = model_folder(tmp_path)
+    rc, _, err = run(capsys, "fit", folder, "--gt", gt)
+    assert rc == 0, err
+    cal = folder / model.CALIBRATION_FILE
+    names = {"another_configuration": "Trainer__Plans__2d", "another_trainer": "OtherTrainer__Plans__3d_fullres",
+             "another_plans": "Trainer__OtherPlans__3d_fullres"}
+    pred, model_arg = folder / "fold_0" / "validation", folder
+    if row in names:
+        model_arg = folder.parent / names[row]
+        shutil.copytree(folder, model_arg)
+    elif row == "predictions_of_another_dataset":
+        pred = tmp_path / "pred"
+        shutil.copytree(folder / "fold_0" / "validation", pred)
+        shutil.copy2(folder / "dataset.json", pred / "dataset.json")
+        (pred / "plans.json").write_text(json.dumps({"dataset_name": "Dataset998_Other", "plans_name": "Plans"}))
+    else:
+        other = folder.parent / "OtherTrainer__Plans__3d_fullres"
+        shutil.copytree(folder, other)
+        pred = other / "fold_0" / "validation"
+    before = fingerprint(tmp_path)
+    rc, stdout, err = run(capsys, "apply", pred, "-m", model_arg, "-o", tmp_path / "out")
+    assert rc == 2, stdout + err
+    line = one_error_line(err)
+    used_cal = model_arg / model.CALIBRATION_FILE
+    assert f"{used_cal}: " in line and all(w in line for w in MODEL_ROWS[row]), line
+    if row == "predictions_of_another_dataset":
+        assert str(pred / "plans.json") in line
+    elif row == "validation_folder_of_another_model":
+        assert str(pred) in line
+    else:
+        assert f"the model folder {model_arg}" in line
+    assert fingerprint(tmp_path) == before
+    # the control: the right model's validation folder is accepted
+    rc, _, err = run(capsys, "apply", folder / "fold_1" / "validation", "-m", folder, "-o", tmp_path / "ok")
+    assert rc == 0, err
+    assert (tmp_path / "ok" / "dataset.json").read_bytes() == (folder / "dataset.json").read_bytes()
+    assert cal.is_file()

@@ -34,7 +34,7 @@ class PosthocFit:
     fitted on the other folds' validation voxels (``cross_fitted=True``); with a single fold there
     is nothing else to fit on, so it is fitted on that fold itself (``cross_fitted=False``, and the
     report says so). ``all_folds``: fitted on every fold's voxels (in-sample for the table; the value
-    to apply to new predictions). ``fit_voxels[k]``: voxels behind ``per_fold[k]``.
+    to apply to new predictions). ``fit_voxels[k]``: voxels behind ``per_fold[k]``. ``scope``: see the field.
     """
 
     method: str  # "temperature" or "vector"
@@ -42,6 +42,10 @@ class PosthocFit:
     all_folds: object
     fit_voxels: dict
     cross_fitted: bool
+    #: which predictions the parameters are for, in the words of ``calibration.json``'s ``scope``
+    #: (:func:`nnunet_calibration.posthoc.model.per_fold_scope`): the report's rows are always fitted
+    #: on single-fold validation predictions, never on the fold ensemble
+    scope: str = ""
 
 
 @dataclass

@@ -43,6 +43,7 @@ from nnunet_calibration.experiments.report.data import (CASE_KEYS, FOLD_ONLY, ME
 from nnunet_calibration.experiments.status import fold_statuses, training_history, training_progress
 from nnunet_calibration.metrics import BinStats, CalibrationAccumulator
 from nnunet_calibration.posthoc import scaling
+from nnunet_calibration.posthoc.model import per_fold_scope
 from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, SettingsError, TrainerEntry
 
 
@@ -259,7 +260,7 @@ def _posthoc_row(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: Me
     params, cross = scaling.crossfit(per_fold, info.has_regions, method)
     n_fit = {k: int(sum(len(per_fold[f][1]) for f in per_fold if f != k or not cross)) for k in params}
     fit = PosthocFit(method=method, per_fold=params, all_folds=scaling.fit_all(per_fold, info.has_regions, method),
-                     fit_voxels=n_fit, cross_fitted=cross)
+                     fit_voxels=n_fit, cross_fitted=cross, scope=per_fold_scope(sorted(per_fold)))
     row = MethodResult(method=spec.label + SUFFIX[kind], trainer=spec.name, kind=kind, hparams=rec.hparams,
                        folds=rec.folds, missing_folds=rec.missing_folds, fit=fit)
     acc = _accumulator(summary, info)

@@ -126,7 +126,7 @@ def posthoc_json(e: ExperimentResult) -> dict:
         rec = {"method": f.method, "cross_fitted": f.cross_fitted,
                "per_fold": {str(k): v for k, v in f.per_fold.items()},
                "fit_voxels": {str(k): v for k, v in f.fit_voxels.items()},
-               "all_folds_in_sample": f.all_folds, "folds": m.folds}
+               "all_folds_in_sample": f.all_folds, "folds": m.folds, "scope": f.scope}
         if f.method == "temperature":
             rec["temperature"] = f.all_folds  # the single temperature to apply to new predictions
         out[m.method] = rec
@@ -187,7 +187,8 @@ def _md_results(data: ReportData, tab: Tables) -> list:
          f"Rank: Friedman average rank over {', '.join(tab.rank_metrics)}" + (" and experiments" if multi else "")
          + " (position in brackets). Rows `+ TS` / `+ VS`: the trainer above after temperature / vector "
          "(per-channel temperature) scaling, **cross-fitted**: fold k is scored with the parameters fitted on "
-         "the other folds' validation cases (see \"Post-hoc scaling\"). Columns `DSC+PP` / `HD95+PP`: the "
+         "the other folds' validation cases (see \"Post-hoc scaling\"); scope **per fold**: fitted on and for "
+         "single-fold predictions, not for the fold ensemble. Columns `DSC+PP` / `HD95+PP`: the "
          "same segmentations after nnU-Net's own postprocessing (keep the largest connected component where "
          "`nnUNetv2_determine_postprocessing` finds that it raises the Dice), **cross-fitted** likewise (see "
          "\"Postprocessing\"); every other column is without postprocessing. `SCE`: signed class-wise "
@@ -331,7 +332,11 @@ def _md_posthoc(data: ReportData) -> list:
          "other folds' validation voxels only, so no fold is scored with parameters fitted on itself (with a "
          "single fold there is nothing else to fit on: fitted on that fold, marked *in-sample*). Extra column "
          "*all folds (in-sample)*: fitted on every fold together, the value to apply to new predictions; it is "
-         "not used for the table. T > 1: the trainer was over-confident.", ""]
+         "not used for the table. T > 1: the trainer was over-confident. Column *scope*: which predictions the "
+         "parameters are for, as `calib-calibrate fit` names it in `calibration.json`: here always the folds' own "
+         "validation predictions (**per fold**); a calibration for the fold ensemble (averaged logits of all folds, "
+         "less over-confident) is fitted with `calib-calibrate fit MODEL --predictions ENSEMBLE_PRED --gt GT` and "
+         "is not what these rows measure.", ""]
     rows = []
     for e in data.experiments:
         for m in e.methods:
@@ -340,8 +345,9 @@ def _md_posthoc(data: ReportData) -> list:
             f = m.fit
             per = "; ".join(f"fold {k}: {fmt_params(v)} ({f.fit_voxels[k]} vox)" for k, v in f.per_fold.items())
             rows.append([e.name, m.method, "cross-fitted" if f.cross_fitted else "*in-sample* (one fold)", per,
-                         fmt_params(f.all_folds)])
-    L += [md_table(["Experiment", "Row", "fit", "parameters per fold (fit voxels)", "all folds (in-sample)"], rows)
+                         fmt_params(f.all_folds), f.scope])
+    L += [md_table(["Experiment", "Row", "fit", "parameters per fold (fit voxels)", "all folds (in-sample)", "scope"],
+                   rows)
           if rows else "(not computed)", ""]
     return L
 
