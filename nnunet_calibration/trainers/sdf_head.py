@@ -41,6 +41,33 @@ graph with weight 0 (DDP requires every parameter to take part in the backward p
 
 This keeps nnU-Net's ``train_step`` / ``validation_step`` (autocast, grad scaler, gradient clipping)
 completely untouched.
+
+Networks without a U-Net decoder
+--------------------------------
+The head needs the decoder's full-resolution features in front of a 1x1(x1) segmentation
+convolution. nnU-Net's Primus (transformer) trainers end in a transposed-convolution patch decoder
+without ``decoder.seg_layers``; combining an SDC trainer with them stops when the network is built
+with :class:`SDFHeadUnsupportedNetworkError`, naming the network, instead of training something else.
+
+Fine-tuning (``nnUNetv2_train ... -pretrained_weights CHECKPOINT``)
+-------------------------------------------------------------------
+nnU-Net's ``load_pretrained_weights`` requires every key of the new network except
+``.seg_layers.`` to be in the checkpoint. The SDC network's keys are ``network.<U-Net key>`` and
+``sdf_head.*``, so a checkpoint of a plain U-Net (``nnUNetTrainer`` and every trainer without the
+head) never passes, and an SDC checkpoint does not fit a plain network. nnU-Net has no hook for
+this, so each trainer of this package, when it is initialised, wraps the name
+``load_pretrained_weights`` in nnU-Net's ``nnunetv2.run.run_training`` (the function
+``nnUNetv2_train`` calls right after ``initialize()``; nnU-Net's files are not changed) with
+:func:`load_pretrained_weights`: nnU-Net's own function runs unchanged unless the network has the
+SDF head or the checkpoint is an SDC checkpoint. Then nnU-Net's rule is applied to the U-Net part
+(every key except ``.seg_layers.`` must be present with the same shape; the segmentation layers are
+not transferred) and the head is
+
+* loaded from an SDC checkpoint (if its shape fits: same number of output channels),
+* left at its fresh initialisation for a plain checkpoint (or a head of another shape),
+* dropped when an SDC checkpoint initialises a network without head,
+
+and the training log says which (``-pretrained_weights ...: SDF head ...``).
 """
 from __future__ import annotations
 
@@ -48,6 +75,27 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+
+class SDFHeadUnsupportedNetworkError(TypeError):
+    """The network has no U-Net decoder (``decoder.seg_layers`` ending in a 1x1(x1) convolution) to
+    attach SDC's SDF head to, e.g. nnU-Net's Primus transformers."""
+
+
+def _check_supported(network: nn.Module) -> nn.Module:
+    """The full-resolution segmentation convolution the head attaches to, or the named error."""
+    decoder = getattr(network, "decoder", None)
+    seg_layers = getattr(decoder, "seg_layers", None)
+    last = seg_layers[-1] if isinstance(seg_layers, (nn.ModuleList, nn.Sequential, list)) and len(seg_layers) else None
+    if not isinstance(last, (nn.Conv2d, nn.Conv3d)):
+        what = ("no decoder.seg_layers" if seg_layers is None or last is None
+                else f"decoder.seg_layers[-1] is a {type(last).__name__}, not a Conv2d/Conv3d")
+        raise SDFHeadUnsupportedNetworkError(
+            f"SDC's SDF head cannot be attached to {type(network).__name__} ({what}): it needs a U-Net "
+            f"whose decoder ends in a 1x1(x1) segmentation convolution (nnU-Net's PlainConvUNet, "
+            f"ResidualEncoderUNet, ...). Train this architecture (e.g. nnU-Net's Primus) with a "
+            f"calibration trainer without the SDF head (e.g. nnUNetTrainerNACL_DC, nnUNetTrainerDSCPlusPlus).")
+    return last
 
 
 class SDFHeadNetwork(nn.Module):
@@ -63,14 +111,7 @@ class SDFHeadNetwork(nn.Module):
 
     def __init__(self, network: nn.Module, num_sdf_channels: int):
         super().__init__()
-        decoder = getattr(network, "decoder", None)
-        seg_layers = getattr(decoder, "seg_layers", None)
-        if seg_layers is None or len(seg_layers) == 0:
-            raise TypeError(f"SDFHeadNetwork needs a network with decoder.seg_layers (nnU-Net's U-Nets), "
-                            f"got {type(network).__name__}")
-        last = seg_layers[-1]
-        if not isinstance(last, (nn.Conv2d, nn.Conv3d)):
-            raise TypeError(f"decoder.seg_layers[-1] must be a Conv2d/Conv3d, got {type(last).__name__}")
+        last = _check_supported(network)
         self.network = network
         self.sdf_head = nn.Sequential(
             type(last)(last.in_channels, int(num_sdf_channels), kernel_size=1, stride=1, padding=0, bias=True),
@@ -117,6 +158,19 @@ class SDFHeadNetwork(nn.Module):
 
     def compute_conv_feature_map_size(self, input_size):  # used by nnU-Net's planners only
         return self.network.compute_conv_feature_map_size(input_size)
+
+    def load_pretrained_head(self, head_weights: dict) -> str:
+        """Load the SDF head from ``head_weights`` (keys of ``sdf_head``) if they fit; says what happened."""
+        own = self.sdf_head.state_dict()
+        if not head_weights:
+            return "SDF head starts fresh (random initialisation): the checkpoint has no SDF head"
+        theirs = {k: tuple(v.shape) for k, v in head_weights.items()}
+        mine = {k: tuple(v.shape) for k, v in own.items()}
+        if theirs != mine:
+            return (f"SDF head starts fresh (random initialisation): the checkpoint's SDF head {theirs} does not "
+                    f"fit this network's {mine} (another number of output channels)")
+        self.sdf_head.load_state_dict(head_weights)
+        return "SDF head loaded from the checkpoint"
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -180,3 +234,94 @@ class SDFHeadLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"foreground_only={self.foreground_only}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: nnU-Net's -pretrained_weights with and without the SDF head (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+#: nnU-Net's load_pretrained_weights neither checks nor transfers keys containing these
+NOT_TRANSFERRED = (".seg_layers.",)
+
+
+def is_sdf_checkpoint(weights: dict) -> bool:
+    """Whether ``network_weights`` of a checkpoint come from an :class:`SDFHeadNetwork`."""
+    return any(k.startswith("sdf_head.") for k in weights) and any(k.startswith("network.") for k in weights)
+
+
+def split_sdf_weights(weights: dict) -> tuple[dict, dict]:
+    """(U-Net weights, SDF head weights) of a checkpoint's ``network_weights``; a plain U-Net
+    checkpoint is all U-Net."""
+    if not is_sdf_checkpoint(weights):
+        return dict(weights), {}
+    unet = {k[len("network."):]: v for k, v in weights.items() if k.startswith("network.")}
+    head = {k[len("sdf_head."):]: v for k, v in weights.items() if k.startswith("sdf_head.")}
+    return unet, head
+
+
+def transfer_unet_weights(network: nn.Module, weights: dict, source: str) -> int:
+    """nnU-Net's fine-tuning rule on a U-Net: every key except the segmentation layers must be in
+    ``weights`` with the same shape (else ``RuntimeError``); all of them are loaded, the segmentation
+    layers keep their fresh initialisation. Returns the number of tensors loaded."""
+    own = network.state_dict()
+    for key, value in own.items():
+        if any(s in key for s in NOT_TRANSFERRED):
+            continue
+        if key not in weights:
+            raise RuntimeError(f"Key {key} is missing in the pretrained model weights {source}: the checkpoint "
+                               f"does not fit this network ({type(network).__name__})")
+        if tuple(weights[key].shape) != tuple(value.shape):
+            raise RuntimeError(f"Key {key} has shape {tuple(weights[key].shape)} in the pretrained model weights "
+                               f"{source} but {tuple(value.shape)} in this network ({type(network).__name__})")
+    transfer = {k: v for k, v in weights.items() if k in own and not any(s in k for s in NOT_TRANSFERRED)}
+    own.update(transfer)
+    network.load_state_dict(own)
+    return len(transfer)
+
+
+def load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False,
+                            log: Callable[[str], None] = print, fallback: Optional[Callable] = None) -> None:
+    """nnU-Net's ``load_pretrained_weights(network, fname, verbose)`` that also handles the SDF head.
+
+    Without head on either side, nnU-Net's own function (``fallback``, default: nnU-Net's) runs
+    unchanged. Otherwise see the module docstring; ``log`` receives one line saying what was loaded.
+    """
+    if fallback is None:
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as fallback
+    mod = unwrap_network(network)
+    checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    if not isinstance(mod, SDFHeadNetwork) and not is_sdf_checkpoint(weights):
+        return fallback(network, fname, verbose=verbose)
+    unet, head = split_sdf_weights(weights)
+    target = mod.network if isinstance(mod, SDFHeadNetwork) else mod
+    n = transfer_unet_weights(target, unet, fname)
+    if isinstance(mod, SDFHeadNetwork):
+        head_msg = mod.load_pretrained_head(head)
+    else:
+        head_msg = "the checkpoint's SDF head is not used (this network has none)"
+    log(f"-pretrained_weights {fname} (trainer {checkpoint.get('trainer_name', '?')}): {n} tensors of the U-Net "
+        f"loaded, segmentation layers (.seg_layers.) re-initialised as nnU-Net does; {head_msg}")
+
+
+def install_pretrained_loader(log: Callable[[str], None] = print) -> bool:
+    """Make ``nnUNetv2_train -pretrained_weights`` use :func:`load_pretrained_weights` in this process.
+
+    Replaces the name ``load_pretrained_weights`` in ``nnunetv2.run.run_training`` (what its
+    ``maybe_load_checkpoint`` calls after ``trainer.initialize()``) by a wrapper logging with ``log``;
+    nnU-Net's files are not touched and every other network / checkpoint goes to nnU-Net's function.
+    Returns False (nothing changed) where nnU-Net has no such name."""
+    try:
+        from nnunetv2.run import run_training
+    except ImportError:  # pragma: no cover - nnU-Net always has it
+        return False
+    current = getattr(run_training, "load_pretrained_weights", None)
+    if current is None:
+        return False
+    original = getattr(current, "nnunet_original", current)
+
+    def wrapper(network, fname, verbose=False):
+        return load_pretrained_weights(network, fname, verbose=verbose, log=log, fallback=original)
+
+    wrapper.nnunet_original = original
+    run_training.load_pretrained_weights = wrapper
+    return True
