@@ -26,7 +26,7 @@ optimiser, schedule and inference are nnU-Net's defaults.
   (``loss_key``), which is not overridable; ``loss_fixed`` may hold further fixed constructor
   arguments for user subclasses. All of it is written to ``calibration_hparams.json``.
 * Fine-tuning (``-pretrained_weights``): from checkpoints with or without SDC's SDF head, see
-  :mod:`nnunet_calibration.trainers.sdf_head` (installed by :meth:`nnUNetTrainerCalibLossBase.initialize`).
+  :mod:`nnunet_calibration.trainers.sdf_head` (installed by ``nnUNetTrainerHparamsBase.initialize``).
 * 3D: the loss gets the configuration's spacing (``configuration_manager.spacing``): for an
   anisotropic spacing by nnU-Net's rule (max / min > 3, one low-resolution axis) morphology and
   local filters are in-plane 3x3x1, otherwise 3x3x3; SDC's reference SDF is in millimetres
@@ -43,8 +43,7 @@ import torch
 
 from nnunet_calibration.losses import MORPH_VARIANTS, WithDice, build_loss
 from nnunet_calibration.trainers.base import nnUNetTrainerHparamsBase
-from nnunet_calibration.trainers.sdf_head import (SDFHeadLoss, SDFHeadNetwork, install_pretrained_loader,
-                                                  unwrap_network)
+from nnunet_calibration.trainers.sdf_head import SDFHeadLoss, SDFHeadNetwork, unwrap_network
 
 
 class nnUNetTrainerCalibLossBase(nnUNetTrainerHparamsBase):
@@ -90,11 +89,6 @@ class nnUNetTrainerCalibLossBase(nnUNetTrainerHparamsBase):
 
     def _build_loss(self):
         return self._wrap_deep_supervision(self.build_calibration_loss())
-
-    def initialize(self):
-        super().initialize()
-        # nnUNetv2_train -pretrained_weights: a checkpoint with or without SDF head fits this network
-        install_pretrained_loader(self.print_to_log_file)
 
     def used_hparams(self) -> dict:
         out = super().used_hparams()

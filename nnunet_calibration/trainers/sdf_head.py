@@ -55,17 +55,19 @@ nnU-Net's ``load_pretrained_weights`` requires every key of the new network exce
 ``.seg_layers.`` to be in the checkpoint. The SDC network's keys are ``network.<U-Net key>`` and
 ``sdf_head.*``, so a checkpoint of a plain U-Net (``nnUNetTrainer`` and every trainer without the
 head) never passes, and an SDC checkpoint does not fit a plain network. nnU-Net has no hook for
-this, so each trainer of this package, when it is initialised, wraps the name
-``load_pretrained_weights`` in nnU-Net's ``nnunetv2.run.run_training`` (the function
-``nnUNetv2_train`` calls right after ``initialize()``; nnU-Net's files are not changed) with
-:func:`load_pretrained_weights`: nnU-Net's own function runs unchanged unless the network has the
-SDF head or the checkpoint is an SDC checkpoint. Then nnU-Net's rule is applied to the U-Net part
-(every key except ``.seg_layers.`` must be present with the same shape; the segmentation layers are
-not transferred) and the head is
+this (``nnUNetv2_train`` calls the module-level function ``load_pretrained_weights`` of
+``nnunetv2.run.run_training`` right after ``trainer.initialize()``, and the trainer never sees the
+file name), so every trainer of this package, in its ``initialize()``, rebinds that name in
+``nnunetv2.run.run_training`` (in this process only; no nnU-Net file is changed) to a wrapper of
+:func:`load_pretrained_weights`:
 
-* loaded from an SDC checkpoint (if its shape fits: same number of output channels),
-* left at its fresh initialisation for a plain checkpoint (or a head of another shape),
-* dropped when an SDC checkpoint initialises a network without head,
+* neither side has the head: nnU-Net's own function, unchanged;
+* SDC network, checkpoint without head (``nnUNetTrainer``, DiceCE, every other plain U-Net): nnU-Net's
+  own function on the wrapped U-Net (its rule: every key except ``.seg_layers.`` present with the
+  same shape, segmentation layers re-initialised); the SDF head keeps its fresh initialisation;
+* SDC checkpoint: nnU-Net's rule re-applied to its U-Net part (:func:`transfer_unet_weights`, same
+  checks and the same keys skipped) and the head loaded into an SDC network (if its shape fits: the
+  same number of output channels; else it starts fresh), not used by a network without head;
 
 and the training log says which (``-pretrained_weights ...: SDF head ...``).
 """
@@ -282,25 +284,36 @@ def load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = Fals
                             log: Callable[[str], None] = print, fallback: Optional[Callable] = None) -> None:
     """nnU-Net's ``load_pretrained_weights(network, fname, verbose)`` that also handles the SDF head.
 
-    Without head on either side, nnU-Net's own function (``fallback``, default: nnU-Net's) runs
-    unchanged. Otherwise see the module docstring; ``log`` receives one line saying what was loaded.
+    * neither the network nor the checkpoint has the head: nnU-Net's own function (``fallback``,
+      default: nnU-Net's) runs unchanged on ``network``;
+    * an SDC network, a checkpoint without head (``nnUNetTrainer``, DiceCE, any plain U-Net): nnU-Net's
+      own function runs on the wrapped U-Net (``network.network``); the head keeps its fresh
+      initialisation;
+    * an SDC checkpoint: nnU-Net's rule (:func:`transfer_unet_weights`) on the U-Net part, and the head
+      loaded (SDC network with a head of the same shape) or not used (see the module docstring).
+
+    ``log`` receives one line saying what was loaded (nnU-Net's trainer log under ``nnUNetv2_train``).
     """
     if fallback is None:
         from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as fallback
     mod = unwrap_network(network)
     checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
     weights = checkpoint["network_weights"]
-    if not isinstance(mod, SDFHeadNetwork) and not is_sdf_checkpoint(weights):
+    source = f"-pretrained_weights {fname} (trainer {checkpoint.get('trainer_name', '?')})"
+    has_head, sdf_checkpoint = isinstance(mod, SDFHeadNetwork), is_sdf_checkpoint(weights)
+    if not has_head and not sdf_checkpoint:
         return fallback(network, fname, verbose=verbose)
+    if not sdf_checkpoint:
+        fallback(mod.network, fname, verbose=verbose)
+        log(f"{source}: the U-Net loaded by nnU-Net's load_pretrained_weights (segmentation layers "
+            f"re-initialised); {mod.load_pretrained_head({})}")
+        return
     unet, head = split_sdf_weights(weights)
-    target = mod.network if isinstance(mod, SDFHeadNetwork) else mod
+    target = mod.network if has_head else mod
     n = transfer_unet_weights(target, unet, fname)
-    if isinstance(mod, SDFHeadNetwork):
-        head_msg = mod.load_pretrained_head(head)
-    else:
-        head_msg = "the checkpoint's SDF head is not used (this network has none)"
-    log(f"-pretrained_weights {fname} (trainer {checkpoint.get('trainer_name', '?')}): {n} tensors of the U-Net "
-        f"loaded, segmentation layers (.seg_layers.) re-initialised as nnU-Net does; {head_msg}")
+    head_msg = mod.load_pretrained_head(head) if has_head else "the checkpoint's SDF head is not used (this network has none)"
+    log(f"{source}: {n} tensors of the U-Net loaded, segmentation layers (.seg_layers.) re-initialised as "
+        f"nnU-Net does; {head_msg}")
 
 
 def install_pretrained_loader(log: Callable[[str], None] = print) -> bool:
