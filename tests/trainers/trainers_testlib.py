@@ -3,14 +3,11 @@ train + predict round trip with real nnU-Net commands, and the checks applied to
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -150,90 +147,57 @@ def remove(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# nnU-Net workflows (tests/trainers/test_workflows*.py)
+# nnU-Net workflows (tests/trainers/test_workflows.py)
 # ----------------------------------------------------------------------------------------------
-#: the trainer families of the workflow matrix: one trainer each
-FAMILIES = {
-    "SDC": "nnUNetTrainerSDC_DC",
-    "morph": "nnUNetTrainerNACL_MorphGradient_DC",
-    "DSC++": "nnUNetTrainerDSCPlusPlus",
-    "mL1-ACE": "nnUNetTrainerDiceCE_ACE",
-}
-
-#: test-only trainers, found by nnU-Net through nnUNet_extTrainer (see :func:`ext_trainer_env`)
-EXT_TRAINERS = '''
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_S_Trainer
-
-from nnunet_calibration.trainers import nnUNetTrainerDSCPlusPlus, nnUNetTrainerSDC_DC
-
-
-class nnUNetTrainer_2iterations(nnUNetTrainer):
-    """nnU-Net's own trainer, shortened as nnU-Net's nnUNetTrainer_1epoch is: 1 epoch of 2 iterations."""
-    short_schedule = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        for key, value in self.short_schedule.items():
-            setattr(self, key, value)
-
-
-class nnUNetTrainerSDC_DC_PrimusS(nnUNetTrainerSDC_DC, nnUNet_Primus_S_Trainer):
-    """SDC (with its SDF head) on nnU-Net's Primus-S transformer."""
-
-
-class nnUNetTrainerDSCPlusPlus_PrimusS(nnUNetTrainerDSCPlusPlus, nnUNet_Primus_S_Trainer):
-    """DSC++ (a loss, no head) on nnU-Net's Primus-S transformer."""
-'''
-
-
-def ext_trainer_env(env: dict, folder: Path) -> dict:
-    """``env`` with :data:`EXT_TRAINERS` written to ``folder`` and added to nnUNet_extTrainer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "workflow_test_trainers.py").write_text(EXT_TRAINERS)
-    paths = [p for p in (env.get("nnUNet_extTrainer"), str(folder)) if p]
-    return dict(env, nnUNet_extTrainer=os.pathsep.join(paths))
-
-
 def nnunet_train(dataset, configuration: str, fold: str, trainer: str, results: Path, *extra: str,
-                 plans: str = "nnUNetPlans", env: dict | None = None, hparams: str = SHORT_TRAINING) -> tuple[Path, str]:
-    """``nnUNetv2_train`` (CPU) into ``results``; returns (model folder, output)."""
-    env = dict(env or dataset.env, NNUNET_CALIB_HPARAMS=hparams, nnUNet_results=str(results))
+                 plans: str = "nnUNetPlans", hparams: str = SHORT_TRAINING) -> tuple[Path, str]:
+    """``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS -device cpu EXTRA`` into the
+    nnUNet_results folder ``results``; returns (model folder, output)."""
+    env = dict(dataset.env, NNUNET_CALIB_HPARAMS=hparams, nnUNet_results=str(results))
     out = run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
                       "-device", "cpu", *extra], env)
     return model_folder(env, dataset.name, trainer, configuration, plans), out
 
 
-def nnunet_predict(dataset, configuration: str, fold: str, trainer: str, results: Path, out_dir: Path,
+def nnunet_predict(dataset, configuration: str, folds: list[str], trainer: str, results: Path, out_dir: Path,
                    *extra: str, plans: str = "nnUNetPlans") -> Path:
     """``nnUNetv2_predict --save_probabilities`` (CPU, in-process) of imagesTs into ``out_dir``."""
     env = dict(dataset.env, nnUNet_results=str(results))
     run_nnunet(["nnUNetv2_predict", "-i", dataset.raw / "imagesTs", "-o", out_dir, "-d", str(dataset.dataset_id),
-                "-c", configuration, "-f", fold, "-tr", trainer, "-p", plans, "--save_probabilities",
+                "-c", configuration, "-f", *folds, "-tr", trainer, "-p", plans, "--save_probabilities",
                 "-device", "cpu", *PREDICT_IN_PROCESS, *extra], env)
     return Path(out_dir)
 
 
 def calib_evaluate(folder: Path, gt: Path, *extra: str) -> dict:
-    """``calib-evaluate FOLDER --gt GT -o FOLDER/calibration`` (its console entry point, in-process);
-    checks that every case got finite calibration metrics and returns summary.json."""
+    """``calib-evaluate FOLDER --gt GT`` (its entry point, in this process; output in nnU-Net's default
+    FOLDER/calibration_evaluation); returns summary.json after checking it against a direct numpy
+    computation, independent of the package's metric code: per case and pooled over the cases, the
+    NLL ``mean -log max(p_label, 1e-7)`` and the Brier score ``mean (1/C) sum_c (p_c - onehot_c)^2``
+    (softmax outputs, background included)."""
     from nnunet_calibration.evaluation.cli import main
 
-    out = Path(folder) / "calibration"
-    assert main([str(folder), "--gt", str(gt), "-o", str(out), "--no-progress", *map(str, extra)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    folder = Path(folder)
+    assert main([str(folder), "--gt", str(gt), "--no-progress", "--no-plots", *map(str, extra)]) == 0
+    summary = json.loads((folder / "calibration_evaluation" / "summary.json").read_text())
     assert summary["cases"], summary
-    for key in ("ECE", "CECE", "pECE", "mL1-ACE", "NLL", "Brier"):
+    nll_sum = brier_sum = n = 0.0
+    for entry in summary["cases"]:
+        probs = np.load(folder / f"{entry['case']}.npz")["probabilities"].astype(np.float64)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(gt) / f"{entry['case']}.nii.gz"))).astype(int)
+        assert probs.shape[1:] == lab.shape
+        onehot = np.stack([lab == c for c in range(probs.shape[0])]).astype(np.float64)
+        p_true = np.take_along_axis(probs, lab[None], 0)[0]
+        nll = -np.log(np.maximum(p_true, 1e-7))
+        brier = ((probs - onehot) ** 2).mean(0)
+        assert entry["metrics"]["NLL"] == pytest.approx(nll.mean(), rel=1e-5)
+        assert entry["metrics"]["Brier"] == pytest.approx(brier.mean(), rel=1e-5)
+        nll_sum, brier_sum, n = nll_sum + nll.sum(), brier_sum + brier.sum(), n + lab.size
+    assert summary["pooled"]["NLL"] == pytest.approx(nll_sum / n, rel=1e-5)
+    assert summary["pooled"]["Brier"] == pytest.approx(brier_sum / n, rel=1e-5)
+    for key in ("ECE", "CECE", "pECE", "mL1-ACE"):
         assert np.isfinite(summary["pooled"][key]), (key, summary["pooled"])
     return summary
-
-
-def validation_split(dataset, fold: int = 0) -> list[str]:
-    """``--cases-from-split`` arguments of ``fold`` (nnU-Net's splits_final.json of the dataset)."""
-    return ["--cases-from-split", str(dataset.preprocessed / "splits_final.json"), str(fold)]
 
 
 def training_log(model: Path, fold: str = "0") -> str:
@@ -242,40 +206,10 @@ def training_log(model: Path, fold: str = "0") -> str:
 
 
 def check_trained(trainer: str, model: Path, configuration: str, fold: str = "0") -> None:
-    """Training finished (final checkpoint, nnU-Net's validation) and the checkpoint loads strictly into
-    the trainer's own network (what nnUNetv2_predict builds)."""
+    """Training finished (final checkpoint, nnU-Net's validation summary) and the checkpoint loads
+    strictly into the trainer's own network (what nnUNetv2_predict builds)."""
     from nnunet_calibration import trainers as T
 
     assert (model / f"fold_{fold}" / "checkpoint_final.pth").is_file()
     assert (model / f"fold_{fold}" / "validation" / "summary.json").is_file()
     check_checkpoint_loads_strictly(getattr(T, trainer), model, configuration, fold)
-
-
-def train_until_time_limit(args: list, env: dict, fold_folder: Path, timeout: float = 900) -> int:
-    """Run ``nnUNetv2_train`` with the package's time-limit handling on; send the stop signal as soon as
-    the handler is installed (its training-log line): the training stops after that epoch with
-    checkpoint_latest.pth and exit status 75, as a fold stopped by a cluster's time limit. Returns the
-    exit status."""
-    from nnunet_calibration.nnunet_utils import nnunet_command, training_env
-
-    env = dict(training_env(env), NNUNET_CALIB_TIMELIMIT="1")
-    fold_folder = Path(fold_folder)
-    log = fold_folder.parent / f"{fold_folder.name}_interrupted_run.txt"
-    fold_folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(nnunet_command(args[0]) + [str(a) for a in args[1:]], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            t0 = time.time()
-            while proc.poll() is None and time.time() - t0 < timeout:
-                if "time limit: on SIGUSR1" in training_log(fold_folder.parent, fold_folder.name[len("fold_"):]):
-                    proc.send_signal(signal.SIGUSR1)
-                    break
-                time.sleep(0.05)
-            proc.wait(timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 75, log.read_text()[-3000:]
-    return proc.returncode
