@@ -5,6 +5,12 @@
   to ``os.environ`` for the whole session.
 - ``synthetic_labels``: Dataset901 (plain labels 0..3), 2d and 3d_fullres preprocessed.
 - ``synthetic_regions``: Dataset902 (BraTS-like regions, two channels), 2d and 3d_fullres preprocessed.
+- ``synthetic_labels_workflow_plans``: Dataset901 with two more plans of nnU-Net's own planners
+  (tests/trainers/test_workflows.py): ``nnUNetResEncUNetMPlans`` (planner nnUNetPlannerResEncM; it
+  reuses the plain plans' 2d / 3d_fullres data, nnU-Net's choice) and ``nnUNetPlansCascade``
+  (ExperimentPlanner with ``-gpu_memory_target 0.001``: the 6 x 24 x 24 images get a 3 x 10 x 10
+  patch, so nnU-Net plans 3d_lowres -> 3d_cascade_fullres, which 8 GB would not for images this small;
+  the patch depth is then raised to 4, the least nnU-Net's blur augmentation takes).
 - ``synthetic_prediction``: a real short ``nnUNetTrainerDiceCE`` training on 901 (2d, fold 0, --npz)
   and ``nnUNetv2_predict --save_probabilities`` on its imagesTs; the model folder lies in
   ``nnunet_root``'s nnUNet_results.
@@ -187,6 +193,54 @@ def synthetic_labels(nnunet_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_regions(nnunet_root, tmp_path_factory):
     return _synthetic(902, nnunet_root, tmp_path_factory)
+
+
+#: further plans of Dataset901 (``synthetic_labels_workflow_plans``): name -> planner command arguments
+RESENC_PLANS = "nnUNetResEncUNetMPlans"
+CASCADE_PLANS = "nnUNetPlansCascade"
+#: GB: the smallest VRAM target for which nnU-Net's planner shrinks the patch of the 6 x 24 x 24
+#: images (3 x 10 x 10) enough to add 3d_lowres (its patch < 25% of the median image)
+CASCADE_GPU_MEMORY_TARGET = "0.001"
+
+
+def _build_workflow_plans(folder: Path, dataset) -> None:
+    """The extra plans of ``synthetic_labels_workflow_plans`` in their own nnU-Net root ``folder``."""
+    env = _nnunet_env(folder)
+    copy_tree(dataset.raw, Path(env["nnUNet_raw"]) / dataset.name)
+    copy_tree(dataset.preprocessed, Path(env["nnUNet_preprocessed"]) / dataset.name)
+    did = str(dataset.dataset_id)
+    # ResEnc M: its 2d / 3d_fullres data identifiers are the plain plans' (nnUNetPlans_2d, ...): no preprocessing
+    run_nnunet(["nnUNetv2_plan_experiment", "-d", did, "-pl", "nnUNetPlannerResEncM"], env)
+    # the fingerprint exists: nnU-Net reuses it; the cascade's configurations get their own data
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", did, "-gpu_memory_target", CASCADE_GPU_MEMORY_TARGET,
+                "-overwrite_plans_name", CASCADE_PLANS, "-c", "3d_lowres", "3d_fullres", "-np", "1", "1",
+                "-npfp", "1"], env)
+    # the planner's patches are 3 x 10 x 10; nnU-Net's Gaussian-blur augmentation pads 3 voxels by reflection,
+    # which needs 4 slices: the depth (stride 1 on that axis, preprocessing unaffected) raised to 4
+    plans_file = Path(env["nnUNet_preprocessed"]) / dataset.name / f"{CASCADE_PLANS}.json"
+    plans = load_json(plans_file)
+    for name in ("3d_lowres", "3d_fullres"):
+        conf = plans["configurations"][name]
+        assert all(s[0] == 1 for s in conf["architecture"]["arch_kwargs"]["strides"]), conf
+        conf["patch_size"] = [max(4, conf["patch_size"][0]), *conf["patch_size"][1:]]
+    plans_file.write_text(json.dumps(plans, indent=4))
+
+
+@pytest.fixture(scope="session")
+def synthetic_labels_workflow_plans(synthetic_labels, tmp_path_factory):
+    """``synthetic_labels`` plus the plans ``nnUNetResEncUNetMPlans`` and ``nnUNetPlansCascade`` (with
+    3d_lowres and 3d_cascade_fullres), planned once per run and copied into this worker's folders."""
+    ds = synthetic_labels
+    built = build_once(shared_dir(tmp_path_factory) / "synthetic_901_workflow_plans",
+                       lambda folder: _build_workflow_plans(folder, ds))
+    src = built / "preprocessed" / ds.name
+    for plans in (RESENC_PLANS, CASCADE_PLANS):
+        shutil.copy2(src / f"{plans}.json", ds.preprocessed / f"{plans}.json")
+    for data in src.glob(f"{CASCADE_PLANS}_*"):
+        copy_tree(data, ds.preprocessed / data.name)
+    cascade = load_json(ds.preprocessed / f"{CASCADE_PLANS}.json")["configurations"]
+    assert {"3d_lowres", "3d_cascade_fullres"} <= set(cascade), sorted(cascade)
+    return SimpleNamespace(**vars(ds), resenc_plans=RESENC_PLANS, cascade_plans=CASCADE_PLANS)
 
 
 def _train_and_predict(folder: Path, dataset) -> None:

@@ -39,6 +39,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_calibration.settings import HPARAMS_ENV, parse_hparams, split_hparams
+from nnunet_calibration.trainers.sdf_head import install_pretrained_loader
 from nnunet_calibration.trainers.timelimit import SafeCheckpointMixin, TimeLimitMixin
 from nnunet_calibration.utils import write_json_atomic
 
@@ -117,6 +118,9 @@ class nnUNetTrainerHparamsBase(TimeLimitMixin, SafeCheckpointMixin, nnUNetTraine
             write_json_atomic(os.path.join(self.output_folder, "calibration_hparams.json"),
                               json.loads(json.dumps(self.used_hparams(), default=str)))
             self.print_to_log_file(f"nnunet-calibration hyperparameters: {json.dumps(self.used_hparams(), default=str)}")
+        # nnUNetv2_train -pretrained_weights: checkpoints with or without SDC's SDF head fit every
+        # trainer of this package (see nnunet_calibration.trainers.sdf_head, "Fine-tuning")
+        install_pretrained_loader(self.print_to_log_file)
 
     # -- deep supervision, exactly as nnU-Net wraps its default loss ----------------------------
     def _wrap_deep_supervision(self, loss: torch.nn.Module) -> torch.nn.Module:

@@ -25,6 +25,8 @@ optimiser, schedule and inference are nnU-Net's defaults.
   variant (NACL kernel, morphological operator, Dice term) is the loss's registry name
   (``loss_key``), which is not overridable; ``loss_fixed`` may hold further fixed constructor
   arguments for user subclasses. All of it is written to ``calibration_hparams.json``.
+* Fine-tuning (``-pretrained_weights``): from checkpoints with or without SDC's SDF head, see
+  :mod:`nnunet_calibration.trainers.sdf_head` (installed by ``nnUNetTrainerHparamsBase.initialize``).
 * 3D: the loss gets the configuration's spacing (``configuration_manager.spacing``): for an
   anisotropic spacing by nnU-Net's rule (max / min > 3, one low-resolution axis) morphology and
   local filters are in-plane 3x3x1, otherwise 3x3x3; SDC's reference SDF is in millimetres
@@ -168,13 +170,20 @@ class nnUNetTrainerSDC(nnUNetTrainerCalibLossBase):
     loss_key = "sdc"
     loss_hparams = {"alpha": 0.1, "lambda_sdf": 0.1}
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True
                                    ) -> torch.nn.Module:
-        net = nnUNetTrainerHparamsBase.build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels,
-            enable_deep_supervision)
+        """The network of the next class in the method resolution order plus the SDF head.
+
+        A classmethod (nnU-Net calls it on the instance in ``initialize`` and on the class in
+        ``nnUNetv2_predict``, with the same arguments), so that a trainer combining SDC with another
+        nnU-Net trainer (``class T(nnUNetTrainerSDC_DC, nnUNet_Primus_S_Trainer)``) gets that
+        trainer's network, not silently the plans' U-Net; one without a U-Net decoder stops with
+        :class:`~nnunet_calibration.trainers.sdf_head.SDFHeadUnsupportedNetworkError`.
+        """
+        net = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                 num_output_channels, enable_deep_supervision)
         return SDFHeadNetwork(net, num_output_channels)
 
     def _build_loss(self):

@@ -18,7 +18,7 @@ import pytest
 import nnunet_calibration.trainers as T
 from nnunet_calibration.nnunet_utils import run_nnunet
 
-from trainers_testlib import (check_checkpoint_loads_strictly, check_probabilities, read_hparams,
+from trainers_testlib import (calib_evaluate, check_checkpoint_loads_strictly, check_probabilities, read_hparams,
                               remove, short_training, train_and_predict)
 
 SHORT = short_training()
@@ -31,7 +31,8 @@ def _hparams(trainer: str) -> str:
     return ",".join([SHORT] + [f"{k}={v}" for k, v in extra.items()])
 
 
-def _check_run(trainer: str, dataset, configuration: str, tmp_path, n_channels: int, regions: bool):
+def _check_run(trainer: str, dataset, configuration: str, tmp_path, n_channels: int, regions: bool,
+               evaluate: bool = False):
     cls = getattr(T, trainer)
     model, pred, _ = train_and_predict(trainer, dataset, configuration, tmp_path, _hparams(trainer))
     try:
@@ -39,6 +40,8 @@ def _check_run(trainer: str, dataset, configuration: str, tmp_path, n_channels: 
         assert (model / "fold_0" / "validation" / "summary.json").is_file()
         check_checkpoint_loads_strictly(cls, model, configuration)
         check_probabilities(pred, dataset, n_channels, regions)
+        if evaluate:  # the plain-plans 3d_fullres cell of the workflow matrix (README, issue 24)
+            calib_evaluate(pred, dataset.raw / "labelsTs")
         used = read_hparams(model)
         expected = {**cls.loss_hparams, **OVERRIDES.get(trainer, {})}
         assert used["trainer"] == trainer
@@ -85,7 +88,7 @@ def test_train_predict_2d(trainer, synthetic_labels, tmp_path):
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerSDC", "nnUNetTrainerSVLS_MorphGradient",
                                      "nnUNetTrainerNACL_MorphOpening_DC"])
 def test_train_predict_3d_fullres(trainer, synthetic_labels, tmp_path):
-    _check_run(trainer, synthetic_labels, "3d_fullres", tmp_path, n_channels=4, regions=False)
+    _check_run(trainer, synthetic_labels, "3d_fullres", tmp_path, n_channels=4, regions=False, evaluate=True)
 
 
 @pytest.mark.nnunet

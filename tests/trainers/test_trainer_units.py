@@ -124,7 +124,9 @@ def test_build_network_architecture_signature_is_nnunets():
     ref = inspect.signature(nnUNetTrainer.build_network_architecture)
     sig = inspect.signature(T.nnUNetTrainerSDC.build_network_architecture)
     assert list(sig.parameters) == list(ref.parameters)
-    assert isinstance(inspect.getattr_static(T.nnUNetTrainerSDC, "build_network_architecture"), staticmethod)
+    # a classmethod (nnU-Net calls it on the trainer instance and on the class, with these arguments), so that
+    # SDC combined with another nnU-Net trainer builds that trainer's network (tests/trainers/test_workflows.py)
+    assert isinstance(inspect.getattr_static(T.nnUNetTrainerSDC, "build_network_architecture"), classmethod)
 
 
 # ------------------------------------------------------------------ SDF head on plain U-Nets

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -73,8 +74,8 @@ def random_targets(outputs, has_regions: bool, ignore_label=None, seed: int = 0)
     return out
 
 
-def model_folder(env: dict, dataset_name: str, trainer: str, configuration: str) -> Path:
-    return Path(env["nnUNet_results"]) / dataset_name / f"{trainer}__nnUNetPlans__{configuration}"
+def model_folder(env: dict, dataset_name: str, trainer: str, configuration: str, plans: str = "nnUNetPlans") -> Path:
+    return Path(env["nnUNet_results"]) / dataset_name / f"{trainer}__{plans}__{configuration}"
 
 
 def train_and_predict(trainer: str, dataset, configuration: str, out_dir: Path, hparams: str,
@@ -143,3 +144,72 @@ def read_hparams(model: Path, fold: str = "0") -> dict:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net workflows (tests/trainers/test_workflows.py)
+# ----------------------------------------------------------------------------------------------
+def nnunet_train(dataset, configuration: str, fold: str, trainer: str, results: Path, *extra: str,
+                 plans: str = "nnUNetPlans", hparams: str = SHORT_TRAINING) -> tuple[Path, str]:
+    """``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS -device cpu EXTRA`` into the
+    nnUNet_results folder ``results``; returns (model folder, output)."""
+    env = dict(dataset.env, NNUNET_CALIB_HPARAMS=hparams, nnUNet_results=str(results))
+    out = run_nnunet(["nnUNetv2_train", str(dataset.dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
+                      "-device", "cpu", *extra], env)
+    return model_folder(env, dataset.name, trainer, configuration, plans), out
+
+
+def nnunet_predict(dataset, configuration: str, folds: list[str], trainer: str, results: Path, out_dir: Path,
+                   *extra: str, plans: str = "nnUNetPlans") -> Path:
+    """``nnUNetv2_predict --save_probabilities`` (CPU, in-process) of imagesTs into ``out_dir``."""
+    env = dict(dataset.env, nnUNet_results=str(results))
+    run_nnunet(["nnUNetv2_predict", "-i", dataset.raw / "imagesTs", "-o", out_dir, "-d", str(dataset.dataset_id),
+                "-c", configuration, "-f", *folds, "-tr", trainer, "-p", plans, "--save_probabilities",
+                "-device", "cpu", *PREDICT_IN_PROCESS, *extra], env)
+    return Path(out_dir)
+
+
+def calib_evaluate(folder: Path, gt: Path, *extra: str) -> dict:
+    """``calib-evaluate FOLDER --gt GT`` (its entry point, in this process; output in nnU-Net's default
+    FOLDER/calibration_evaluation); returns summary.json after checking it against a direct numpy
+    computation, independent of the package's metric code: per case and pooled over the cases, the
+    NLL ``mean -log max(p_label, 1e-7)`` and the Brier score ``mean (1/C) sum_c (p_c - onehot_c)^2``
+    (softmax outputs, background included)."""
+    from nnunet_calibration.evaluation.cli import main
+
+    folder = Path(folder)
+    assert main([str(folder), "--gt", str(gt), "--no-progress", "--no-plots", *map(str, extra)]) == 0
+    summary = json.loads((folder / "calibration_evaluation" / "summary.json").read_text())
+    assert summary["cases"], summary
+    nll_sum = brier_sum = n = 0.0
+    for entry in summary["cases"]:
+        probs = np.load(folder / f"{entry['case']}.npz")["probabilities"].astype(np.float64)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(gt) / f"{entry['case']}.nii.gz"))).astype(int)
+        assert probs.shape[1:] == lab.shape
+        onehot = np.stack([lab == c for c in range(probs.shape[0])]).astype(np.float64)
+        p_true = np.take_along_axis(probs, lab[None], 0)[0]
+        nll = -np.log(np.maximum(p_true, 1e-7))
+        brier = ((probs - onehot) ** 2).mean(0)
+        assert entry["metrics"]["NLL"] == pytest.approx(nll.mean(), rel=1e-5)
+        assert entry["metrics"]["Brier"] == pytest.approx(brier.mean(), rel=1e-5)
+        nll_sum, brier_sum, n = nll_sum + nll.sum(), brier_sum + brier.sum(), n + lab.size
+    assert summary["pooled"]["NLL"] == pytest.approx(nll_sum / n, rel=1e-5)
+    assert summary["pooled"]["Brier"] == pytest.approx(brier_sum / n, rel=1e-5)
+    for key in ("ECE", "CECE", "pECE", "mL1-ACE"):
+        assert np.isfinite(summary["pooled"][key]), (key, summary["pooled"])
+    return summary
+
+
+def training_log(model: Path, fold: str = "0") -> str:
+    """All of nnU-Net's training logs of a fold (one file per run), oldest first."""
+    return "\n".join(p.read_text() for p in sorted((Path(model) / f"fold_{fold}").glob("training_log_*.txt")))
+
+
+def check_trained(trainer: str, model: Path, configuration: str, fold: str = "0") -> None:
+    """Training finished (final checkpoint, nnU-Net's validation summary) and the checkpoint loads
+    strictly into the trainer's own network (what nnUNetv2_predict builds)."""
+    from nnunet_calibration import trainers as T
+
+    assert (model / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+    assert (model / f"fold_{fold}" / "validation" / "summary.json").is_file()
+    check_checkpoint_loads_strictly(getattr(T, trainer), model, configuration, fold)
