@@ -129,6 +129,10 @@ class nnUNetTrainerHparamsBase(TimeLimitMixin, SafeCheckpointMixin, nnUNetTraine
             return loss
         deep_supervision_scales = self._get_deep_supervision_scales()
         weights = np.array([1 / (2 ** i) for i in range(len(deep_supervision_scales))])
+        if len(weights) == 1:
+            # a two-stage network (tiny patches, e.g. a small 3d_lowres) has a single output: nnU-Net's
+            # rule below would zero its only weight and normalise 0 / 0 (NaN loss from the first step)
+            return DeepSupervisionWrapper(loss, weights)
         if self.is_ddp and not self._do_i_compile():
             weights[-1] = 1e-6
         else:

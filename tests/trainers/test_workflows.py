@@ -99,9 +99,16 @@ def test_cascade_3d_lowres_to_3d_cascade_fullres_sdc(synthetic_labels_workflow_p
     """SDC_DC through the cascade (nnU-Net finds the previous stage's segmentations by the trainer's
     name, so both stages use one trainer): 3d_lowres on fold ``all`` (its end-of-training validation
     then writes predicted_next_stage for every training case), 3d_cascade_fullres on fold 0 (its input:
-    the image plus the one-hot lowres segmentation), prediction of both stages, calib-evaluate."""
+    the image plus the one-hot lowres segmentation), prediction of both stages, calib-evaluate.
+
+    Both stages' networks have two resolution stages, so deep supervision has a single output: nnU-Net
+    2.8.1's own loss weighting gives it weight 0 / 0 (NaN loss, all-NaN probabilities); the plugin's
+    trainers weight it 1 (trainers/base.py), which the finite probabilities below check."""
     ds = synthetic_labels_workflow_plans
     plans, results = ds.cascade_plans, tmp_path / "results"
+    for cfg in ("3d_lowres", "3d_fullres"):
+        arch = load_json(str(ds.preprocessed / f"{plans}.json"))["configurations"][cfg]["architecture"]
+        assert arch["arch_kwargs"]["n_stages"] == 2, (cfg, arch["arch_kwargs"])
     low, _ = nnunet_train(ds, "3d_lowres", "all", SDC, results, plans=plans)
     check_trained(SDC, low, "3d_lowres", fold="all")
     next_stage = low / "predicted_next_stage" / "3d_cascade_fullres"
