@@ -124,19 +124,15 @@ class nnUNetTrainerHparamsBase(TimeLimitMixin, SafeCheckpointMixin, nnUNetTraine
 
     # -- deep supervision, exactly as nnU-Net wraps its default loss ----------------------------
     def _wrap_deep_supervision(self, loss: torch.nn.Module) -> torch.nn.Module:
-        """Wrap ``loss`` as nnU-Net's ``_build_loss`` wraps its default loss (same weights, DDP quirk)."""
+        """Wrap ``loss`` as nnU-Net's ``_build_loss`` wraps its default loss (same weights, DDP quirk),
+        except that a single output (a two-stage network, e.g. a small 3d_lowres) keeps weight 1: nnU-Net
+        2.8.1 zeroes the lowest-resolution weight even when it is the only one and normalises 0 / 0 (NaN)."""
         if not self.enable_deep_supervision:
             return loss
         deep_supervision_scales = self._get_deep_supervision_scales()
         weights = np.array([1 / (2 ** i) for i in range(len(deep_supervision_scales))])
-        if len(weights) == 1:
-            # a two-stage network (tiny patches, e.g. a small 3d_lowres) has a single output: nnU-Net's
-            # rule below would zero its only weight and normalise 0 / 0 (NaN loss from the first step)
-            return DeepSupervisionWrapper(loss, weights)
-        if self.is_ddp and not self._do_i_compile():
-            weights[-1] = 1e-6
-        else:
-            weights[-1] = 0
+        if len(weights) > 1:
+            weights[-1] = 1e-6 if self.is_ddp and not self._do_i_compile() else 0
         weights = weights / weights.sum()
         return DeepSupervisionWrapper(loss, weights)
 

@@ -106,8 +106,9 @@ def test_cascade_3d_lowres_to_3d_cascade_fullres_sdc(synthetic_labels_workflow_p
     trainers weight it 1 (trainers/base.py), which the finite probabilities below check."""
     ds = synthetic_labels_workflow_plans
     plans, results = ds.cascade_plans, tmp_path / "results"
+    configurations = load_json(str(ds.preprocessed / f"{plans}.json"))["configurations"]
     for cfg in ("3d_lowres", "3d_fullres"):
-        arch = load_json(str(ds.preprocessed / f"{plans}.json"))["configurations"][cfg]["architecture"]
+        arch = configurations[cfg]["architecture"]
         assert arch["arch_kwargs"]["n_stages"] == 2, (cfg, arch["arch_kwargs"])
     low, _ = nnunet_train(ds, "3d_lowres", "all", SDC, results, plans=plans)
     check_trained(SDC, low, "3d_lowres", fold="all")
