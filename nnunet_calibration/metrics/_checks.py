@@ -114,11 +114,26 @@ def validate_probabilities(probs: np.ndarray, regions: bool = False,
 
 
 def validate_labels(labels: np.ndarray, allowed_labels: Sequence[int]) -> None:
-    """Raise ``ValueError`` if ``labels`` holds a value that is not in ``allowed_labels``."""
+    """Raise ``ValueError`` if ``labels`` holds a value that is not in ``allowed_labels``.
+
+    Speed: the minimum and maximum are found first; only the values between them that are not allowed
+    (usually none: labels 0..K with all of them allowed) are searched for, so a valid label map costs two
+    passes without any full-size temporary."""
     labels = np.asarray(labels)
-    present = np.unique(labels) if labels.size <= (1 << 16) else _unique_small_ints(labels)
     allowed = sorted(int(a) for a in allowed_labels)
-    bad = sorted(set(int(v) for v in present) - set(allowed))
+    if labels.size == 0:
+        return
+    lo, hi = labels.min(), labels.max()
+    if np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool:
+        lo, hi = int(lo), int(hi)
+        allowed_set = set(allowed)
+        gaps = [v for v in range(lo, hi + 1) if v not in allowed_set] if hi - lo <= 256 else None
+        if gaps is not None:
+            bad = [v for v in gaps if np.any(labels == v)]
+        else:
+            bad = sorted(set(int(v) for v in _unique_small_ints(labels)) - allowed_set)
+    else:
+        bad = sorted(set(np.unique(labels).tolist()) - set(allowed))
     if bad:
         raise ValueError(f"label values {bad} are not among the allowed labels {allowed}")
 

@@ -21,7 +21,8 @@ Conventions
   the discrete ball of radius ``k_mm`` (:func:`_within`: 1-D maximum filters along the last axis,
   shifted and ORed over the ball's other offsets), the same set as thresholding the EDT, about ten
   times faster for the default width; for a ball of more than ``_MAX_OFFSETS`` offsets, the EDT.
-  One band per call (softmax), one per region (regions).
+  One band per call (softmax), one per region (regions; when no region holds the label 0, the
+  regions' masks are formed on the foreground's grown box only, which holds all of them and their bands).
 """
 from __future__ import annotations
 
@@ -72,29 +73,83 @@ def _bbox(mask: np.ndarray) -> Optional[Tuple[Tuple[int, int], ...]]:
     return tuple(out)
 
 
+def _grown_box(labels: np.ndarray, sp: np.ndarray, k: float) -> Optional[tuple]:
+    """Slices of the bounding box of ``labels != 0`` grown by ``ceil(k / spacing_i) + 1`` voxels per axis
+    (clipped to the image): it holds every voxel within ``k`` mm of a boundary (module docstring). None if
+    there is no foreground."""
+    box = _bbox(labels != 0)
+    if box is None:
+        return None
+    margin = np.ceil(k / sp).astype(int) + 1
+    return tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(box, margin, labels.shape))
+
+
+def _band_in_box(labels: np.ndarray, sp: np.ndarray, k: float):
+    """``(box slices, band on the box)`` of :func:`boundary_band` (every band voxel lies in the box: module
+    docstring), or None when the band is empty."""
+    sl = _grown_box(labels, sp, k)
+    if sl is None:
+        return None
+    edge = _boundary(labels[sl])
+    if not edge.any():
+        return None
+    return sl, _within(edge, sp, k)
+
+
+def _band_width(spacing, ndim: int, k_mm: Optional[float]) -> Tuple[np.ndarray, float]:
+    sp = _spacing(spacing, ndim)
+    k = default_band_width(sp) if k_mm is None else float(k_mm)
+    if not (np.isfinite(k) and k >= 0):
+        raise ValueError(f"k_mm must be finite and >= 0, got {k_mm}")
+    return sp, k
+
+
+def _as_label_map(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    return labels.view(np.uint8) if labels.dtype == bool else labels
+
+
 def boundary_band(labels, spacing=None, k_mm: Optional[float] = None) -> np.ndarray:
     """Boolean mask of the voxels within ``k_mm`` mm of a boundary of ``labels`` (module docstring).
 
     ``labels``: integer or bool array (2D or 3D, any rank); ``k_mm`` >= 0, default ``2 * max(spacing)``.
     """
-    labels = np.asarray(labels)
-    if labels.dtype == bool:
-        labels = labels.view(np.uint8)
-    sp = _spacing(spacing, labels.ndim)
-    k = default_band_width(sp) if k_mm is None else float(k_mm)
-    if not (np.isfinite(k) and k >= 0):
-        raise ValueError(f"k_mm must be finite and >= 0, got {k_mm}")
+    labels = _as_label_map(labels)
+    sp, k = _band_width(spacing, labels.ndim, k_mm)
     band = np.zeros(labels.shape, bool)
-    box = _bbox(labels != 0)
-    if box is None:
-        return band
-    margin = np.ceil(k / sp).astype(int) + 1
-    sl = tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(box, margin, labels.shape))
-    edge = _boundary(labels[sl])
-    if not edge.any():
-        return band
-    band[sl] = _within(edge, sp, k)
+    found = _band_in_box(labels, sp, k)
+    if found is not None:
+        band[found[0]] = found[1]
     return band
+
+
+def _full_index(found, shape, origin=None) -> np.ndarray:
+    """Flat indices into an image of ``shape`` of a band ``found = (box slices, band on the box)``; ``origin``:
+    the position of the array the box refers to inside the image (default: the image itself). (Written into
+    a mask of the image and scanned once: measured faster than mapping the box's own indices.)"""
+    sl, band = found
+    origin = origin or (0,) * len(shape)
+    full = np.zeros(shape, bool)
+    full[tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, origin))] = band
+    return np.flatnonzero(full)
+
+
+def _region_band_indices(labels: np.ndarray, regions, spacing, k_mm) -> list:
+    """``np.flatnonzero(boundary_band(in_region(labels, r), spacing, k_mm))`` for every region ``r``. When no region holds
+    the label 0, every region's mask lies in the foreground ``labels != 0``, so its band lies in the foreground's
+    bounding box grown as in :func:`_band_in_box`: the masks are formed on that box only (same indices)."""
+    sp, k = _band_width(spacing, labels.ndim, k_mm)
+    shape, origin = labels.shape, (0,) * labels.ndim
+    if all(0 not in r for r in regions):
+        sl = _grown_box(labels, sp, k)
+        if sl is None:
+            return [np.zeros(0, np.intp) for _ in regions]
+        labels, origin = labels[sl], tuple(s.start for s in sl)
+    out = []
+    for region in regions:
+        found = _band_in_box(in_region(labels, region).view(np.uint8), sp, k)
+        out.append(np.zeros(0, np.intp) if found is None else _full_index(found, shape, origin))
+    return out
 
 
 def _ball_offsets(sp: np.ndarray, k: float):
@@ -154,10 +209,8 @@ def _band_values(probs, labels, regions, spacing, k_mm, ignore_index=None
     if regions is None:
         tasks = [(0, None, np.flatnonzero(boundary_band(labels, spacing, k_mm)))]
     else:
-        tasks = []
-        for r, region in enumerate(regions):
-            target = in_region(labels, region)
-            tasks.append((r, target.reshape(-1), np.flatnonzero(boundary_band(target, spacing, k_mm))))
+        tasks = [(r, region, idx) for r, (region, idx)
+                 in enumerate(zip(regions, _region_band_indices(labels, regions, spacing, k_mm)))]
     if ignore_index is not None:
         tasks = [(t, target, idx[flat_l.take(idx) != ignore_index]) for t, target, idx in tasks]
     for t, target, idx in tasks:
@@ -168,7 +221,7 @@ def _band_values(probs, labels, regions, spacing, k_mm, ignore_index=None
                 yield t, conf, pred == flat_l.take(blk)
             else:
                 pr = flat_p[t].take(blk).astype(cast, copy=False)
-                yield t, np.maximum(pr, 1 - pr), (pr > 0.5) == target.take(blk)
+                yield t, np.maximum(pr, 1 - pr), (pr > 0.5) == in_region(flat_l.take(blk), target)
 
 
 def _boundary_ece_arg_validation(probs, labels, spacing, k_mm, n_bins, regions, validate_args, binning):

@@ -146,3 +146,45 @@ def test_band_dilation_equals_edt_threshold_on_random_inputs():
         edge[tuple(hi)] |= d
     np.testing.assert_array_equal(boundary_band(lab, sp, 12.0),
                                   ndimage.distance_transform_edt(~edge, sampling=sp) <= 12.0 * (1 + 1e-9))
+
+
+def _small_structure(shape=(12, 16, 15)):
+    """Labels 1..3 nested in a small part of a larger volume (so the band is found on a bounding box)."""
+    lab = np.zeros(shape, np.int64)
+    lab[7:10, 2:8, 8:13] = 1
+    lab[8:9, 3:7, 9:12] = 2
+    lab[8:9, 4:6, 10:11] = 3
+    return lab
+
+
+@pytest.mark.parametrize("regions", [BRATS_REGIONS, [(0, 1), (2, 3)], [(3,), (1, 2), (2, 3)]])
+@pytest.mark.parametrize("binning", ["uniform", "adaptive"])
+def test_region_boundary_ece_of_a_small_structure(regions, binning):
+    """Regions' bands are formed on the foreground's box (or, when a region holds the label 0, on the whole
+    image): the same values as the direct construction on the full volume, with and without an ignore label."""
+    lab = _small_structure()
+    sp = (2.0, 0.9, 1.2)
+    rng = np.random.default_rng(5)
+    z = np.stack([rng.normal(size=lab.shape) + 4.0 * (2 * np.isin(lab, r) - 1) for r in regions])
+    probs = (1 / (1 + np.exp(-z))).astype(np.float32)
+    kw = rk(regions)
+    assert boundary_ece(probs, lab, sp, n_bins=7, binning=binning, **kw) == pytest.approx(
+        ref_boundary_ece(probs, lab, sp, default_band_width(sp), 7, binning, regions), rel=1e-9)
+    from nnunet_calibration.metrics import CalibrationAccumulator
+    from nnunet_calibration.settings import MetricOptions
+
+    ign = lab.copy()
+    ign[9, 13:16, 21:24] = 9  # ignored voxels inside the structure: left out after the bands are formed
+    acc = CalibrationAccumulator(MetricOptions(n_bins_ece=7, binning=binning), ignore_index=9, **kw)
+    got = acc.update(probs, ign, spacing=sp).compute()["boundary-ECE"]
+    keep = ign != 9
+    vals = []
+    for r, reg in enumerate(regions):
+        y = np.isin(ign, reg)  # the ignore label belongs to no region
+        band = ref_band(y, np.array(sp), default_band_width(sp)) & keep
+        if band.any():
+            p = probs[r][band]
+            conf, correct = np.maximum(p, 1 - p), (p > 0.5) == y[band]
+            vals.append(ref_binary_ece(conf, correct, 7) if binning == "uniform"
+                        else ref_masked_ece(conf, correct, ref_equal_mass_masks(conf, 7)))
+    assert got == pytest.approx(np.mean(vals), rel=1e-9)

@@ -1,5 +1,7 @@
 """Calibration metrics against independent direct computations on tiny arrays (references in
 ``metrics_testlib``)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -259,3 +261,28 @@ def test_validation_errors():
     # region input need not sum to 1
     rp, rl = region_case((4, 5), 0)
     validate_inputs(rp, rl, **rk(BRATS_REGIONS))
+
+
+def test_validate_labels_reports_exactly_the_values_np_unique_finds():
+    """The min/max shortcut names the same bad values as a set difference of ``np.unique`` (ints of several
+    dtypes, values inside and outside the allowed range, a wide range, bool, float), and accepts valid maps."""
+    from nnunet_calibration.metrics import validate_labels
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 4, (40, 50, 60)).astype(dt) for dt in (np.uint8, np.int16, np.int32, np.int64)]
+    with_gap = rng.integers(0, 3, (30, 40)).astype(np.int16)
+    with_gap[3, 4], with_gap[5, 6] = 5, 9  # inside [min, max] of the map, but not allowed
+    negative = rng.integers(0, 3, (7, 8))
+    negative[0, 0] = -2
+    wide = rng.integers(0, 3, (9, 9))
+    wide[1, 1] = 70000
+    cases += [with_gap, negative, wide, rng.random((5, 6)) > 0.5, np.array([[0.0, 1.0], [2.5, 3.0]])]
+    for lab in cases:
+        for allowed in ([0, 1, 2, 3], [0, 1, 3], [1, 2]):
+            bad = sorted(set(np.unique(lab.astype(np.int64) if lab.dtype == bool else lab).tolist()) - set(allowed))
+            if bad:
+                with pytest.raises(ValueError, match=re.escape(f"label values {bad} are not")):
+                    validate_labels(lab, allowed)
+            else:
+                validate_labels(lab, allowed)
+    validate_labels(np.zeros((0, 3), np.int16), [0])  # nothing to check
