@@ -142,8 +142,9 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
 
     status: ``finished``; ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
-    (a checkpoint exists, not running); ``in progress`` / ``stopped`` (nnU-Net's log shows epochs but
-    there is no checkpoint yet: written recently, or not, see :func:`_without_checkpoint`); ``not started``.
+    (a checkpoint exists and nnU-Net's log is not fresh: not running); ``in progress`` (the log was written
+    recently: a local training running now, with or without a checkpoint, :func:`_with_checkpoint`,
+    :func:`_without_checkpoint`) / ``stopped`` (log silent and no checkpoint yet); ``not started``.
     The detail also names a resume that fell back to ``checkpoint_previous.pth`` because
     ``checkpoint_latest.pth`` was unreadable (:func:`~nnunet_calibration.experiments.folds.recovery_events`).
     """
@@ -200,8 +201,7 @@ def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict
         rec.update(status=FoldStatus.FAILED, detail=f"local run exited with {run.get('returncode')} at "
                                                     f"{run.get('time')} ({st})", log=run.get("log", str(log)))
     elif st == FoldStatus.INTERRUPTED:
-        rec["detail"] = ("trained, not validated; run again to validate (--val)" if trained(exp, spec, fold) else
-                         "checkpoint present; run again to continue (--c)")
+        rec.update(_with_checkpoint(rec["progress"], trained(exp, spec, fold)))
     elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
         rec.update(_without_checkpoint(rec["progress"]))
     return _with_recovery(rec, recovery_events(exp, spec, fold))
@@ -222,20 +222,40 @@ def _with_recovery(rec: dict, events: list[dict]) -> dict:
 RECENT_LOG_SECONDS = 300.0
 
 
-def _without_checkpoint(progress: dict, now: float | None = None) -> dict:
-    """Status of a fold that has nnU-Net's training log but no checkpoint yet (nnU-Net writes one only
-    every 50 epochs and at the end): ``in progress`` while its log was written within
-    ``max(RECENT_LOG_SECONDS, 5 x epoch time)``, else ``stopped`` (its epochs are lost: the next run
-    starts the fold again)."""
+def _log_age(progress: dict, now: float | None = None) -> tuple[float, bool] | None:
+    """``(seconds since nnU-Net's training log was written, whether that counts as a training still running)``:
+    written within ``max(RECENT_LOG_SECONDS, 5 x epoch time)``. None without a readable log."""
     try:
         age = (time.time() if now is None else now) - os.path.getmtime(progress["log"])
-    except OSError:
+    except (OSError, TypeError):
+        return None
+    return age, age <= max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
+
+
+def _without_checkpoint(progress: dict, now: float | None = None) -> dict:
+    """Status of a fold that has nnU-Net's training log but no checkpoint yet (nnU-Net writes one only
+    every 50 epochs and at the end): ``in progress`` while its log is fresh (:func:`_log_age`), else
+    ``stopped`` (its epochs are lost: the next run starts the fold again)."""
+    seen = _log_age(progress, now)
+    if seen is None:
         return {}
-    limit = max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
-    if age <= limit:
+    if seen[1]:
         return {"status": FoldStatus.IN_PROGRESS, "detail": "no checkpoint yet (nnU-Net saves every 50 epochs and at the end)"}
-    return {"status": FoldStatus.STOPPED, "detail": f"log silent for {_duration(age)} and no checkpoint: the next run "
+    return {"status": FoldStatus.STOPPED, "detail": f"log silent for {_duration(seen[0])} and no checkpoint: the next run "
                                            "starts this fold again"}
+
+
+def _with_checkpoint(progress: dict, finished_training: bool, now: float | None = None) -> dict:
+    """Status of a fold with a checkpoint but no finished validation: ``in progress`` while its training log is
+    fresh (:func:`_log_age`: a training running now, which must not be started a second time), else
+    ``interrupted`` with what the next run does."""
+    seen = _log_age(progress, now)
+    if seen is not None and seen[1]:
+        return {"status": FoldStatus.IN_PROGRESS,
+                "detail": f"training log written {_duration(seen[0])} ago: running (do not start it a second time)"}
+    return {"status": FoldStatus.INTERRUPTED,
+            "detail": ("trained, not validated; run again to validate (--val)" if finished_training else
+                       "checkpoint present; run again to continue (--c)")}
 
 
 def _stopped_at_time_limit(log: Path) -> bool:

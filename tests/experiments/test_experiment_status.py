@@ -116,6 +116,26 @@ def test_fold_with_log_but_no_checkpoint(tmp_path):
     assert _without_checkpoint(p, now=mtime + 501)["status"] == "stopped"
 
 
+def test_fold_with_checkpoint_and_fresh_log_is_running(tmp_path):
+    """A local training running now has a checkpoint (every save_every epochs) and a fresh log: 'in progress',
+    never 'interrupted ... run again' (which would start it a second time); silent: 'interrupted' with what
+    the next run does (continue, or only validate a trained fold)."""
+    from nnunet_calibration.experiments.status import RECENT_LOG_SECONDS, _with_checkpoint
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    log = fold / "training_log_2026_1_9_10_00_00.txt"
+    _write_log(log, [(9, 0, "Epoch 0"), (9, 2, "Epoch time: 20.0 s"), (9, 3, "Epoch 1")])
+    p = training_progress(fold, total_epochs=40)
+    mtime = os.path.getmtime(log)
+    running = _with_checkpoint(p, False, now=mtime + 30)
+    assert running["status"] == "in progress" and "do not start it a second time" in running["detail"]
+    silent = _with_checkpoint(p, False, now=mtime + RECENT_LOG_SECONDS + 1)
+    assert silent["status"] == "interrupted" and "(--c)" in silent["detail"]
+    assert "(--val)" in _with_checkpoint(p, True, now=mtime + RECENT_LOG_SECONDS + 1)["detail"]
+    assert _with_checkpoint({"log": "", "epoch_time": None}, False)["status"] == "interrupted"  # no log
+
+
 def test_progress_counts_from_the_resumed_checkpoint(tmp_path):
     """A run that logged epochs 0-6, crashed, and was resumed (--c) from the checkpoint of epoch 4: the
     epochs 4-6 of the dead run are gone, so 5 epochs are done after the resumed run's epoch 4, and the
