@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
-                                                  read_local_state, recovery_events, trained)
+                                                  read_local_state, recovery_events, results_root, trained)
 from nnunet_calibration.settings import Experiment, ExperimentError
 
 
@@ -142,8 +142,8 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
 
     status: ``finished``; ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
-    (a checkpoint exists and nnU-Net's log is not fresh: not running); ``in progress`` (the log was written
-    recently: a local training running now, with or without a checkpoint, :func:`_with_checkpoint`,
+    (a checkpoint exists, no ``nnUNetv2_train`` of the fold runs on this machine); ``in progress`` (with a
+    checkpoint: such a process runs, :func:`_with_checkpoint`; without one: nnU-Net's log is fresh,
     :func:`_without_checkpoint`) / ``stopped`` (log silent and no checkpoint yet); ``not started``.
     The detail also names a resume that fell back to ``checkpoint_previous.pth`` because
     ``checkpoint_latest.pth`` was unreadable (:func:`~nnunet_calibration.experiments.folds.recovery_events`).
@@ -153,10 +153,11 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     jobs, active, slurm_note = _slurm_view(exp, use_slurm)
     submitted = submitted_tasks(jobs)
     local = read_local_state(exp)
+    processes = training_processes()
     out = []
     for spec in exp.trainers:
         for fold in exp.folds_for(spec):
-            rec = _fold_status(exp, spec, fold, active, submitted, local)
+            rec = _fold_status(exp, spec, fold, active, submitted, local, processes)
             if slurm_note and not rec["detail"]:
                 rec["detail"] = slurm_note
             out.append(rec)
@@ -176,7 +177,8 @@ def _slurm_view(exp: Experiment, use_slurm: bool) -> tuple[dict, dict, str]:
         return {"submissions": []}, {}, f"(SLURM queue not readable: {e})"
 
 
-def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict, local: dict) -> dict:
+def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict, local: dict,
+                 processes: list) -> dict:
     """One row of :func:`fold_statuses` (see its docstring for the states)."""
     st = fold_state(exp, spec, fold)
     log = log_path(exp, spec.label, fold)
@@ -201,7 +203,7 @@ def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict
         rec.update(status=FoldStatus.FAILED, detail=f"local run exited with {run.get('returncode')} at "
                                                     f"{run.get('time')} ({st})", log=run.get("log", str(log)))
     elif st == FoldStatus.INTERRUPTED:
-        rec.update(_with_checkpoint(rec["progress"], trained(exp, spec, fold)))
+        rec.update(_with_checkpoint(_running_pid(exp, spec, fold, processes), trained(exp, spec, fold)))
     elif st == FoldStatus.NOT_STARTED and rec["progress"]["log"]:
         rec.update(_without_checkpoint(rec["progress"]))
     return _with_recovery(rec, recovery_events(exp, spec, fold))
@@ -222,40 +224,82 @@ def _with_recovery(rec: dict, events: list[dict]) -> dict:
 RECENT_LOG_SECONDS = 300.0
 
 
-def _log_age(progress: dict, now: float | None = None) -> tuple[float, bool] | None:
-    """``(seconds since nnU-Net's training log was written, whether that counts as a training still running)``:
-    written within ``max(RECENT_LOG_SECONDS, 5 x epoch time)``. None without a readable log."""
-    try:
-        age = (time.time() if now is None else now) - os.path.getmtime(progress["log"])
-    except (OSError, TypeError):
-        return None
-    return age, age <= max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
-
-
 def _without_checkpoint(progress: dict, now: float | None = None) -> dict:
     """Status of a fold that has nnU-Net's training log but no checkpoint yet (nnU-Net writes one only
-    every 50 epochs and at the end): ``in progress`` while its log is fresh (:func:`_log_age`), else
-    ``stopped`` (its epochs are lost: the next run starts the fold again)."""
-    seen = _log_age(progress, now)
-    if seen is None:
+    every 50 epochs and at the end): ``in progress`` while its log was written within
+    ``max(RECENT_LOG_SECONDS, 5 x epoch time)``, else ``stopped`` (its epochs are lost: the next run
+    starts the fold again)."""
+    try:
+        age = (time.time() if now is None else now) - os.path.getmtime(progress["log"])
+    except OSError:
         return {}
-    if seen[1]:
+    limit = max(RECENT_LOG_SECONDS, 5 * (progress.get("epoch_time") or 0.0))
+    if age <= limit:
         return {"status": FoldStatus.IN_PROGRESS, "detail": "no checkpoint yet (nnU-Net saves every 50 epochs and at the end)"}
-    return {"status": FoldStatus.STOPPED, "detail": f"log silent for {_duration(seen[0])} and no checkpoint: the next run "
+    return {"status": FoldStatus.STOPPED, "detail": f"log silent for {_duration(age)} and no checkpoint: the next run "
                                            "starts this fold again"}
 
 
-def _with_checkpoint(progress: dict, finished_training: bool, now: float | None = None) -> dict:
-    """Status of a fold with a checkpoint but no finished validation: ``in progress`` while its training log is
-    fresh (:func:`_log_age`: a training running now, which must not be started a second time), else
-    ``interrupted`` with what the next run does."""
-    seen = _log_age(progress, now)
-    if seen is not None and seen[1]:
+def _with_checkpoint(running_pid: int | None, finished_training: bool) -> dict:
+    """Status of a fold with a checkpoint but no finished validation: ``in progress`` while an
+    ``nnUNetv2_train`` of this fold runs on this machine (:func:`training_processes`; it must not be started a
+    second time), else ``interrupted`` with what the next run does."""
+    if running_pid is not None:
         return {"status": FoldStatus.IN_PROGRESS,
-                "detail": f"training log written {_duration(seen[0])} ago: running (do not start it a second time)"}
+                "detail": f"nnUNetv2_train running on this machine (pid {running_pid}): do not start it a second time"}
     return {"status": FoldStatus.INTERRUPTED,
             "detail": ("trained, not validated; run again to validate (--val)" if finished_training else
                        "checkpoint present; run again to continue (--c)")}
+
+
+def training_processes(proc: str = "/proc") -> list[tuple[int, list[str], str | None]]:
+    """``(pid, arguments after nnUNetv2_train, its nnUNet_results)`` of every ``nnUNetv2_train`` process of this
+    user that ``proc`` (Linux) lists; ``[]`` where there is no such folder. A process is one whose command line
+    holds an argument named ``nnUNetv2_train`` (the console script, run directly or by a Python interpreter)."""
+    out = []
+    try:
+        pids = [int(d) for d in os.listdir(proc) if d.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+            at = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == "nnUNetv2_train"), None)
+            if at is None:
+                continue
+            results = None
+            with open(f"{proc}/{pid}/environ", "rb") as fh:
+                for item in fh.read().split(b"\0"):
+                    if item.startswith(b"nnUNet_results="):
+                        results = item.split(b"=", 1)[1].decode(errors="replace")
+        except OSError:  # ended meanwhile, or another user's
+            continue
+        out.append((pid, argv[at + 1:], results))
+    return out
+
+
+def _running_pid(exp: Experiment, spec, fold: int, processes: list) -> int | None:
+    """The pid of a process of :func:`training_processes` that trains this fold: dataset (name or id),
+    configuration, fold, ``-tr`` (default nnUNetTrainer), ``-p`` (default nnUNetPlans) and ``nnUNet_results``
+    (the entry's results root) as :func:`~.runner.train_command` gives them; None if there is none."""
+    datasets = {exp.dataset_name, str(exp.dataset)}
+    if exp.dataset_name and exp.dataset_name.startswith("Dataset"):
+        datasets.add(str(int(exp.dataset_name[7:10])))
+    root = os.path.realpath(results_root(exp, spec))
+    for pid, args, results in processes:
+        pos = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-")
+                                                                           or args[i - 1] in _FLAGS)]
+        opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i] in ("-tr", "-p")}
+        if (len(pos) >= 3 and pos[0] in datasets and pos[1] == exp.configuration and pos[2] == str(fold)
+                and opts.get("-tr", "nnUNetTrainer") == spec.name and opts.get("-p", "nnUNetPlans") == exp.plans
+                and results is not None and os.path.realpath(results) == root):
+            return pid
+    return None
+
+
+#: nnUNetv2_train's options that take no value (so the argument after them is positional)
+_FLAGS = {"--c", "--val", "--npz", "--val_best", "--disable_checkpointing", "--use_compressed"}
 
 
 def _stopped_at_time_limit(log: Path) -> bool:

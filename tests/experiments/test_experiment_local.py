@@ -4,9 +4,7 @@ Two trainers (nnUNetTrainerDiceCE, nnUNetTrainerLS_DC) x two folds, SHORT traini
 iterations). The DiceCE fold 0 trained by the ``synthetic_prediction`` fixture with the same
 hyperparameters is reused (skipped), the three other folds are trained here.
 """
-import os
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,8 +109,6 @@ def test_rerun_trains_nothing_and_resumes_interrupted(local_run):
     fold = r.results / "Dataset901_SynthLabels" / "nnUNetTrainerLS_DC__nnUNetPlans__2d" / "fold_1"
     shutil.move(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
     (fold / "validation" / "summary.json").unlink()
-    for log in fold.glob("training_log_*.txt"):  # killed an hour ago (a fresh log reads as a training running now)
-        os.utime(log, (time.time() - 3600, time.time() - 3600))
     from nnunet_calibration.experiments.nnunet_checks import validate
     from nnunet_calibration.settings import load_experiment
     from nnunet_calibration.experiments.status import fold_statuses

@@ -116,26 +116,6 @@ def test_fold_with_log_but_no_checkpoint(tmp_path):
     assert _without_checkpoint(p, now=mtime + 501)["status"] == "stopped"
 
 
-def test_fold_with_checkpoint_and_fresh_log_is_running(tmp_path):
-    """A local training running now has a checkpoint (every save_every epochs) and a fresh log: 'in progress',
-    never 'interrupted ... run again' (which would start it a second time); silent: 'interrupted' with what
-    the next run does (continue, or only validate a trained fold)."""
-    from nnunet_calibration.experiments.status import RECENT_LOG_SECONDS, _with_checkpoint
-
-    fold = tmp_path / "fold_0"
-    fold.mkdir()
-    log = fold / "training_log_2026_1_9_10_00_00.txt"
-    _write_log(log, [(9, 0, "Epoch 0"), (9, 2, "Epoch time: 20.0 s"), (9, 3, "Epoch 1")])
-    p = training_progress(fold, total_epochs=40)
-    mtime = os.path.getmtime(log)
-    running = _with_checkpoint(p, False, now=mtime + 30)
-    assert running["status"] == "in progress" and "do not start it a second time" in running["detail"]
-    silent = _with_checkpoint(p, False, now=mtime + RECENT_LOG_SECONDS + 1)
-    assert silent["status"] == "interrupted" and "(--c)" in silent["detail"]
-    assert "(--val)" in _with_checkpoint(p, True, now=mtime + RECENT_LOG_SECONDS + 1)["detail"]
-    assert _with_checkpoint({"log": "", "epoch_time": None}, False)["status"] == "interrupted"  # no log
-
-
 def test_progress_counts_from_the_resumed_checkpoint(tmp_path):
     """A run that logged epochs 0-6, crashed, and was resumed (--c) from the checkpoint of epoch 4: the
     epochs 4-6 of the dead run are gone, so 5 epochs are done after the resumed run's epoch 4, and the
@@ -159,3 +139,54 @@ def test_progress_counts_from_the_resumed_checkpoint(tmp_path):
     assert sorted(h) == [0, 1, 2, 3, 4]
     assert h[3] == {"time": 10.0, "train_loss": -0.1, "val_loss": -0.2, "pseudo_dice": [0.3, 0.5], "lr": None}
     assert h[4]["pseudo_dice"] == [0.9, 0.9] and h[4]["train_loss"] is None
+
+
+@pytest.mark.nnunet
+def test_fold_with_checkpoint_is_in_progress_only_while_its_training_runs(synthetic_prediction, tmp_path):
+    """A fold with a checkpoint and no validation is 'interrupted' (run again to continue) unless an
+    nnUNetv2_train of that fold runs on this machine: then 'in progress' with its pid, never 'run again' (which
+    would start it a second time). Real processes named nnUNetv2_train (a script that sleeps) with nnU-Net's
+    arguments and nnUNet_results; another trainer's process for the same fold does not count."""
+    import subprocess
+    import sys
+    import time
+
+    pred = synthetic_prediction
+    results = tmp_path / "results"
+    model = results / pred.model_folder.parent.name / pred.model_folder.name
+    (model / "fold_1").mkdir(parents=True)
+    shutil.copy2(pred.model_folder / "fold_0" / "checkpoint_final.pth", model / "fold_1" / "checkpoint_latest.pth")
+    f = write_experiment(tmp_path / "run.yaml", name="status-running", dataset=pred.dataset.dataset_id,
+                         configuration="2d", folds=[1], device="cpu", training=SHORT, trainers=[pred.trainer],
+                         state_dir=str(tmp_path / "state"), nnunet_paths={"results": str(results)})
+    exp = validate(load_experiment(f), check_trainers=False)
+
+    def row():
+        return fold_statuses(exp, use_slurm=False)[0]
+
+    assert row()["status"] == "interrupted" and "(--c)" in row()["detail"]
+    script = tmp_path / "bin" / "nnUNetv2_train"
+    script.parent.mkdir()
+    script.write_text("import time\ntime.sleep(120)\n")
+
+    def start(trainer):
+        argv = [sys.executable, str(script), exp.dataset_name, "2d", "1", "-tr", trainer, "-p", "nnUNetPlans",
+                "--c", "--npz", "-device", "cpu"]
+        return subprocess.Popen(argv, env=dict(os.environ, nnUNet_results=str(results)))
+
+    other = start("nnUNetTrainerSomethingElse")
+    ours = None
+    try:
+        time.sleep(0.5)
+        assert row()["status"] == "interrupted"  # another trainer's training of fold 1
+        ours = start(pred.trainer)
+        time.sleep(0.5)
+        r = row()
+        assert r["status"] == "in progress" and f"pid {ours.pid}" in r["detail"], r
+        assert "do not start it a second time" in r["detail"]
+    finally:
+        for proc in (other, ours):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    assert row()["status"] == "interrupted"
