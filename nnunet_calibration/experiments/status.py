@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
 from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
                                                   read_local_state, recovery_events, results_root, trained)
 from nnunet_calibration.settings import Experiment, ExperimentError
@@ -279,27 +281,32 @@ def training_processes(proc: str = "/proc") -> list[tuple[int, list[str], str | 
     return out
 
 
+#: nnUNetv2_train's options that take no value (so the argument after them is positional)
+_FLAGS = {"--c", "--val", "--npz", "--val_best", "--disable_checkpointing", "--use_compressed"}
+
+
+def _same_dataset(arg: str, dataset_name: str) -> bool:
+    """Whether nnUNetv2_train's dataset argument (a name, or an id as nnU-Net accepts it: ``27``, ``027``)
+    names ``dataset_name``."""
+    if arg.startswith("Dataset"):
+        return arg == dataset_name
+    return arg.isdigit() and int(arg) == convert_dataset_name_to_id(dataset_name)
+
+
 def _running_pid(exp: Experiment, spec, fold: int, processes: list) -> int | None:
     """The pid of a process of :func:`training_processes` that trains this fold: dataset (name or id),
     configuration, fold, ``-tr`` (default nnUNetTrainer), ``-p`` (default nnUNetPlans) and ``nnUNet_results``
     (the entry's results root) as :func:`~.runner.train_command` gives them; None if there is none."""
-    datasets = {exp.dataset_name, str(exp.dataset)}
-    if exp.dataset_name and exp.dataset_name.startswith("Dataset"):
-        datasets.add(str(int(exp.dataset_name[7:10])))
     root = os.path.realpath(results_root(exp, spec))
     for pid, args, results in processes:
         pos = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-")
                                                                            or args[i - 1] in _FLAGS)]
         opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i] in ("-tr", "-p")}
-        if (len(pos) >= 3 and pos[0] in datasets and pos[1] == exp.configuration and pos[2] == str(fold)
-                and opts.get("-tr", "nnUNetTrainer") == spec.name and opts.get("-p", "nnUNetPlans") == exp.plans
+        if (len(pos) >= 3 and _same_dataset(pos[0], exp.dataset_name) and pos[1] == exp.configuration
+                and pos[2] == str(fold) and opts.get("-tr", "nnUNetTrainer") == spec.name and opts.get("-p", "nnUNetPlans") == exp.plans
                 and results is not None and os.path.realpath(results) == root):
             return pid
     return None
-
-
-#: nnUNetv2_train's options that take no value (so the argument after them is positional)
-_FLAGS = {"--c", "--val", "--npz", "--val_best", "--disable_checkpointing", "--use_compressed"}
 
 
 def _stopped_at_time_limit(log: Path) -> bool:

@@ -123,12 +123,11 @@ def boundary_band(labels, spacing=None, k_mm: Optional[float] = None) -> np.ndar
     return band
 
 
-def _full_index(found, shape, origin=None) -> np.ndarray:
+def _full_index(found, shape, origin) -> np.ndarray:
     """Flat indices into an image of ``shape`` of a band ``found = (box slices, band on the box)``; ``origin``:
-    the position of the array the box refers to inside the image (default: the image itself). (Written into
-    a mask of the image and scanned once: measured faster than mapping the box's own indices.)"""
+    the position inside the image of the array the box refers to. (Written into a mask of the image and
+    scanned once: measured faster than mapping the box's own indices.)"""
     sl, band = found
-    origin = origin or (0,) * len(shape)
     full = np.zeros(shape, bool)
     full[tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, origin))] = band
     return np.flatnonzero(full)
