@@ -46,7 +46,7 @@ Data set level
 * ``mean``: mean over cases of the per-case values (NaN values, e.g. the ECE of a case without
   foreground, are left out of the mean; ``null`` in JSON if every case is NaN).
 * ``pooled``: exact data-set-wide values from the summed per-bin statistics of all cases (equal-mass
-  bins with ``binning="adaptive"``: from the cases' distinct values, :class:`~nnunet_calibration.metrics.ValueStats`,
+  bins with ``binning="adaptive"``: from the cases' values, :class:`~nnunet_calibration.metrics.ValueStats`,
   as exact and mergeable); ``SCE_<class>``: the signed calibration error per calibration class.
 * ``bootstrap``: percentile intervals of the pooled ECE and debiased L2 ECE over resampled cases
   (:func:`bootstrap_summary`; ``--bootstrap N``, 0: none).

@@ -46,7 +46,8 @@ class CalibrationAccumulator:
 
     * ``"default"``: ECE, CECE, pECE as documented in :func:`ece`, :func:`cece`, :func:`pece`;
       ``options.binning`` ``"adaptive"``: ECE and CECE (and the two below) with equal-mass bins, their
-      statistics :class:`~._adaptive.ValueStats` (exact and mergeable, larger).
+      statistics :class:`~._adaptive.ValueStats` (exact and mergeable: the values' keys, 4 bytes per
+      float32 value, and a histogram of buckets).
     * ``"SCE"``: mean over the classes of :func:`.ece_variants.signed_calibration_error` (CECE's voxels,
       threshold ``cece_threshold``; > 0 over-confident), per class :meth:`signed_per_class`;
       ``"debiased-L2-ECE"``: :func:`.ece_variants.debiased_l2_ece` from ECE's statistics (same voxels and
@@ -256,7 +257,7 @@ def _gather_keys(triples, keys: list, offered: np.ndarray) -> None:
 
 def _copy_stats(s):
     if isinstance(s, ValueStats):
-        return ValueStats(list(s.values), list(s.count), s.total.copy(), s.n_bins)
+        return s.copy()
     if isinstance(s, BinStats):
         return BinStats(s.count.copy(), s.conf_sum.copy(), s.total.copy())
     return SumStats(s.total, s.count)

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ._adaptive import ValueStats, check_binning, unique_inverse
+from ._adaptive import ValueStats, check_binning
 from ._binning import BinStats, SumStats, bin_edges
 from ._checks import Regions, _check_types_and_shapes, _validate, resolve_region_labels
 from .boundary import _boundary_ece_update
@@ -65,27 +65,19 @@ class _Stack:
         elif kind is SumStats:
             self.arrays = [np.array([s.total for s in stats]), np.array([s.count for s in stats])]
         else:
-            self.n_bins = stats[0].n_bins
-            self.total = np.stack([s.total for s in stats])
-            self.tasks = []  # per task: distinct values, inverse index, counts, case of each row
-            for t in range(len(stats[0].values)):
-                u, inv = unique_inverse(np.concatenate([s.values[t] for s in stats]))
-                case = np.concatenate([np.full(s.values[t].size, i) for i, s in enumerate(stats)])
-                self.tasks.append((u, inv, np.concatenate([s.count[t] for s in stats]), case))
+            self.stats = list(stats)
 
     def weighted(self, w: np.ndarray) -> Stats:
         if self.kind is BinStats:
             return BinStats(*[np.tensordot(w, a, axes=1) for a in self.arrays])
         if self.kind is SumStats:
             return SumStats(float(w @ self.arrays[0]), int(w @ self.arrays[1]))
-        values, count = [], []
-        for u, inv, c, case in self.tasks:
-            wc = c * w[case][:, None]
-            agg = np.stack([np.bincount(inv, weights=wc[:, o], minlength=u.size) for o in (0, 1)], 1)
-            keep = agg.sum(1) > 0
-            values.append(u[keep])
-            count.append(np.rint(agg[keep]).astype(np.int64).reshape(-1, 2))
-        return ValueStats(values, count, w @ self.total, self.n_bins)
+        out = None  # the cases drawn, each scaled by how often (merging ValueStats only appends arrays)
+        for st, k in zip(self.stats, w.tolist()):
+            if k:
+                part = st.scaled(k)
+                out = part if out is None else out + part
+        return out if out is not None else ValueStats.zeros(self.stats[0].n_tasks, self.stats[0].n_bins)
 
 
 def bootstrap_ci(case_stats: Sequence[Stats], compute: Callable[[Stats], float], n_resamples: int = 1000,

@@ -99,9 +99,10 @@ def test_adaptive_statistics_merge_exactly(regions):
                    lambda p, l: calib._cece_update(p, l, 9, 1e-3, regions, binning="adaptive")):
         whole = update(probs, labels)
         merged = pickle.loads(pickle.dumps(update(probs[:, :3], labels[:3]))) + update(probs[:, 3:], labels[3:])
-        for t in range(len(whole.values)):
-            np.testing.assert_array_equal(merged.values[t], whole.values[t])
-            np.testing.assert_array_equal(merged.count[t], whole.count[t])
+        for t in range(whole.n_tasks):
+            for got, want in zip(merged.distinct(t), whole.distinct(t)):
+                np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(merged.equal_mass().count, whole.equal_mass().count)
         np.testing.assert_array_equal(merged.total, whole.total)
     # pooled over two different cases = the concatenated voxels
     p2, l2 = softmax_case((5, 7, 6), 4, 13) if regions is None else region_case((5, 7, 6), 13)
@@ -110,7 +111,7 @@ def test_adaptive_statistics_merge_exactly(regions):
     cat_p, cat_l = np.concatenate([probs, p2], 1), np.concatenate([labels, l2], 0)
     assert calib._ece_compute(pooled) == pytest.approx(ref_adaptive_ece(cat_p, cat_l, 9, regions), rel=1e-9)
     with pytest.raises(ValueError, match="bins"):
-        pooled + ValueStats.zeros(len(pooled.values), 3)
+        pooled + ValueStats.zeros(pooled.n_tasks, 3)
 
 
 def test_binning_option_is_checked():
@@ -167,12 +168,95 @@ def test_adaptive_region_ece_matches_torch_uncertainty_binary():
         np.mean(per_region), abs=1e-6)
 
 
-def test_unique_inverse_equals_numpy():
-    from nnunet_calibration.metrics._adaptive import unique_inverse
+# ----------------------------------------------------------------------------------------------
+# ValueStats' statistics (histogram of buckets, exact values only in the buckets holding a cut)
+# against equal-mass bins written out on the sorted values
+# ----------------------------------------------------------------------------------------------
+def _written_out_bins(v, y, n_bins):
+    """(count (n_bins, 2), sums (n_bins, 2), edges): the bins of ref_equal_mass_masks, bin i = part i."""
+    v = np.asarray(v, np.float64)
+    count, sums = np.zeros((n_bins, 2), np.int64), np.zeros((n_bins, 2))
+    for i, m in enumerate(ref_equal_mass_masks(v, n_bins)):
+        for o in (0, 1):
+            mo = m & (y == o)
+            count[i, o], sums[i, o] = mo.sum(), v[mo].sum()
+    parts = [p[-1] for p in np.array_split(np.sort(v), n_bins) if p.size]
+    edges = np.array(parts + [parts[-1]] * (n_bins - len(parts)))
+    return count, sums, edges
 
-    rng = np.random.default_rng(2)
-    for x in (rng.choice(rng.random(30), 500), np.zeros(0), np.array([0.5])):
-        u, inv = unique_inverse(x)
-        ru, rinv = np.unique(x, return_inverse=True)
-        np.testing.assert_array_equal(u, ru)
-        np.testing.assert_array_equal(inv, rinv.reshape(-1))
+
+def _mixed_values(rng, n):
+    """float32 values > 0 with every kind of tie and range the buckets must handle: repeated values,
+    a continuum in [1e-3, 1], a cluster just below 1 (one bucket holds it), exact 1.0, subnormals."""
+    parts = [rng.choice(rng.random(40).astype(np.float32), n // 4),
+             rng.uniform(1e-3, 1, n // 4).astype(np.float32),
+             (1 - rng.random(n // 4) * 1e-4).astype(np.float32),
+             np.ones(n // 8, np.float32),
+             (rng.random(n - 3 * (n // 4) - n // 8) * 1e-40).astype(np.float32)]
+    v = np.concatenate(parts)
+    v[v == 0] = np.float32(1e-45)
+    return rng.permutation(v)
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 15, 100])
+def test_value_stats_equal_written_out_bins_float32(n_bins):
+    rng = np.random.default_rng(n_bins)
+    v = _mixed_values(rng, 200_000)
+    y = (rng.random(v.size) < v).astype(np.int64)
+    stats = ValueStats.zeros(1, n_bins)
+    stats.set_from_keys_(0, [sort_keys(v[:70_000], y[:70_000]), sort_keys(v[70_000:], y[70_000:])], v.size)
+    count, sums, edges = _written_out_bins(v, y, n_bins)
+    got = stats.equal_mass()
+    np.testing.assert_array_equal(got.count[0], count)
+    np.testing.assert_allclose(got.conf_sum[0], sums, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(stats.edges(0), edges)
+    assert got.total[0] == v.size
+
+
+@pytest.mark.parametrize("n_bins", [2, 15, 1000])
+def test_value_stats_merge_float32_float64_and_weights(n_bins):
+    """Three cases, one of float64 values (most not float32 numbers, some in the same buckets as the
+    float32 values, some equal to them; their keys are sorted, the float32 ones counted in the bucket
+    table), one counted twice (bootstrap weight): the statistics equal those of all values written
+    out, repeated values included; and few values with many bins (sorted, no table)."""
+    rng = np.random.default_rng(7)
+    a = _mixed_values(rng, 60_000)  # enough values in the cut buckets to count them in the bucket table
+    b = _mixed_values(rng, 1000)
+    c = np.concatenate([a[:300].astype(np.float64) * (1 + 1e-9 * rng.random(300)), a[300:400].astype(np.float64)])
+    ya, yb, yc = ((rng.random(x.size) < 0.5).astype(np.int64) for x in (a, b, c))
+    parts = []
+    for x, yx in ((a, ya), (b, yb), (c, yc)):
+        s = ValueStats.zeros(1, n_bins)
+        s.set_from_keys_(0, [sort_keys(x, yx)], x.size)
+        parts.append(s)
+    pooled = parts[0] + parts[1].scaled(2) + pickle.loads(pickle.dumps(parts[2]))
+    v = np.concatenate([a, b, b]).astype(np.float64)
+    v = np.concatenate([v, c])
+    y = np.concatenate([ya, yb, yb, yc])
+    count, sums, edges = _written_out_bins(v, y, n_bins)
+    got = pooled.equal_mass()
+    np.testing.assert_array_equal(got.count[0], count)
+    np.testing.assert_allclose(got.conf_sum[0], sums, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(pooled.edges(0), edges)
+    assert got.total[0] == v.size
+    dv, dc = pooled.distinct(0)
+    uv, inv = np.unique(v, return_inverse=True)
+    np.testing.assert_array_equal(dv, uv)
+    np.testing.assert_array_equal(dc, np.stack([np.bincount(inv, weights=y == o).astype(np.int64) for o in (0, 1)], 1))
+    # few values, many bins: every distinct value is its own bin (no bucket table needed)
+    few = ValueStats.zeros(1, 1000)
+    few.set_from_keys_(0, [sort_keys(a[:50], ya[:50])], 50)
+    count, sums, _ = _written_out_bins(a[:50], ya[:50], 1000)
+    np.testing.assert_array_equal(few.equal_mass().count[0], count)
+
+
+def test_value_stats_scaled_by_zero_is_empty_and_negative_weights_are_refused():
+    v = np.float32([0.2, 0.4, 0.9])
+    s = ValueStats.zeros(1, 2)
+    s.set_from_keys_(0, [sort_keys(v, np.array([0, 1, 1]))], 3)
+    zero = s.scaled(0)
+    assert zero.total.tolist() == [0] and zero.equal_mass().count.sum() == 0
+    assert np.isnan(zero.edges(0)).all()
+    np.testing.assert_array_equal((zero + s).equal_mass().count, s.equal_mass().count)
+    with pytest.raises(ValueError, match="weight"):
+        s.scaled(-1)
