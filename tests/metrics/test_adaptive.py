@@ -185,6 +185,16 @@ def _written_out_bins(v, y, n_bins):
     return count, sums, edges
 
 
+def _assert_written_out_bins(stats, v, y, n_bins):
+    """Task 0 of ``stats`` has exactly the bins, sums (to float64 rounding) and edges written out."""
+    count, sums, edges = _written_out_bins(v, y, n_bins)
+    got = stats.equal_mass()
+    np.testing.assert_array_equal(got.count[0], count)
+    np.testing.assert_allclose(got.conf_sum[0], sums, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(stats.edges(0), edges)
+    assert got.total[0] == v.size
+
+
 def _mixed_values(rng, n):
     """float32 values > 0 with every kind of tie and range the buckets must handle: repeated values,
     a continuum in [1e-3, 1], a cluster just below 1 (one bucket holds it), exact 1.0, subnormals."""
@@ -205,12 +215,7 @@ def test_value_stats_equal_written_out_bins_float32(n_bins):
     y = (rng.random(v.size) < v).astype(np.int64)
     stats = ValueStats.zeros(1, n_bins)
     stats.set_from_keys_(0, [sort_keys(v[:70_000], y[:70_000]), sort_keys(v[70_000:], y[70_000:])], v.size)
-    count, sums, edges = _written_out_bins(v, y, n_bins)
-    got = stats.equal_mass()
-    np.testing.assert_array_equal(got.count[0], count)
-    np.testing.assert_allclose(got.conf_sum[0], sums, rtol=1e-12, atol=1e-300)
-    np.testing.assert_array_equal(stats.edges(0), edges)
-    assert got.total[0] == v.size
+    _assert_written_out_bins(stats, v, y, n_bins)
 
 
 @pytest.mark.parametrize("n_bins", [2, 15, 1000])
@@ -233,12 +238,7 @@ def test_value_stats_merge_float32_float64_and_weights(n_bins):
     v = np.concatenate([a, b, b]).astype(np.float64)
     v = np.concatenate([v, c])
     y = np.concatenate([ya, yb, yb, yc])
-    count, sums, edges = _written_out_bins(v, y, n_bins)
-    got = pooled.equal_mass()
-    np.testing.assert_array_equal(got.count[0], count)
-    np.testing.assert_allclose(got.conf_sum[0], sums, rtol=1e-12, atol=1e-300)
-    np.testing.assert_array_equal(pooled.edges(0), edges)
-    assert got.total[0] == v.size
+    _assert_written_out_bins(pooled, v, y, n_bins)
     dv, dc = pooled.distinct(0)
     uv, inv = np.unique(v, return_inverse=True)
     np.testing.assert_array_equal(dv, uv)
