@@ -135,13 +135,22 @@ def _distinct_keys(keys: np.ndarray, weight: int):
     return v[new], count
 
 
+def _add_on_union(keys, *columns):
+    """Sparse rows added on the union of their keys: ``keys`` a list of sorted, unique key arrays (one
+    per operand), each of ``columns`` a list with one ``(len(keys[i]), ...)`` array per operand. Returns
+    ``(union of the keys, summed rows of each column)``; a key present in several operands gets the sum."""
+    union = np.unique(np.concatenate(keys))
+    sums = [np.zeros((union.size,) + col[0].shape[1:], col[0].dtype) for col in columns]
+    for i, k in enumerate(keys):  # keys are unique within each operand: plain fancy += is exact
+        at = np.searchsorted(union, k)
+        for total, col in zip(sums, columns):
+            total[at] += col[i]
+    return (union, *sums)
+
+
 def _merge_distinct(parts):
     """Merge ``(values, count)`` pairs of :func:`_distinct_keys` (same value -> counts added)."""
-    values = np.unique(np.concatenate([v for v, _ in parts]))
-    count = np.zeros((values.size, 2), np.int64)
-    for v, c in parts:  # values are unique within each part: plain fancy += is exact
-        count[np.searchsorted(values, v)] += c
-    return values, count
+    return _add_on_union([v for v, _ in parts], [c for _, c in parts])
 
 
 @dataclass
@@ -199,12 +208,7 @@ class ValueStats:
                              f"{other.n_tasks} tasks / {other.n_bins} bins")
         ids, n, s = [], [], []
         for t in range(self.n_tasks):
-            u = np.union1d(self.ids[t], other.ids[t])
-            nt, st = np.zeros((u.size, 2), np.int64), np.zeros((u.size, 2))
-            for src in (self, other):  # ids are unique within each operand: plain fancy += is exact
-                at = np.searchsorted(u, src.ids[t])
-                nt[at] += src.n[t]
-                st[at] += src.s[t]
+            u, nt, st = _add_on_union([self.ids[t], other.ids[t]], [self.n[t], other.n[t]], [self.s[t], other.s[t]])
             ids.append(u)
             n.append(nt)
             s.append(st)
@@ -225,8 +229,9 @@ class ValueStats:
 
     # -- equal-mass bins ---------------------------------------------------------------------------
     def _cuts(self, task: int):
-        """``(P, j)``: the 1-based positions ``P_k`` of the bins' upper edges in the sorted values
-        (``np.array_split`` parts) and the index (into ``ids``) of the bucket holding each."""
+        """``(P, j, before)``: the 1-based positions ``P_k`` of the bins' upper edges in the sorted values
+        (``np.array_split`` parts), the index (into ``ids``) of the bucket holding each, and per bucket
+        the number of values in the buckets below it (weighted, both outcomes)."""
         per = self.n[task].sum(1)
         cum = np.cumsum(per)
         q, r = divmod(int(cum[-1]), self.n_bins)
