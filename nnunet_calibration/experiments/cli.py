@@ -4,11 +4,15 @@
     calib-experiment status EXPERIMENT.yaml [--watch [SECONDS]]
     calib-experiment report EXPERIMENT.yaml [MORE.yaml ...] [--output-root results] [--name NAME]
     calib-experiment check EXPERIMENT.yaml        # validate only
+    calib-experiment archive EXPERIMENT.yaml [--trainer LABEL ...] [--force]
 
 ``run --backend local`` trains every unfinished (trainer, fold) one after another (interrupted ones
 continue with ``--c``), then writes the report. ``run --backend slurm`` submits one job array of
 every unfinished (trainer, fold) and a report job that runs when every fold succeeded (cancelled by SLURM otherwise), and
 returns. Running again resumes: finished folds are skipped, nothing is trained twice.
+``archive`` (with ``report.archive`` in the file) keeps each trainer entry whose folds are all finished
+as its evaluated report rows, small enough to keep beside the experiment file: ``run`` and ``report`` use
+them where the folds are gone (:mod:`nnunet_calibration.experiments.archive`; ``run`` archives by itself).
 ``status`` shows per fold the state, epoch / total, last validation pseudo-Dice, mean epoch time,
 estimated time left and log (``--watch`` refreshes it). Exit status of ``train-fold`` (one SLURM
 task): the training's, or 75 when it was stopped by the time-limit signal (see
@@ -28,7 +32,7 @@ from nnunet_calibration.utils import ArgumentParser, cli_main
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="calib-experiment", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,status,report,check}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,status,report,check,archive}")
     r = sub.add_parser("run", help="train unfinished folds (local) or submit them (slurm)")
     r.add_argument("experiment")
     r.add_argument("--backend", choices=("local", "slurm"), default="local")
@@ -48,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--quiet", action="store_true")
     c = sub.add_parser("check", help="validate the experiment file against nnU-Net and exit")
     c.add_argument("experiment")
+    a = sub.add_parser("archive", help="keep the evaluated rows of every entry whose folds are all finished "
+                                       "(report.archive)")
+    a.add_argument("experiment")
+    a.add_argument("--trainer", action="append", default=None, metavar="LABEL", help="only this entry (repeatable)")
+    a.add_argument("--force", action="store_true", help="archive again entries that are archived already")
+    a.add_argument("--quiet", action="store_true")
     t = sub.add_parser("train-fold")  # internal: one SLURM array task (not listed in --help)
     t.add_argument("experiment")
     t.add_argument("--trainer", default=None)
@@ -67,7 +77,8 @@ def _load(path, check_trainers=True):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "calib-experiment " + " ".join(shlex.quote(a) for a in argv)
-    commands = {"check": _check, "run": _run, "status": _status, "report": _report, "train-fold": _train_fold}
+    commands = {"check": _check, "run": _run, "status": _status, "report": _report, "archive": _archive,
+                "train-fold": _train_fold}
     return cli_main(_parser(), lambda args: commands[args.cmd](args, command), argv)
 
 
@@ -155,6 +166,26 @@ def _report(args, command: str) -> int:
     exps = [_load(p, check_trainers=False) for p in args.experiments]
     out = make_report(exps, args.output_root, command=command, name=args.name, progress=not args.quiet)
     print(f"report: {out / 'README.md'}")
+    return 0
+
+
+def _archive(args, command: str) -> int:
+    from nnunet_calibration.experiments.folds import archived
+    from nnunet_calibration.experiments.nnunet_checks import check_recorded_hparams
+    from nnunet_calibration.experiments.report.gather import archive_finished
+
+    exp = _load(args.experiment)
+    if not exp.report.archive:
+        raise ExperimentError(f"{exp.path}: report.archive is not set (the folder to keep the rows in)")
+    unknown = sorted(set(args.trainer or ()) - {t.label for t in exp.trainers})
+    if unknown:
+        raise ExperimentError(f"{exp.path}: no trainer entry labelled {unknown}; labels: {[t.label for t in exp.trainers]}")
+    check_recorded_hparams(exp)
+    written = archive_finished(exp, args.trainer, force=args.force, progress=not args.quiet)
+    for t in exp.trainers:
+        if args.trainer is None or t.label in args.trainer:
+            state = "archived now" if t.label in written else ("archived" if archived(exp, t) else "not all folds finished")
+            print(f"{t.label}: {state}" + (f" -> {written[t.label]}" if t.label in written else ""))
     return 0
 
 

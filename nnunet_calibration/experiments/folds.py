@@ -14,6 +14,8 @@ States (:class:`FoldStatus`, from nnU-Net's files in the fold folder)
 --------------------------------------------------------------------
 ``finished``: ``checkpoint_final.pth`` and ``validation/summary.json`` exist (if the ``.npz``
 probabilities are missing only ``nnUNetv2_train ... --val --npz`` runs to write them);
+``archived``: not finished here, but the entry's evaluated rows are in the experiment's archive
+(``report.archive``, :mod:`.archive`): nothing is trained;
 ``interrupted``: ``checkpoint_latest.pth`` (continued with ``--c``) or a final checkpoint without
 validation (:func:`trained`: only ``--val --npz`` runs); ``not started``: neither. The trainers keep
 one older ``checkpoint_previous.pth`` and record a resume that had to fall back to it
@@ -53,6 +55,7 @@ class FoldStatus(str, Enum):
     FAILED = "failed"
     IN_PROGRESS = "in progress"
     STOPPED = "stopped"
+    ARCHIVED = "archived"
 
     def __str__(self) -> str:
         return self.value
@@ -75,6 +78,17 @@ def fold_folder(exp: Experiment, entry: TrainerEntry, fold: int) -> Path:
     return model_folder(exp, entry) / f"fold_{fold}"
 
 
+def archive_file(exp: Experiment, entry: TrainerEntry) -> Path | None:
+    """``<report.archive>/<label>.json`` (None without ``report.archive``; :mod:`.archive`)."""
+    return exp.resolve(exp.report.archive) / f"{entry.label}.json" if exp.report.archive else None
+
+
+def archived(exp: Experiment, entry: TrainerEntry) -> bool:
+    """Whether ``entry`` has an archive file (whether it matches: :func:`.nnunet_checks.check_recorded_hparams`)."""
+    f = archive_file(exp, entry)
+    return f is not None and f.is_file()
+
+
 def log_path(exp: Experiment, label: str, fold: int | str) -> Path:
     return exp.state_folder / "logs" / f"{label}_fold{fold}.log"
 
@@ -88,6 +102,8 @@ def fold_state(exp: Experiment, entry: TrainerEntry, fold: int) -> FoldStatus:
     d = fold_folder(exp, entry, fold)
     if (d / "checkpoint_final.pth").is_file() and (d / "validation" / "summary.json").is_file():
         return FoldStatus.FINISHED
+    if archived(exp, entry):
+        return FoldStatus.ARCHIVED
     if (d / "checkpoint_latest.pth").is_file() or (d / "checkpoint_final.pth").is_file():
         return FoldStatus.INTERRUPTED
     return FoldStatus.NOT_STARTED

@@ -9,7 +9,9 @@ existing folds were trained with.
   experiment with its ``dataset_name``.
 * :func:`check_recorded_hparams`: a finished or interrupted fold trained otherwise than the
   experiment asks for (another loss, other loss hyperparameters, other training overrides) stops the
-  run, naming the folder (:func:`nnunet_calibration.experiments.folds.record_problems`).
+  run, naming the folder (:func:`nnunet_calibration.experiments.folds.record_problems`); so does an
+  archived entry (:mod:`nnunet_calibration.experiments.archive`) made otherwise, by the same rule on
+  the records the archive keeps, and for another dataset, configuration, folds or metric options.
 """
 from __future__ import annotations
 
@@ -193,15 +195,26 @@ def check_recorded_hparams(exp: Experiment) -> None:
     """Refuse to reuse a fold trained otherwise than the experiment asks for (see the module docstring)."""
     from nnunet_calibration.trainers import nnUNetTrainerHparamsBase
 
+    from nnunet_calibration.experiments import archive
+
     env = experiment_env(exp)
     for entry in exp.trainers:
-        folds = [f for f in exp.folds_for(entry) if fold_state(exp, entry, f) != FoldStatus.NOT_STARTED]
-        if not folds:
+        states = {f: fold_state(exp, entry, f) for f in exp.folds_for(entry)}
+        folds = [f for f, st in states.items() if st not in (FoldStatus.NOT_STARTED, FoldStatus.ARCHIVED)]
+        if not folds and FoldStatus.ARCHIVED not in states.values():
             continue
         cls = trainer_class(exp, entry, env)
-        if not issubclass(cls, nnUNetTrainerHparamsBase):
-            continue  # nnU-Net's own trainers record nothing of ours
-        want = expected_record(exp, entry, cls)
+        ours = issubclass(cls, nnUNetTrainerHparamsBase)  # nnU-Net's own trainers record nothing of ours
+        want = expected_record(exp, entry, cls) if ours else None
+        if FoldStatus.ARCHIVED in states.values():
+            problems = archive.archive_problems(exp, entry, archive.read_archive(exp, entry), want)
+            if problems:
+                raise ExperimentError(
+                    f"{exp.path}: the archive {archive.archive_file(exp, entry)} of {entry.label} was made otherwise "
+                    f"than this experiment asks for: {'; '.join(problems)}. It would be reused as is: restore its folds "
+                    f"and delete the archive file to evaluate them again, or give the entry another label.")
+        if not ours:
+            continue
         for fold in folds:
             folder = fold_folder(exp, entry, fold)
             record = read_record(folder)

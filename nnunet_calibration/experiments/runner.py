@@ -36,6 +36,8 @@ def train_command(exp: Experiment, entry: TrainerEntry, fold: int, device: str,
     ``num_gpus > 1`` (CUDA only) adds nnU-Net's multi-GPU mode ``-num_gpus N`` (DDP, one process per GPU).
     """
     state = fold_state(exp, entry, fold)
+    if state == FoldStatus.ARCHIVED:
+        return None
     base = nnunet_command("nnUNetv2_train") + [exp.dataset_name, exp.configuration, str(fold), "-tr", entry.name,
                                                 "-p", exp.plans, "--npz", "-device", device]
     if num_gpus > 1 and device == "cuda":
@@ -46,6 +48,10 @@ def train_command(exp: Experiment, entry: TrainerEntry, fold: int, device: str,
         # trained but not validated (stopped during the final validation): validate only
         return base + (["--val"] if trained(exp, entry, fold) else ["--c"])
     return base
+
+
+def _skipped(exp: Experiment, entry: TrainerEntry, fold: int) -> str:
+    return f"skipped ({FoldStatus.ARCHIVED if fold_state(exp, entry, fold) == FoldStatus.ARCHIVED else FoldStatus.FINISHED})"
 
 
 def fold_env(exp: Experiment, entry: TrainerEntry, device: str, base: dict | None = None) -> dict:
@@ -117,7 +123,7 @@ def run_fold(exp: Experiment, entry: TrainerEntry, fold: int, device: str, log: 
     ``OMP_NUM_THREADS`` when folds run side by side)."""
     cmd = train_command(exp, entry, fold, device)
     if cmd is None:
-        return "skipped (finished)", 0
+        return _skipped(exp, entry, fold), 0
     what = "validation only (--val --npz)" if "--val" in cmd else ("resumed (--c)" if "--c" in cmd else "trained")
     env = fold_env(exp, entry, device)
     for k, v in (extra_env or {}).items():
@@ -156,6 +162,28 @@ def side_by_side_env(parallel: int, cores: int | None = None) -> dict:
     return {"OMP_NUM_THREADS": str(max(1, cores // parallel)), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def training_order(exp: Experiment) -> list[tuple[TrainerEntry, int]]:
+    """Every (entry, fold) of the experiment in the local backend's order (``exp.order``, see :func:`run_local`)."""
+    if exp.order == "trainers":
+        return [(entry, fold) for entry in exp.trainers for fold in exp.folds_for(entry)]
+    return [(entry, fold) for fold in exp.all_folds for entry in exp.trainers if fold in exp.folds_for(entry)]
+
+
+def _archive(exp: Experiment, labels, progress: bool) -> None:
+    """Archive the finished entries among ``labels`` (all: None) when ``report.archive`` is set; a failure
+    is printed, not raised (the trainings go on)."""
+    if not exp.report.archive:
+        return
+    from nnunet_calibration.experiments.report.gather import archive_finished  # the report's evaluation
+
+    try:
+        for label, path in archive_finished(exp, labels).items():
+            tqdm.write(f"archived {label}: {path}")
+    except Exception as e:  # noqa: BLE001 - reported; the archive can be made later
+        tqdm.write(f"ARCHIVE FAILED for {labels or 'the finished entries'}: {e} "
+                   f"(calib-experiment archive {exp.path} tries again)")
+
+
 def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict:
     """Run every unfinished (trainer, fold). Returns {(label, fold): (what, rc)}.
 
@@ -163,8 +191,12 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     one, each training gets :func:`side_by_side_env` unless the environment sets them. On 2 cores two
     trainings side by side and one after another took about the same time per training.
 
-    Order: fold by fold (every trainer's fold 0, then every trainer's fold 1, ...), so that a study
-    stopped part-way has all its methods on the same folds. Interrupted (``KeyboardInterrupt``, i.e.
+    Order (``exp.order``): ``folds``, fold by fold (every trainer's fold 0, then every trainer's fold 1, ...),
+    so that a study stopped part-way has all its methods on the same folds; ``trainers``, trainer by trainer.
+    With ``report.archive``, every entry whose folds are all finished is archived
+    (:func:`~.report.gather.archive_finished`): those finished before the run at its start, the others as
+    soon as their last fold finishes (while the other trainings go on); a failed archiving is reported and
+    the run goes on (``calib-experiment archive`` tries again). Interrupted (``KeyboardInterrupt``, i.e.
     Ctrl-C or SIGTERM under :func:`nnunet_calibration.utils.cli_main`), the running trainings are
     stopped (SIGTERM to their process groups, SIGKILL after 30 s) before the interrupt goes on.
     """
@@ -173,12 +205,12 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     device = resolve_device(exp, slurm=False)
     state = read_local_state(exp)
     done, todo = {}, []
-    for fold in exp.all_folds:
-        for entry in [t for t in exp.trainers if fold in exp.folds_for(t)]:
-            if train_command(exp, entry, fold, device) is None:
-                done[(entry.label, fold)] = ("skipped (finished)", 0)
-            else:
-                todo.append((entry, fold))
+    for entry, fold in training_order(exp):
+        if train_command(exp, entry, fold, device) is None:
+            done[(entry.label, fold)] = (_skipped(exp, entry, fold), 0)
+        else:
+            todo.append((entry, fold))
+    _archive(exp, None, progress)
     extra = side_by_side_env(parallel)
     children = _Children()
     bar = tqdm(total=len(todo), desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
@@ -193,6 +225,8 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
         bar.update(1)
         if rc != 0:
             tqdm.write(f"FAILED: {entry.label} fold {fold} (exit {rc}); log: {log}")
+        else:
+            _archive(exp, [entry.label], progress)
 
     pool = ThreadPoolExecutor(max_workers=parallel)  # threads only wait for subprocesses
     try:

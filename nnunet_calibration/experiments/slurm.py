@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 
 from nnunet_calibration.experiments.environment import STAGED_ENV, job_environment, job_settings, resolve_device
-from nnunet_calibration.experiments.folds import log_path
+from nnunet_calibration.experiments.folds import fold_state, log_path
 from nnunet_calibration.experiments.runner import fold_env, train_command
 from nnunet_calibration.settings import Experiment, ExperimentError
 from nnunet_calibration.timelimit import STOP_FILE_ENV, TIMELIMIT_EXIT_CODE, TaskWarning, stop_file, stop_signal
@@ -262,7 +262,7 @@ def _unfinished(exp: Experiment, device: str, active: dict) -> tuple[list, dict]
             if key in active:
                 why = f"already {active[key][1].lower()} as job {active[key][0]}"
             elif train_command(exp, spec, fold, device, fold_num_gpus(exp, device)) is None:
-                why = "finished"
+                why = str(fold_state(exp, spec, fold))  # finished, or archived
             else:
                 tasks.append(key)
                 continue

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
-from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, log_path,
+from nnunet_calibration.experiments.folds import (FoldStatus, archive_file, fold_folder, fold_state, has_npz, log_path,
                                                   read_local_state, recovery_events, results_root, trained)
 from nnunet_calibration.settings import Experiment, ExperimentError
 
@@ -142,7 +142,8 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     ``progress`` is :func:`training_progress` of the fold (epoch / total, last pseudo-Dice, mean
     epoch time, estimated time left, nnU-Net's training log).
 
-    status: ``finished``; ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
+    status: ``finished``; ``archived`` (not here, but in the experiment's archive:
+    :mod:`~nnunet_calibration.experiments.archive`); ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
     (a checkpoint exists, no ``nnUNetv2_train`` of the fold runs on this machine); ``in progress`` (with a
     checkpoint: such a process runs, :func:`_with_checkpoint`; without one: nnU-Net's log is fresh,
@@ -192,6 +193,8 @@ def _fold_status(exp: Experiment, spec, fold: int, active: dict, submitted: dict
     if key in active:
         jid, state = active[key]
         rec.update(status=state.lower(), detail=f"SLURM job {jid}")
+    elif st == FoldStatus.ARCHIVED:
+        rec["detail"] = f"evaluated rows in {archive_file(exp, spec)} (not trained again)"
     elif st == FoldStatus.FINISHED:
         if not has_npz(exp, spec, fold):
             rec["detail"] = "validation without --npz probabilities (run again to add them)"
@@ -374,7 +377,7 @@ def format_statuses(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_DONE_STATES = (FoldStatus.FINISHED, FoldStatus.FAILED)
+_DONE_STATES = (FoldStatus.FINISHED, FoldStatus.ARCHIVED, FoldStatus.FAILED)
 
 
 def watch(exp: Experiment, interval: float = 60.0, rounds: int | None = None, stream=None,

@@ -10,6 +10,7 @@ the fields of :class:`~.training.Training`, :class:`~.metrics.MetricOptions`, :c
     plans: nnUNetPlans
     folds: [0, 1, 2, 3, 4]            # default 0-4
     device: auto                      # cpu | cuda | auto (cuda when SLURM asks for GPUs or CUDA is present)
+    order: folds                      # local backend: folds (fold 0 of every trainer first) | trainers
     training: {num_epochs: 1000}      # for every trainer (Training), through NNUNET_CALIB_HPARAMS
     trainers:
       - nnUNetTrainerDiceCE           # a bare name
@@ -190,6 +191,10 @@ class Report(Settings):
     learned_dsc: float | None = setting(None, Rule(lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
                                         "the report says whether every fold of the baseline reached this validation "
                                         "DSC (did it learn at this budget?); null: not said")
+    archive: str | None = setting(None, OPTIONAL_TEXT, "a folder (relative to the experiment file) where each trainer "
+                                  "entry's evaluated rows are kept as <label>.json once all its folds are finished; "
+                                  "run and report use them where the folds are gone (another machine), see "
+                                  "nnunet_calibration.experiments.archive; null: no archive")
 
     @property
     def ranked(self) -> tuple:
@@ -288,6 +293,9 @@ class Experiment(Settings):
     plans: str = setting("nnUNetPlans", TEXT, "plans identifier")
     folds: tuple = setting(DEFAULT_FOLDS, _FOLDS, "folds to train")
     device: str = setting("auto", _DEVICE, "cpu, cuda or auto")
+    order: str = setting("folds", one_of(("folds", "trainers")), "local backend's order: folds = every trainer's "
+                         "fold 0, then every trainer's fold 1, ...; trainers = every fold of the first trainer, then "
+                         "the next (with report.archive each trainer is archived as soon as possible)")
     training: Training = setting(Training(), None, "training settings of every trainer")
     baseline: str | None = setting(None, OPTIONAL_TEXT, "label of the Wilcoxon reference")
     evaluation: Evaluation = setting(Evaluation(), None, "how folds are scored")

@@ -35,6 +35,8 @@ def test_defaults_variants_and_results_folders(tmp_path, monkeypatch):
     ({"epochs": 3}, "unknown key(s) ['epochs']"),
     ({"slurm": {"gpu": 1}}, "slurm: unknown key(s) ['gpu']"),
     ({"device": "tpu"}, "device must be"),
+    ({"order": "random"}, "order must be"),
+    ({"report": {"archive": ""}}, "report.archive must be"),
     ({"baseline": "nope"}, "baseline 'nope' is not a trainer label"),
 ])
 def test_bad_files_name_the_file(tmp_path, cfg, msg):
@@ -68,3 +70,29 @@ def test_repeated_keys_and_non_finite_numbers_are_refused(tmp_path):
         f.write_text(f"name: e\ndataset: 1\ntrainers: [A]\ntraining:\n  {key}\n")
         with pytest.raises(ExperimentError, match=f"training.{key.split(':')[0]} must be a .*finite number"):
             load_experiment(f)
+
+
+def test_training_order_and_archive_place(tmp_path, monkeypatch):
+    """order: folds (default, every trainer's fold 0 first) or trainers (every fold of one trainer, then the
+    next); report.archive is resolved next to the experiment file, one <label>.json per entry."""
+    from nnunet_calibration.experiments.folds import archive_file, archived, fold_state
+    from nnunet_calibration.experiments.runner import training_order
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    trainers = ["A", "B", {"name": "A", "run": 2, "folds": [1]}]
+    by_fold = load_experiment(write_experiment(tmp_path / "f.yaml", name="f", dataset=27, folds=[0, 1], trainers=trainers))
+    assert by_fold.order == "folds" and by_fold.report.archive is None
+    assert [(e.label, f) for e, f in training_order(by_fold)] == [("A", 0), ("B", 0), ("A", 1), ("B", 1), ("A_run2", 1)]
+    exp = load_experiment(write_experiment(tmp_path / "sub" / "t.yaml", name="t", dataset=27, folds=[0, 1],
+                                           trainers=trainers, order="trainers", report={"archive": "../kept"}))
+    assert [(e.label, f) for e, f in training_order(exp)] == [("A", 0), ("A", 1), ("B", 0), ("B", 1), ("A_run2", 1)]
+    exp = exp.with_dataset_name("Dataset027_ACDC")
+    a = exp.trainers[0]
+    assert archive_file(exp, a) == (tmp_path / "kept" / "A.json").resolve() and archive_file(by_fold, a) is None
+    assert not archived(exp, a) and str(fold_state(exp, a, 0)) == "not started"
+    archive_file(exp, a).parent.mkdir()
+    archive_file(exp, a).write_text("{}")
+    # an archived entry's folds are "archived" wherever they are not finished here (whether the archive
+    # matches is checked by calib-experiment check / run: test_experiment_local.py)
+    assert archived(exp, a) and str(fold_state(exp, a, 0)) == "archived"
+    assert str(fold_state(exp, exp.trainers[1], 0)) == "not started"

@@ -150,6 +150,65 @@ def test_missing_fold_is_reported(local_run, capsys):
     assert "not started" in out and "finished" in out
 
 
+def _no_paths(v):
+    """``v`` without its absolute file paths (where a summary was made)."""
+    if isinstance(v, dict):
+        return {k: _no_paths(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_no_paths(x) for x in v]
+    return "<path>" if isinstance(v, str) and v.startswith("/") else v
+
+
+def test_archive_outlives_the_folds(local_run, capsys):
+    """report.archive: the finished entries are kept as their evaluated rows; with one trainer's folds gone (a
+    new machine) status says archived, run trains nothing, and the report is the one made from the folds."""
+    import json
+
+    r = local_run
+    arch = r.tmp / "kept"
+    cfg = dict(name="archive-e2e", dataset=901, configuration="2d", folds=[0, 1], device="cpu", training=SHORT,
+               trainers=TRAINERS, state_dir=str(r.tmp / "state_archive"), order="trainers",
+               report={"max_fit_voxels": 50000, "archive": str(arch)})
+    exp_file = write_experiment(r.tmp / "archive.yaml", **cfg)
+    assert cli.main(["archive", str(exp_file), "--quiet"]) == 0
+    assert "nnUNetTrainerLS_DC: archived now" in capsys.readouterr().out
+    assert sorted(p.name for p in arch.iterdir()) == [t + ".json" for t in TRAINERS]  # nothing else left there
+    assert cli.main(["report", str(exp_file), "--output-root", str(r.tmp / "from_folds"), "--quiet"]) == 0
+    model = r.results / "Dataset901_SynthLabels" / "nnUNetTrainerLS_DC__nnUNetPlans__2d"
+    away = r.tmp / "LS_DC_elsewhere"
+    shutil.move(model, away)  # the trainings of LS_DC are gone; DiceCE's are still here
+    try:
+        assert cli.main(["status", str(exp_file)]) == 0
+        out = capsys.readouterr().out
+        assert out.count("archived") >= 2 and "kept/nnUNetTrainerLS_DC.json" in out
+        assert cli.main(["run", str(exp_file), "--quiet", "--no-report"]) == 0
+        out = capsys.readouterr().out
+        assert "nnUNetTrainerLS_DC fold 0: skipped (archived)" in out
+        assert "nnUNetTrainerDiceCE fold 1: skipped (finished)" in out
+        assert not model.exists()  # nothing trained
+        assert cli.main(["report", str(exp_file), "--output-root", str(r.tmp / "from_archive"), "--quiet"]) == 0
+        a, b = r.tmp / "from_folds" / "archive-e2e", r.tmp / "from_archive" / "archive-e2e"
+        assert read_table(a) == read_table(b)  # every number of every row, + TS / + VS included
+        for summ in (a / "evaluation").rglob("summary.json"):  # the same but for the folders they were made in
+            assert _no_paths(load_json(summ)) == _no_paths(load_json(b / summ.relative_to(a)))
+        assert {p.relative_to(a) for p in (a / "evaluation").rglob("*")} == \
+            {p.relative_to(b) for p in (b / "evaluation").rglob("*")}
+        ra, rb = load_json(a / "report.json"), load_json(b / "report.json")
+        assert ra["temperature_scaling"] == rb["temperature_scaling"]
+        # an archive made otherwise is refused, naming the file and the difference
+        f = arch / "nnUNetTrainerLS_DC.json"
+        data = json.loads(f.read_text())
+        data["identity"]["hparams"] = {"alpha": 0.5}
+        f.write_text(json.dumps(data))
+        for cmd in (["check", str(exp_file)], ["report", str(exp_file), "--output-root", str(r.tmp / "x")]):
+            assert cli.main(cmd) == 2
+            err = capsys.readouterr().err
+            assert str(f) in err and "hparams {'alpha': 0.5}" in err
+        assert not (r.tmp / "x" / "archive-e2e").exists()  # no report written
+    finally:
+        shutil.move(away, model)
+
+
 @pytest.mark.parametrize("change, expect", [
     ({"trainers": ["nnUNetTrainerDiceCE", "nnUNetTrainerDoesNotExist"]}, ["unknown trainer", "nnUNetTrainerSDC",
                                                                           "nnUNetTrainerDiceCE"]),
@@ -178,8 +237,14 @@ def test_regions_dataset_end_to_end(synthetic_regions, tmp_path):
     exp_file = write_experiment(tmp_path / "regions.yaml", name="regions-e2e", dataset=ds.dataset_id,
                                 configuration="2d", folds=[0], device="cpu", training=SHORT,
                                 trainers=["nnUNetTrainerDiceCE"], state_dir=str(tmp_path / "state"),
-                                report={"max_fit_voxels": 20000})
+                                report={"max_fit_voxels": 20000, "archive": "kept"})
     assert cli.main(["run", str(exp_file), "--output-root", str(tmp_path / "results"), "--quiet"]) == 0
+    # report.archive: run archived the entry as soon as its (only) fold finished
+    from nnunet_calibration.experiments.archive import decode
+
+    kept = load_json(tmp_path / "kept" / "nnUNetTrainerDiceCE.json")
+    rows = {r.method: r for r in map(decode, kept["rows"])}
+    assert kept["identity"]["folds"] == [0] and set(kept["records"]) == {"0"}
     report = tmp_path / "results" / "regions-e2e"
     model = Path(ds.env["nnUNet_results"]) / ds.name / "nnUNetTrainerDiceCE__nnUNetPlans__2d"
     check_table_against_evaluator("regions-e2e", report, {"nnUNetTrainerDiceCE": model}, [0], ds.name,
@@ -190,6 +255,9 @@ def test_regions_dataset_end_to_end(synthetic_regions, tmp_path):
     assert ts["cross_fitted"] is False  # one fold: nothing else to fit on, and the report says so
     assert "*in-sample* (one fold)" in (report / "README.md").read_text()
     table = read_table(report)
+    for method, row in rows.items():  # the archived rows are the report's
+        assert row.fold_means[0]["ECE"] == pytest.approx(float(table[method]["regions-e2e/ECE"]), rel=1e-9)
+    assert set(rows) == {m for m in table}
     assert float(table["nnUNetTrainerDiceCE + TS"]["regions-e2e/DSC"]) == pytest.approx(
         float(table["nnUNetTrainerDiceCE"]["regions-e2e/DSC"]))
     assert len(rep["threshold_sweep"]["regions-e2e"]["nnUNetTrainerDiceCE"]) == 19

@@ -15,6 +15,10 @@ One more pass over the probabilities fills, per trainer:
 Post-hoc rows (``report.temperature_scaling``, ``report.vector_scaling``, both default true):
 parameters cross-fitted by :func:`nnunet_calibration.posthoc.scaling.crossfit`, applied per fold to a temporary copy of the
 probabilities (deleted afterwards) that the evaluator scores like any other folder.
+
+Archived entries (``report.archive``, :mod:`nnunet_calibration.experiments.archive`): an entry whose folds
+are not all here is read from its archive (:func:`gather_method`); :func:`archive_entry` writes one, and so
+does :func:`gather` for every complete entry not archived yet (e.g. in the report job of a SLURM run).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -33,9 +38,9 @@ from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
                                            load_reference, reader_writer, validation_cases)
 from nnunet_calibration.evaluation.scores import default_aurc
-from nnunet_calibration.experiments import posthoc
-from nnunet_calibration.experiments.folds import (FoldStatus, fold_folder, fold_state, has_npz, model_folder,
-                                                  results_root)
+from nnunet_calibration.experiments import archive, posthoc
+from nnunet_calibration.experiments.folds import (FoldStatus, archive_file, archived, fold_folder, fold_state, has_npz,
+                                                  model_folder, read_record, results_root)
 from nnunet_calibration.experiments.report import tables
 from nnunet_calibration.experiments.report.postprocessing import PP_COLUMNS, crossfit_postprocessing
 from nnunet_calibration.experiments.report.data import (CASE_KEYS, FOLD_ONLY, METRICS, SCE_CLASS_PREFIX, SUFFIX,
@@ -198,11 +203,17 @@ def _validation_npz(exp: Experiment, spec: TrainerEntry, fold: int) -> list[Path
     return sorted((fold_folder(exp, spec, fold) / "validation").glob("*.npz"))
 
 
+def _evaluation_name(spec: TrainerEntry, kind: str) -> str:
+    """Folder of a row's evaluator summaries below ``evaluation/<experiment>/``: the label, ``<label>+TS`` ..."""
+    return spec.label if kind == "trainer" else f"{spec.label}+{kind}"
+
+
 def _evaluate_folds(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, ev_dir: Path) -> dict:
     """Step 1: the evaluator on each present fold; fills the row's fold means, cases and training times."""
     summaries = {}
     for f in rec.folds:
-        summaries[f] = evaluate(fold_folder(exp, spec, f) / "validation", info, ev_dir / spec.label / f"fold_{f}", exp)
+        summaries[f] = evaluate(fold_folder(exp, spec, f) / "validation", info,
+                                ev_dir / _evaluation_name(spec, "trainer") / f"fold_{f}", exp)
         rec.fold_means[f] = fold_means(summaries[f])
         rec.cases.update(case_values(summaries[f], f))
         prog = training_progress(fold_folder(exp, spec, f))
@@ -276,7 +287,7 @@ def _posthoc_row(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: Me
                 if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
                     shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
                 acc.update(q, info.reference(npz.stem, q.shape[1:]))
-            summ = evaluate(scaled, info, work / "evaluation" / exp.name / (spec.label + "+" + kind) / f"fold_{f}", exp)
+            summ = evaluate(scaled, info, work / "evaluation" / exp.name / _evaluation_name(spec, kind) / f"fold_{f}", exp)
             row.fold_means[f] = fold_means(summ)
             row.cases.update(case_values(summ, f))
     finally:
@@ -297,11 +308,26 @@ def repeat_of(exp: Experiment, spec: TrainerEntry) -> str | None:
                           f"{exp.hparams_for(spec)}, but no entry is its run 1")
 
 
+def _present(exp: Experiment, spec: TrainerEntry) -> list[int]:
+    """The entry's folds finished here with their validation probabilities."""
+    return [f for f in exp.folds_for(spec) if fold_state(exp, spec, f) == FoldStatus.FINISHED and has_npz(exp, spec, f)]
+
+
 def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: Path, rng_seed: int = 0,
                   progress: bool = True) -> list[MethodResult]:
-    """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``."""
-    present = [f for f in exp.folds_for(spec)
-               if fold_state(exp, spec, f) == FoldStatus.FINISHED and has_npz(exp, spec, f)]
+    """Evaluate one trainer and its post-hoc rows. Returns the trainer's row, then ``+ TS`` / ``+ VS``.
+
+    An entry whose folds are not all here but which is archived (``report.archive``) is read from its
+    archive instead: its rows, and the evaluator's summaries written to ``work/evaluation/``."""
+    present = _present(exp, spec)
+    if len(present) < len(exp.folds_for(spec)) and archived(exp, spec):
+        rows, evaluations = archive.load_rows(exp, spec)
+        for folder, per_fold in evaluations.items():
+            for f, summ in per_fold.items():
+                out = work / "evaluation" / exp.name / folder / f"fold_{f}"
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "summary.json").write_text(json.dumps(summ, indent=2))
+        return rows
     rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
                        missing_folds=[f for f in exp.folds_for(spec) if f not in present], run=spec.run,
                        repeat_of=repeat_of(exp, spec))
@@ -319,6 +345,50 @@ def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: 
         kinds.remove("VS")
     return [rec] + [_posthoc_row(exp, spec, info, rec, kind, per_fold, summaries[present[0]], work, progress)
                     for kind in kinds]
+
+
+def write_entry_archive(exp: Experiment, spec: TrainerEntry, rows: list, work: Path) -> Path:
+    """Write the archive of ``spec`` (:mod:`nnunet_calibration.experiments.archive`) from its gathered ``rows``
+    and the evaluator's summaries :func:`gather_method` wrote below ``work``; returns the file."""
+    evaluations = {}
+    for row in rows:
+        folder = _evaluation_name(spec, row.kind)
+        for f in row.folds:
+            summ = work / "evaluation" / exp.name / folder / f"fold_{f}" / "summary.json"
+            evaluations.setdefault(folder, {})[f] = json.loads(summ.read_text())
+    records = {f: read_record(fold_folder(exp, spec, f)) for f in exp.folds_for(spec)}
+    return archive.write_archive(exp, spec, rows, evaluations, {f: r for f, r in records.items() if r})
+
+
+def _complete_here(exp: Experiment, spec: TrainerEntry) -> bool:
+    return len(_present(exp, spec)) == len(exp.folds_for(spec))
+
+
+def archive_entry(exp: Experiment, spec: TrainerEntry, progress: bool = False) -> Path:
+    """Evaluate ``spec`` (every fold finished here) as the report does and write its archive; returns the file."""
+    missing = [f for f in exp.folds_for(spec) if f not in _present(exp, spec)]
+    if missing:
+        raise ExperimentError(f"{spec.label}: folds {missing} are not finished here (with --npz probabilities): "
+                              f"nothing to archive yet")
+    folder = archive_file(exp, spec).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".calib_archive_", dir=folder) as tmp:
+        rows = gather_method(exp, spec, DatasetInfo(exp), Path(tmp), progress=progress)
+        return write_entry_archive(exp, spec, rows, Path(tmp))
+
+
+def archive_finished(exp: Experiment, labels=None, force: bool = False, progress: bool = False) -> dict:
+    """Archive every entry (or those of ``labels``) whose folds are all finished here and that is not
+    archived yet (``force``: again). Returns ``{label: archive file}``; nothing without ``report.archive``."""
+    out = {}
+    if not exp.report.archive:
+        return out
+    for spec in exp.trainers:
+        if labels is not None and spec.label not in labels:
+            continue
+        if (force or not archived(exp, spec)) and _complete_here(exp, spec):
+            out[spec.label] = archive_entry(exp, spec, progress)
+    return out
 
 
 def missing_details(exp: Experiment, spec: TrainerEntry, folds: list[int]) -> list[dict]:
@@ -343,6 +413,8 @@ def gather(experiments: list[Experiment], work: Path, name: str, command: str | 
         methods = []
         for spec in exp.trainers:
             recs = gather_method(exp, spec, info, work, progress=progress)
+            if exp.report.archive and not archived(exp, spec) and _complete_here(exp, spec):
+                write_entry_archive(exp, spec, recs, work)  # e.g. the report job of a SLURM run
             recs[0].missing_info = missing_details(exp, spec, recs[0].missing_folds)
             methods += recs
         results.append(ExperimentResult(
