@@ -210,7 +210,6 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
             done[(entry.label, fold)] = (_skipped(exp, entry, fold), 0)
         else:
             todo.append((entry, fold))
-    _archive(exp, None, progress)
     extra = side_by_side_env(parallel)
     children = _Children()
     bar = tqdm(total=len(todo), desc=f"{exp.name}: trainings", disable=not progress, unit="fold")
@@ -232,6 +231,7 @@ def run_local(exp: Experiment, progress: bool = True, parallel: int = 1) -> dict
     try:
         futures = {pool.submit(run_fold, exp, entry, fold, device, log_path(exp, entry.label, fold),
                                extra_env=extra, children=children): (entry, fold) for entry, fold in todo}
+        _archive(exp, None, progress)  # entries finished before this run, while the trainings start
         for fut in as_completed(futures):
             entry, fold = futures[fut]
             bar.set_postfix_str(f"{entry.label} fold {fold} done")
