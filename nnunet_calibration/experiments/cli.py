@@ -12,7 +12,7 @@ every unfinished (trainer, fold) and a report job that runs when every fold succ
 returns. Running again resumes: finished folds are skipped, nothing is trained twice.
 ``archive`` (with ``report.archive`` in the file) keeps each trainer entry whose folds are all finished
 as its evaluated report rows, small enough to keep beside the experiment file: ``run`` and ``report`` use
-them where the folds are gone (:mod:`nnunet_calibration.experiments.archive`; ``run`` archives by itself).
+them where the folds are gone (:mod:`nnunet_calibration.experiments.report.archive`; ``run`` archives by itself).
 ``status`` shows per fold the state, epoch / total, last validation pseudo-Dice, mean epoch time,
 estimated time left and log (``--watch`` refreshes it). Exit status of ``train-fold`` (one SLURM
 task): the training's, or 75 when it was stopped by the time-limit signal (see

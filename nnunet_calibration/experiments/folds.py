@@ -15,7 +15,7 @@ States (:class:`FoldStatus`, from nnU-Net's files in the fold folder)
 ``finished``: ``checkpoint_final.pth`` and ``validation/summary.json`` exist (if the ``.npz``
 probabilities are missing only ``nnUNetv2_train ... --val --npz`` runs to write them);
 ``archived``: not finished here, but the entry's evaluated rows are in the experiment's archive
-(``report.archive``, :mod:`.archive`): nothing is trained;
+(``report.archive``, :mod:`.report.archive`): nothing is trained;
 ``interrupted``: ``checkpoint_latest.pth`` (continued with ``--c``) or a final checkpoint without
 validation (:func:`trained`: only ``--val --npz`` runs); ``not started``: neither. The trainers keep
 one older ``checkpoint_previous.pth`` and record a resume that had to fall back to it
@@ -79,7 +79,7 @@ def fold_folder(exp: Experiment, entry: TrainerEntry, fold: int) -> Path:
 
 
 def archive_file(exp: Experiment, entry: TrainerEntry) -> Path | None:
-    """``<report.archive>/<label>.json`` (None without ``report.archive``; :mod:`.archive`)."""
+    """``<report.archive>/<label>.json`` (None without ``report.archive``; :mod:`.report.archive`)."""
     return exp.resolve(exp.report.archive) / f"{entry.label}.json" if exp.report.archive else None
 
 

@@ -10,7 +10,7 @@ existing folds were trained with.
 * :func:`check_recorded_hparams`: a finished or interrupted fold trained otherwise than the
   experiment asks for (another loss, other loss hyperparameters, other training overrides) stops the
   run, naming the folder (:func:`nnunet_calibration.experiments.folds.record_problems`); so does an
-  archived entry (:mod:`nnunet_calibration.experiments.archive`) made otherwise, by the same rule on
+  archived entry (:mod:`nnunet_calibration.experiments.report.archive`) made otherwise, by the same rule on
   the records the archive keeps, and for another dataset, configuration, folds or metric options.
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ def check_recorded_hparams(exp: Experiment) -> None:
     """Refuse to reuse a fold trained otherwise than the experiment asks for (see the module docstring)."""
     from nnunet_calibration.trainers import nnUNetTrainerHparamsBase
 
-    from nnunet_calibration.experiments import archive
+    from nnunet_calibration.experiments.report import archive
 
     env = experiment_env(exp)
     for entry in exp.trainers:

@@ -143,7 +143,7 @@ def fold_statuses(exp: Experiment, use_slurm: bool = True) -> list[dict]:
     epoch time, estimated time left, nnU-Net's training log).
 
     status: ``finished``; ``archived`` (not here, but in the experiment's archive:
-    :mod:`~nnunet_calibration.experiments.archive`); ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
+    :mod:`~nnunet_calibration.experiments.report.archive`); ``running`` / ``pending`` (and other SLURM states) for tasks SLURM still
     lists; ``failed`` (the last local run or SLURM task ended without a finished fold); ``interrupted``
     (a checkpoint exists, no ``nnUNetv2_train`` of the fold runs on this machine); ``in progress`` (with a
     checkpoint: such a process runs, :func:`_with_checkpoint`; without one: nnU-Net's log is fresh,

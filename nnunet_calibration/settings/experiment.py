@@ -194,7 +194,7 @@ class Report(Settings):
     archive: str | None = setting(None, OPTIONAL_TEXT, "a folder (relative to the experiment file) where each trainer "
                                   "entry's evaluated rows are kept as <label>.json once all its folds are finished; "
                                   "run and report use them where the folds are gone (another machine), see "
-                                  "nnunet_calibration.experiments.archive; null: no archive")
+                                  "nnunet_calibration.experiments.report.archive; null: no archive")
 
     @property
     def ranked(self) -> tuple:

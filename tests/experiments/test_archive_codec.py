@@ -1,4 +1,4 @@
-"""The archive's JSON form of the report's records (nnunet_calibration.experiments.archive.encode/decode):
+"""The archive's JSON form of the report's records (nnunet_calibration.experiments.report.archive.encode/decode):
 exact round trip of every type a report row holds, refusal of what it cannot hold."""
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_calibration.experiments.archive import decode, encode
+from nnunet_calibration.experiments.report.archive import decode, encode
 from nnunet_calibration.experiments.report.data import MethodResult, PosthocFit
 from nnunet_calibration.metrics import BinStats
 

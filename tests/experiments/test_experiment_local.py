@@ -240,7 +240,7 @@ def test_regions_dataset_end_to_end(synthetic_regions, tmp_path):
                                 report={"max_fit_voxels": 20000, "archive": "kept"})
     assert cli.main(["run", str(exp_file), "--output-root", str(tmp_path / "results"), "--quiet"]) == 0
     # report.archive: run archived the entry as soon as its (only) fold finished
-    from nnunet_calibration.experiments.archive import decode
+    from nnunet_calibration.experiments.report.archive import decode
 
     kept = load_json(tmp_path / "kept" / "nnUNetTrainerDiceCE.json")
     rows = {r.method: r for r in map(decode, kept["rows"])}

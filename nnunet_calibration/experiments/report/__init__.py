@@ -14,6 +14,8 @@
 :mod:`.render`         ...rendered: ``README.md``, ``table.csv``, ``wilcoxon.csv``,
                        ``threshold_sweep.csv``, ``report.json``
 :mod:`.plots`          ...plotted: ``reliability*.png``, ``dsc_vs_ece*.png``, ``threshold_sweep*.png``
+:mod:`.archive`        ...kept: each finished trainer entry's rows and summaries as exact JSON
+                       (``report.archive``), read back by :mod:`.gather` where the folds are gone
 =====================  ====================================================================
 
 Missing folds are never dropped silently: the ``Folds`` column shows ``present/expected``, and a

@@ -16,7 +16,7 @@ Post-hoc rows (``report.temperature_scaling``, ``report.vector_scaling``, both d
 parameters cross-fitted by :func:`nnunet_calibration.posthoc.scaling.crossfit`, applied per fold to a temporary copy of the
 probabilities (deleted afterwards) that the evaluator scores like any other folder.
 
-Archived entries (``report.archive``, :mod:`nnunet_calibration.experiments.archive`): an entry whose folds
+Archived entries (``report.archive``, :mod:`nnunet_calibration.experiments.report.archive`): an entry whose folds
 are not all here is read from its archive (:func:`gather_method`); :func:`archive_entry` writes one, and so
 does :func:`gather` for every complete entry not archived yet (e.g. in the report job of a SLURM run).
 """
@@ -38,7 +38,8 @@ from nnunet_calibration import __version__
 from nnunet_calibration.evaluation import (EvaluationInputError, evaluate_folders, label_info, load_probabilities,
                                            load_reference, reader_writer, validation_cases)
 from nnunet_calibration.evaluation.scores import default_aurc
-from nnunet_calibration.experiments import archive, posthoc
+from nnunet_calibration.experiments import posthoc
+from nnunet_calibration.experiments.report import archive
 from nnunet_calibration.experiments.folds import (FoldStatus, archive_file, archived, fold_folder, fold_state, has_npz,
                                                   model_folder, read_record, results_root)
 from nnunet_calibration.experiments.report import tables
@@ -348,7 +349,7 @@ def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: 
 
 
 def write_entry_archive(exp: Experiment, spec: TrainerEntry, rows: list, work: Path) -> Path:
-    """Write the archive of ``spec`` (:mod:`nnunet_calibration.experiments.archive`) from its gathered ``rows``
+    """Write the archive of ``spec`` (:mod:`nnunet_calibration.experiments.report.archive`) from its gathered ``rows``
     and the evaluator's summaries :func:`gather_method` wrote below ``work``; returns the file."""
     evaluations = {}
     for row in rows:

@@ -15,9 +15,9 @@ the entry's folds are all finished (by ``calib-experiment run`` after each train
   it evaluates them again, as without an archive).
 
 An archive is never reused silently: ``run`` and ``check``
-(:func:`~.nnunet_checks.check_recorded_hparams`) refuse one that was made for another dataset, configuration, plans,
+(:func:`~nnunet_calibration.experiments.nnunet_checks.check_recorded_hparams`) refuse one that was made for another dataset, configuration, plans,
 folds, trainer or hyperparameters (the folds' ``calibration_hparams.json`` records are kept and compared
-by the same rule as a fold's own, :func:`~.folds.record_problems`), or with other metric options or report
+by the same rule as a fold's own, :func:`~nnunet_calibration.experiments.folds.record_problems`), or with other metric options or report
 settings, naming the file and the difference. The rows are exact: floats are written by Python's shortest
 round-trip repr (``NaN`` / ``Infinity`` as JSON extensions) and numpy arrays with their dtype and shape.
 The file is written to a temporary name and renamed into place.
@@ -121,7 +121,7 @@ def read_archive(exp: Experiment, entry: TrainerEntry) -> dict:
 def archive_problems(exp: Experiment, entry: TrainerEntry, data: dict, expected_record: dict | None = None
                      ) -> list[str]:
     """How an archive differs from what the experiment asks for ([] when it matches). ``expected_record``:
-    what each fold's ``calibration_hparams.json`` must hold (:func:`~.nnunet_checks.expected_record`)."""
+    what each fold's ``calibration_hparams.json`` must hold (:func:`~nnunet_calibration.experiments.nnunet_checks.expected_record`)."""
     want, got = _canonical(identity(exp, entry)), _canonical(data.get("identity") or {})
     # an option or setting the archive does not name (it is newer than the archive) had its default then
     from nnunet_calibration.settings import MetricOptions, Report
@@ -161,7 +161,7 @@ def write_archive(exp: Experiment, entry: TrainerEntry, rows: list, evaluations:
 def load_rows(exp: Experiment, entry: TrainerEntry) -> tuple[list, dict]:
     """``(rows, evaluations)`` of ``entry``'s archive (see :func:`write_archive`); refused when it does
     not match the experiment (:func:`archive_problems`; the records are compared by
-    :func:`~.nnunet_checks.check_recorded_hparams`, which needs the trainer class)."""
+    :func:`~nnunet_calibration.experiments.nnunet_checks.check_recorded_hparams`, which needs the trainer class)."""
     data = read_archive(exp, entry)
     problems = archive_problems(exp, entry, data)
     if problems:
