@@ -51,7 +51,8 @@ def train_command(exp: Experiment, entry: TrainerEntry, fold: int, device: str,
 
 
 def _skipped(exp: Experiment, entry: TrainerEntry, fold: int) -> str:
-    return f"skipped ({FoldStatus.ARCHIVED if fold_state(exp, entry, fold) == FoldStatus.ARCHIVED else FoldStatus.FINISHED})"
+    """Why :func:`train_command` gave None: the fold is finished, or archived."""
+    return f"skipped ({fold_state(exp, entry, fold)})"
 
 
 def fold_env(exp: Experiment, entry: TrainerEntry, device: str, base: dict | None = None) -> dict:

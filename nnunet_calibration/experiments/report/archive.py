@@ -35,7 +35,7 @@ from nnunet_calibration import __version__
 from nnunet_calibration.experiments.folds import archive_file, record_problems
 from nnunet_calibration.experiments.report.data import MethodResult, PosthocFit
 from nnunet_calibration.metrics import BinStats
-from nnunet_calibration.settings import Experiment, ExperimentError, TrainerEntry
+from nnunet_calibration.settings import Experiment, ExperimentError, MetricOptions, Report, TrainerEntry
 from nnunet_calibration.utils import write_text_atomic
 
 FORMAT = "nnunet-calibration archive 1"
@@ -93,12 +93,16 @@ def decode(v):
 
 
 # -- what an archive must match ----------------------------------------------------------------------
+def _row_settings(report: Report) -> dict:
+    return {k: getattr(report, k) for k in ROW_SETTINGS}
+
+
 def identity(exp: Experiment, entry: TrainerEntry) -> dict:
     """What the archived rows are of, and what they were computed with (compared key by key)."""
     return {"dataset": exp.dataset_name, "configuration": exp.configuration, "plans": exp.plans,
             "trainer": entry.name, "label": entry.label, "run": entry.run, "folds": list(exp.folds_for(entry)),
             "hparams": exp.hparams_for(entry), "evaluation_options": exp.evaluation.options.to_dict(),
-            "report": {k: getattr(exp.report, k) for k in ROW_SETTINGS}}
+            "report": _row_settings(exp.report)}
 
 
 def _canonical(v):
@@ -124,12 +128,10 @@ def archive_problems(exp: Experiment, entry: TrainerEntry, data: dict, expected_
     what each fold's ``calibration_hparams.json`` must hold (:func:`~nnunet_calibration.experiments.nnunet_checks.expected_record`)."""
     want, got = _canonical(identity(exp, entry)), _canonical(data.get("identity") or {})
     # an option or setting the archive does not name (it is newer than the archive) had its default then
-    from nnunet_calibration.settings import MetricOptions, Report
-
     if isinstance(got.get("evaluation_options"), dict):
         got["evaluation_options"] = {**_canonical(MetricOptions().to_dict()), **got["evaluation_options"]}
     if isinstance(got.get("report"), dict):
-        got["report"] = {**_canonical({k: getattr(Report(), k) for k in ROW_SETTINGS}), **got["report"]}
+        got["report"] = {**_canonical(_row_settings(Report())), **got["report"]}
     problems = [f"{k} {got.get(k)!r} (the experiment: {want[k]!r})" for k in want if got.get(k) != want[k]]
     if expected_record is not None:
         records = data.get("records") or {}

@@ -144,9 +144,13 @@ def evaluate(folder: Path, info: DatasetInfo, out_dir: Path, exp: Experiment) ->
                                    cases=cases, allow_missing=cases is None, options=exp.evaluation.options)
     except (EvaluationInputError, TypeError, ValueError) as e:
         raise ExperimentError(f"evaluating {folder} failed: {e}") from e
+    _write_summary(out_dir, summary)
+    return summary
+
+
+def _write_summary(out_dir: Path, summary: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _float(v) -> float:
@@ -209,12 +213,17 @@ def _evaluation_name(spec: TrainerEntry, kind: str) -> str:
     return spec.label if kind == "trainer" else f"{spec.label}+{kind}"
 
 
-def _evaluate_folds(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, ev_dir: Path) -> dict:
+def _evaluation_dir(work: Path, exp: Experiment, name: str, fold: int) -> Path:
+    """Where the summary of fold ``fold`` of the row whose :func:`_evaluation_name` is ``name`` is kept."""
+    return work / "evaluation" / exp.name / name / f"fold_{fold}"
+
+
+def _evaluate_folds(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: MethodResult, work: Path) -> dict:
     """Step 1: the evaluator on each present fold; fills the row's fold means, cases and training times."""
     summaries = {}
     for f in rec.folds:
         summaries[f] = evaluate(fold_folder(exp, spec, f) / "validation", info,
-                                ev_dir / _evaluation_name(spec, "trainer") / f"fold_{f}", exp)
+                                _evaluation_dir(work, exp, _evaluation_name(spec, "trainer"), f), exp)
         rec.fold_means[f] = fold_means(summaries[f])
         rec.cases.update(case_values(summaries[f], f))
         prog = training_progress(fold_folder(exp, spec, f))
@@ -288,7 +297,7 @@ def _posthoc_row(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, rec: Me
                 if npz.with_suffix(".pkl").is_file():  # nnU-Net's properties: the evaluator checks geometry
                     shutil.copy2(npz.with_suffix(".pkl"), scaled / npz.with_suffix(".pkl").name)
                 acc.update(q, info.reference(npz.stem, q.shape[1:]))
-            summ = evaluate(scaled, info, work / "evaluation" / exp.name / _evaluation_name(spec, kind) / f"fold_{f}", exp)
+            summ = evaluate(scaled, info, _evaluation_dir(work, exp, _evaluation_name(spec, kind), f), exp)
             row.fold_means[f] = fold_means(summ)
             row.cases.update(case_values(summ, f))
     finally:
@@ -323,18 +332,16 @@ def gather_method(exp: Experiment, spec: TrainerEntry, info: DatasetInfo, work: 
     present = _present(exp, spec)
     if len(present) < len(exp.folds_for(spec)) and archived(exp, spec):
         rows, evaluations = archive.load_rows(exp, spec)
-        for folder, per_fold in evaluations.items():
+        for name, per_fold in evaluations.items():
             for f, summ in per_fold.items():
-                out = work / "evaluation" / exp.name / folder / f"fold_{f}"
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "summary.json").write_text(json.dumps(summ, indent=2))
+                _write_summary(_evaluation_dir(work, exp, name, f), summ)
         return rows
     rec = MethodResult(method=spec.label, trainer=spec.name, hparams=exp.hparams_for(spec), folds=present,
                        missing_folds=[f for f in exp.folds_for(spec) if f not in present], run=spec.run,
                        repeat_of=repeat_of(exp, spec))
     if not present:
         return [rec]
-    summaries = _evaluate_folds(exp, spec, info, rec, work / "evaluation" / exp.name)
+    summaries = _evaluate_folds(exp, spec, info, rec, work)
     if rec.repeat_of is not None:  # a repeated run measures the noise: its fold values are all that is used
         return [rec]
     kinds = [k for k, on in (("TS", exp.report.temperature_scaling), ("VS", exp.report.vector_scaling)) if on]
@@ -353,10 +360,10 @@ def write_entry_archive(exp: Experiment, spec: TrainerEntry, rows: list, work: P
     and the evaluator's summaries :func:`gather_method` wrote below ``work``; returns the file."""
     evaluations = {}
     for row in rows:
-        folder = _evaluation_name(spec, row.kind)
+        name = _evaluation_name(spec, row.kind)
         for f in row.folds:
-            summ = work / "evaluation" / exp.name / folder / f"fold_{f}" / "summary.json"
-            evaluations.setdefault(folder, {})[f] = json.loads(summ.read_text())
+            summ = _evaluation_dir(work, exp, name, f) / "summary.json"
+            evaluations.setdefault(name, {})[f] = json.loads(summ.read_text())
     records = {f: read_record(fold_folder(exp, spec, f)) for f in exp.folds_for(spec)}
     return archive.write_archive(exp, spec, rows, evaluations, {f: r for f, r in records.items() if r})
 
