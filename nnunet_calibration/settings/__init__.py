@@ -6,7 +6,7 @@
 :class:`Training`          nnU-Net's training keys a run overrides (experiment ``training``,
                            ``NNUNET_CALIB_HPARAMS`` read by the trainers)
 :class:`Report`            ``report:``
-:class:`Slurm`             ``slurm:``
+:class:`Slurm`             ``slurm:`` (:mod:`.slurm`, with SLURM's time/mem/gres formats)
 :class:`Experiment`        the experiment file (with :class:`Evaluation`, :class:`NnunetPaths`,
                            :class:`TrainerEntry`), read by :func:`load_experiment`
 =========================  ======================================================================
@@ -17,8 +17,8 @@ Nothing here imports nnU-Net, torch or the rest of the package.
 """
 from ._typed import Rule, Settings, SettingsError, add_arguments, setting
 from .experiment import (DEFAULT_FOLDS, DEFAULT_RANK_METRICS, LABEL_RE, REPORT_METRICS, Evaluation, Experiment, ExperimentError,
-                         NnunetPaths, Report, Slurm, TrainerEntry, dump_yaml, load_experiment, read_yaml,
-                         slurm_time_seconds)
+                         NnunetPaths, Report, TrainerEntry, dump_yaml, load_experiment, read_yaml)
+from .slurm import Slurm, slurm_time_seconds
 from .metrics import CONVENTIONS, SDC_CODE_N_BINS_ECE, MetricOptions
 from .training import HPARAMS_ENV, Training, check_loss_hparams, hparams_env_value, parse_hparams, split_hparams
 

@@ -59,6 +59,7 @@ HALF_OPEN_UNIT_INTERVAL = Rule(lambda v: is_number(v) and 0 <= v < 1, "a number 
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
 ANY_TEXT = Rule(lambda v: isinstance(v, str), "a text")
+OPTIONAL_TEXT = Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a non-empty text or null")
 
 
 def one_of(choices) -> Rule:
